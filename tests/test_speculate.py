@@ -1,0 +1,201 @@
+"""Prompt-lookup speculation: the draft source on hand-made sequences, back-off, and losslessness and
+cache rollback on the real SmolLM2 model."""
+
+import pytest
+import torch
+
+from permkv.speculate import (
+    Backoff,
+    PromptLookup,
+    SpeculativeDecodingEngine,
+    greedy_generate_ids,
+    hf_generate,
+    speculative_generate,
+)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from permkv.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+# --- the draft source, no model -------------------------------------------------------------------
+
+
+def lookup(ids, **kw):
+    src = PromptLookup(**kw)
+    src.start(ids)
+    return src.get_candidates(ids)
+
+
+def test_lookup_continues_the_most_recent_match():
+    # "1 2" occurs twice; the later occurrence is followed by 7 8, the earlier by 3 4.
+    ids = [1, 2, 3, 4, 9, 1, 2, 7, 8, 5, 1, 2]
+    assert lookup(ids, k=2, max_ngram=2) == [7, 8]
+
+
+def test_lookup_prefers_the_longest_ngram():
+    # The 3-gram "5 1 2" occurred once (-> 6); the 2-gram "1 2" occurred later (-> 9).
+    ids = [5, 1, 2, 6, 0, 1, 2, 9, 4, 5, 1, 2]
+    assert lookup(ids, k=1, max_ngram=3) == [6]
+    assert lookup(ids, k=1, max_ngram=2) == [9]
+
+
+def test_lookup_k_and_end_of_history():
+    ids = [1, 2, 3, 4, 5, 6, 1, 2]
+    assert lookup(ids, k=3, max_ngram=2) == [3, 4, 5]
+    # The match is near the end: the draft runs into the current suffix (repetition is allowed).
+    assert lookup([4, 1, 2, 1], k=5, max_ngram=1) == [2, 1]
+
+
+def test_lookup_none_without_a_match_and_respects_min_ngram():
+    assert lookup([1, 2, 3, 4], k=3) is None
+    ids = [1, 2, 8, 9, 3, 2]  # only the 1-gram "2" matches
+    assert lookup(ids, k=2, max_ngram=3, min_ngram=1) == [8, 9]
+    assert lookup(ids, k=2, max_ngram=3, min_ngram=2) is None
+
+
+def test_lookup_searches_the_corpus_after_the_history():
+    src = PromptLookup(k=2, max_ngram=2, corpus=[7, 1, 2, 42, 43])
+    src.start([9, 1, 2])
+    assert src.get_candidates([9, 1, 2]) == [42, 43]
+    src.start([1, 2, 5, 1, 2])  # the history's own match wins
+    assert src.get_candidates([1, 2, 5, 1, 2]) == [5, 1]
+
+
+def test_lookup_is_incremental():
+    src = PromptLookup(k=2, max_ngram=2)
+    ids = [1, 2, 3]
+    src.start(ids)
+    assert src.get_candidates(ids) is None
+    ids += [4, 1, 2]
+    assert src.get_candidates(ids) == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "kw, word",
+    [({"k": 0}, "k"), ({"max_ngram": 1, "min_ngram": 2}, "max_ngram"), ({"min_ngram": 0}, "min_ngram")],
+)
+def test_bad_arguments_raise(kw, word):
+    with pytest.raises(ValueError, match=word):
+        PromptLookup(**kw)
+
+
+def test_backoff_bad_arguments_raise():
+    with pytest.raises(ValueError, match="patience"):
+        Backoff(PromptLookup(), patience=0)
+
+
+class Always:
+    """A draft source that always proposes the same 4 tokens."""
+
+    def start(self, ids):
+        pass
+
+    def get_candidates(self, ids):
+        return [1, 2, 3, 4]
+
+    def update(self, num_matches):
+        pass
+
+
+def test_backoff_shrinks_then_pauses_then_recovers():
+    b = Backoff(Always(), patience=2, cooldown=3)
+    b.start([0])
+    assert b.get_candidates([0]) == [1, 2, 3, 4]
+    b.update(1)  # partial: next draft is accepted + 1 long
+    assert b.get_candidates([0]) == [1, 2]
+    b.update(0)
+    assert b.get_candidates([0]) == [1]
+    b.update(0)  # second miss in a row: pause for 3 steps
+    assert [b.get_candidates([0]) for _ in range(3)] == [None, None, None]
+    assert b.get_candidates([0]) == [1]
+    b.update(1)  # full acceptance doubles the length again
+    assert b.get_candidates([0]) == [1, 2]
+
+
+# --- the decoding loop on the real model ----------------------------------------------------------
+
+TOPICS = ["the moon", "a red bicycle", "rainy Mondays", "Python lists", "the Roman empire",
+          "coffee", "a lighthouse", "prime numbers", "winter birds", "a broken clock"]
+TEMPLATES = [
+    "Write one sentence about {t}.",
+    "Repeat exactly, twice: '{t} is here, {t} is there.'",
+    "List three facts about {t}, one per line, each starting with '{t}:'.",
+]
+PROMPTS = [tpl.format(t=t) for tpl in TEMPLATES for t in TOPICS]  # 30 varied prompts
+
+
+def test_token_identical_to_greedy_on_30_prompts(smol):
+    model, tok, spec = smol
+    from permkv.models import encode_prompt
+
+    eos = tok.eos_token_id
+    drafted = 0
+    for i, text in enumerate(PROMPTS):
+        ids = encode_prompt(tok, spec, text)
+        ref = greedy_generate_ids(model, ids, 16, eos)
+        # Alternate the draft source so both the raw lookup (many rejections) and Backoff run.
+        src = PromptLookup(k=4, max_ngram=2) if i % 2 else Backoff(PromptLookup(k=6))
+        got = speculative_generate(model, ids, 16, src, eos)
+        assert got.tokens == ref.tokens, text
+        assert got.stats.new_tokens == len(ref.tokens)
+        drafted += got.stats.drafted
+    assert drafted > 0
+
+
+def test_plain_loop_matches_hf_generate(smol):
+    model, tok, spec = smol
+    from permkv.models import encode_prompt
+
+    for text in PROMPTS[::10]:
+        ids = encode_prompt(tok, spec, text)
+        ref = hf_generate(model, ids, 16, eos_token_id=tok.eos_token_id)
+        assert greedy_generate_ids(model, ids, 16, tok.eos_token_id).tokens == ref.tokens
+
+
+def test_rollback_leaves_the_cache_as_greedy_would(smol):
+    model, tok, spec = smol
+    from permkv.models import encode_prompt
+
+    ids = encode_prompt(tok, spec, "Repeat exactly: the cat sat on the mat, the cat sat on the hat.")
+    ref = greedy_generate_ids(model, ids, 24)
+    got = speculative_generate(model, ids, 24, PromptLookup(k=8, max_ngram=1))
+    assert got.tokens == ref.tokens
+    assert got.stats.drafted > got.stats.accepted  # some drafts were rejected and cropped
+    assert got.cache.get_seq_length() == ref.cache.get_seq_length() == len(ids) + 24 - 1
+    for a, b in zip(got.cache.layers, ref.cache.layers):
+        assert a.keys.shape == b.keys.shape  # (batch, kv_heads, seq, head_dim)
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(a.values, b.values, atol=1e-3, rtol=1e-3)
+
+
+def test_eos_and_max_new_tokens(smol):
+    model, tok, spec = smol
+    from permkv.models import encode_prompt
+
+    ids = encode_prompt(tok, spec, "Say OK.")
+    ref = greedy_generate_ids(model, ids, 40, tok.eos_token_id)
+    got = speculative_generate(model, ids, 40, PromptLookup(k=10), tok.eos_token_id)
+    assert got.tokens == ref.tokens and got.tokens[-1] == tok.eos_token_id
+    short = speculative_generate(model, ids, 3, PromptLookup(k=10), tok.eos_token_id)
+    assert short.tokens == ref.tokens[:3]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_generate(model, ids, 0)
+
+
+def test_engine_measures_speedup_on_the_knock_knock_example(smol):
+    model, tok, spec = smol
+    engine = SpeculativeDecodingEngine(model, tok, spec, k=5, max_new_tokens=16)
+    joke = "Knock, knock! Who's there? Lettuce. Lettuce who? Lettuce in, it's cold out here!"
+    out = engine.generate_with_speculation(
+        "Tell the knock-knock joke again.", "Knock, knock!", lookup_corpus=joke, measure_speedup=True
+    )
+    assert out.speedup is not None and out.speedup > 0
+    assert out.greedy_stats.new_tokens == out.stats.new_tokens
+    assert isinstance(out.accepted, str) and out.accepted
+    assert all(isinstance(c, list) for c in out.candidates)
+    with pytest.raises(ValueError, match="k"):
+        SpeculativeDecodingEngine(model, tok, spec, k=0)
