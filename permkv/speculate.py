@@ -128,16 +128,17 @@ class PromptLookup:
 
 @dataclass
 class Backoff:
-    """Shrink the draft length after rejections and pause drafting after repeated misses.
+    """Shorten drafts after misses and pause drafting while drafts keep failing.
 
-    The draft length starts at the source's k, doubles (up to k) after a fully accepted draft and is
-    set to accepted + 1 after a partial one. After `patience` drafts in a row with nothing accepted,
-    drafting pauses for `cooldown` steps (doubling each time it happens again, up to `max_cooldown`),
-    so open-ended text, where lookups rarely hit, runs almost at plain greedy speed.
+    A draft with nothing accepted halves the draft length; any accepted token restores the source's
+    own k, since in copied text a miss is usually followed by hits again. After `patience` drafts in a row with nothing accepted, drafting pauses
+    for `cooldown` plain steps, a pause that doubles each time it recurs (up to `max_cooldown`) and
+    resets once a draft is accepted, so open-ended text, where lookups rarely hit, runs at about plain
+    greedy speed while copied text keeps long drafts.
     """
 
     source: DraftSource
-    patience: int = 2  # failed drafts in a row before pausing
+    patience: int = 3  # drafts in a row with nothing accepted before pausing
     cooldown: int = 4  # plain-decoding steps in the first pause
     max_cooldown: int = 64  # longest pause
 
@@ -149,7 +150,7 @@ class Backoff:
 
     def _reset(self) -> None:
         self._limit: int | None = None  # current draft length; None = the source's own
-        self._last_len = 0
+        self._last_len = 0  # length of the draft now being verified (0: none)
         self._misses = 0
         self._pause = 0
         self._next_cooldown = self.cooldown
@@ -173,17 +174,17 @@ class Backoff:
         self.source.update(num_matches)
         if self._last_len == 0:
             return
-        if num_matches == self._last_len:
-            self._limit = None if self._limit is None else 2 * self._limit
-            self._misses = 0
-            self._next_cooldown = self.cooldown
-        else:
-            self._limit = num_matches + 1
-            self._misses = self._misses + 1 if num_matches == 0 else 0
-        if self._misses >= self.patience:
-            self._pause = self._next_cooldown
-            self._next_cooldown = min(2 * self._next_cooldown, self.max_cooldown)
-            self._misses = 0
+        if num_matches == 0:
+            self._limit = max(1, self._last_len // 2)
+            self._misses += 1
+            if self._misses >= self.patience:
+                self._pause = self._next_cooldown
+                self._next_cooldown = min(2 * self._next_cooldown, self.max_cooldown)
+                self._misses = 0
+            return
+        self._misses = 0
+        self._next_cooldown = self.cooldown
+        self._limit = None
 
 
 @dataclass

@@ -101,19 +101,23 @@ class Always:
         pass
 
 
-def test_backoff_shrinks_then_pauses_then_recovers():
+def test_backoff_halves_then_pauses_then_recovers():
     b = Backoff(Always(), patience=2, cooldown=3)
     b.start([0])
     assert b.get_candidates([0]) == [1, 2, 3, 4]
-    b.update(1)  # partial: next draft is accepted + 1 long
+    b.update(1)  # partly accepted: the length stays
+    assert b.get_candidates([0]) == [1, 2, 3, 4]
+    b.update(0)  # nothing accepted: half the length
     assert b.get_candidates([0]) == [1, 2]
-    b.update(0)
-    assert b.get_candidates([0]) == [1]
     b.update(0)  # second miss in a row: pause for 3 steps
     assert [b.get_candidates([0]) for _ in range(3)] == [None, None, None]
     assert b.get_candidates([0]) == [1]
-    b.update(1)  # full acceptance doubles the length again
-    assert b.get_candidates([0]) == [1, 2]
+    b.update(1)  # something accepted: back to the full length
+    assert b.get_candidates([0]) == [1, 2, 3, 4]
+    b.update(0)
+    b.get_candidates([0])
+    b.update(0)  # two misses again: the pause is back at 3 since a draft was accepted
+    assert [b.get_candidates([0]) for _ in range(4)] == [None, None, None, [1, 2]]
 
 
 # --- the decoding loop on the real model ----------------------------------------------------------
