@@ -196,6 +196,7 @@ class SpecStats:
     drafted: int = 0  # draft tokens sent for verification
     accepted: int = 0  # draft tokens the model agreed with
     wall_s: float = 0.0  # time of the whole call
+    prefill_s: float | None = None  # time of the prompt's forward pass (None: not measured)
 
     @property
     def acceptance_rate(self) -> float:
@@ -203,13 +204,17 @@ class SpecStats:
 
     @property
     def tokens_per_pass(self) -> float:
-        """New tokens per decoding forward pass (prefill excluded); 1.0 for plain greedy."""
-        steps = self.forward_passes - 1
-        return self.new_tokens / steps if steps > 0 else float(self.new_tokens)
+        """New tokens per forward pass (the prefill makes the first); exactly 1.0 for plain greedy."""
+        return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def decode_s(self) -> float | None:
+        """Wall time after the prefill (None when the prefill was not timed)."""
+        return None if self.prefill_s is None else self.wall_s - self.prefill_s
 
     def as_dict(self) -> dict:
         return {
@@ -220,6 +225,8 @@ class SpecStats:
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_pass": self.tokens_per_pass,
             "wall_s": self.wall_s,
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
             "tokens_per_s": self.tokens_per_s,
         }
 
@@ -265,6 +272,7 @@ def speculative_generate(
         {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     )
     cache = new_cache(model) if cache is None else cache
+    dev = model.device
     stats = SpecStats()
     t0 = time.perf_counter()
     seq = list(input_ids)
@@ -274,10 +282,11 @@ def speculative_generate(
 
     # Prefill: the prompt's K/V go into the cache; the last logit gives the first new token.
     logits = model(
-        input_ids=torch.tensor([seq]), past_key_values=cache, use_cache=True, logits_to_keep=1
+        input_ids=torch.tensor([seq], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1
     ).logits  # (1, 1, vocab)
     stats.forward_passes = 1
     tok = int(logits[0, -1].argmax())
+    stats.prefill_s = time.perf_counter() - t0
     seq.append(tok)
     new = [tok]
 
@@ -288,7 +297,7 @@ def speculative_generate(
             drafts = drafts[:room]
         chunk = [tok] + (drafts or [])  # the last accepted token is not cached yet
         logits = model(
-            input_ids=torch.tensor([chunk]),
+            input_ids=torch.tensor([chunk], device=dev),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=len(chunk),
@@ -328,8 +337,10 @@ def hf_generate(
     """`model.generate(do_sample=False)`, optionally with HF's built-in prompt lookup, timed.
 
     Only `tokens`, `new_tokens` and `wall_s` of the stats are filled (HF does not report the rest).
+    transformers 5.2's prompt lookup can return one token more than `max_new_tokens`; the output is
+    cut to `max_new_tokens` (its time still includes the extra token).
     """
-    inp = torch.tensor([input_ids])
+    inp = torch.tensor([input_ids], device=model.device)
     kwargs = {}
     if prompt_lookup_num_tokens is not None:
         kwargs["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
@@ -346,7 +357,7 @@ def hf_generate(
         **kwargs,
     )
     wall = time.perf_counter() - t0
-    tokens = out[0, len(input_ids) :].tolist()
+    tokens = out[0, len(input_ids) :].tolist()[:max_new_tokens]
     return SpecResult(tokens, SpecStats(new_tokens=len(tokens), wall_s=wall))
 
 

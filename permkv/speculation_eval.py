@@ -14,7 +14,6 @@ repeat so that load on the machine hits them alike, and checks every output agai
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import random
 import statistics
@@ -55,26 +54,16 @@ OPEN_PROMPTS = [
 ]
 
 
-def _json(name: str):  # TEMPORARY until permkv.data lands on this branch
-    import json
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("long_context_eval")
-    return json.loads((Path(list(spec.submodule_search_locations)[0]) / "data/synthetic/json" / name).read_text())
-
-
 def _essays() -> str:
-    return _json("PaulGrahamEssays.json")["text"]
+    from permkv.data import load_essays
+
+    return load_essays()
 
 
 def _squad() -> list[dict]:
-    out = []
-    for article in _json("squad.json")["data"]:
-        for para in article["paragraphs"]:
-            for qa in para["qas"]:
-                if qa["answers"] and not qa.get("is_impossible"):
-                    out.append(dict(context=para["context"], question=qa["question"]))
-    return out
+    from permkv.data import load_squad
+
+    return load_squad()
 
 
 def code_edit_texts(n: int) -> list[str]:
@@ -164,6 +153,7 @@ class Timing:
     method: str
     new_tokens: int
     median_s: float
+    median_decode_s: float | None  # median wall time after the prefill (None: not timed, HF)
     identical: bool  # output token-identical to plain greedy
     stats: dict = field(default_factory=dict)  # the last repeat's SpecStats.as_dict()
 
@@ -190,27 +180,44 @@ def compare(
         m.run(model, warm_ids, 8, eos)
     out = []
     for w, i, ids in tqdm(jobs, desc="speculate compare"):
-        reference = greedy_generate_ids(model, ids, max_new_tokens, eos).tokens
+        # The reference output: the plain-greedy method's own, else a separate greedy run.
+        reference = None if any(m.kind == "greedy" for m in methods) else (
+            greedy_generate_ids(model, ids, max_new_tokens, eos).tokens
+        )
         times: dict[str, list[float]] = {m.label: [] for m in methods}
+        decode: dict[str, list[float | None]] = {m.label: [] for m in methods}
         last: dict[str, SpecResult] = {}
         for _ in range(repeats):
             for m in methods:
                 res = m.run(model, ids, max_new_tokens, eos)
                 times[m.label].append(res.stats.wall_s)
+                decode[m.label].append(res.stats.decode_s)
                 last[m.label] = res
+        if reference is None:
+            reference = next(last[m.label].tokens for m in methods if m.kind == "greedy")
         for m in methods:
             res = last[m.label]
+            dec = None if None in decode[m.label] else statistics.median(decode[m.label])
             out.append(
-                Timing(w, i, m.label, res.stats.new_tokens, statistics.median(times[m.label]),
+                Timing(w, i, m.label, res.stats.new_tokens, statistics.median(times[m.label]), dec,
                        res.tokens == reference, res.stats.as_dict())
             )
     return out
 
 
+def _decode_tps(ts: list[Timing]) -> float | None:
+    """Tokens generated after the first one, per second of decoding (None if not timed)."""
+    if any(t.median_decode_s is None for t in ts):
+        return None
+    return sum(t.new_tokens - 1 for t in ts) / sum(t.median_decode_s for t in ts)
+
+
 def summarize(timings: list[Timing], baseline: str = "greedy") -> list[dict]:
     """Per workload and method: tokens/s over all its prompts, speedup vs `baseline`, identity, acceptance.
 
-    tokens/s = total new tokens / total median wall time, so long outputs weigh more.
+    tokens/s = total new tokens / total median wall time (prefill included), so long outputs weigh
+    more. `decode_speedup` leaves the prefill out; it exists only for methods that time their prefill
+    (permkv's loop, not HF's `generate`).
     """
     rows = []
     workloads = list(dict.fromkeys(t.workload for t in timings))
@@ -218,12 +225,14 @@ def summarize(timings: list[Timing], baseline: str = "greedy") -> list[dict]:
     for w in workloads:
         base = [t for t in timings if t.workload == w and t.method == baseline]
         base_tps = sum(t.new_tokens for t in base) / sum(t.median_s for t in base)
+        base_dec = _decode_tps(base)
         for m in methods:
             ts = [t for t in timings if t.workload == w and t.method == m]
             tps = sum(t.new_tokens for t in ts) / sum(t.median_s for t in ts)
+            dec = _decode_tps(ts)
             drafted = sum(t.stats.get("drafted", 0) for t in ts)
             accepted = sum(t.stats.get("accepted", 0) for t in ts)
-            passes = sum(t.stats.get("forward_passes", 0) - 1 for t in ts)
+            passes = sum(t.stats.get("forward_passes", 0) for t in ts)
             rows.append({
                 "workload": w,
                 "method": m,
@@ -231,8 +240,21 @@ def summarize(timings: list[Timing], baseline: str = "greedy") -> list[dict]:
                 "new_tokens": sum(t.new_tokens for t in ts),
                 "tokens_per_s": tps,
                 "speedup": tps / base_tps,
+                "decode_speedup": dec / base_dec if dec and base_dec else None,
                 "all_identical": all(t.identical for t in ts),
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "tokens_per_pass": sum(t.new_tokens for t in ts) / passes if passes > 0 else None,
             })
     return rows
+
+
+def pooled(timings: list[Timing], workloads: tuple[str, ...] = GROUNDED, name: str = "grounded") -> list[dict]:
+    """`summarize` over several workloads pooled into one (e.g. all input-grounded ones)."""
+    from dataclasses import replace
+
+    return summarize([replace(t, workload=name) for t in timings if t.workload in workloads])
+
+
+def sweep_methods(ngrams: list[int], ks: list[int], kind: str = "permkv") -> list[MethodConfig]:
+    """Plain greedy plus one `kind` method per (max n-gram, draft length) pair, for `compare`."""
+    return [MethodConfig("greedy")] + [MethodConfig(kind, k, n) for n in ngrams for k in ks]

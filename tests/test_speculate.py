@@ -14,13 +14,6 @@ from permkv.speculate import (
 )
 
 
-@pytest.fixture(scope="module")
-def smol():
-    from permkv.models import load_model
-
-    return load_model("smollm2-135m")
-
-
 # --- the draft source, no model -------------------------------------------------------------------
 
 
@@ -117,7 +110,7 @@ def test_backoff_halves_then_pauses_then_recovers():
     b.update(0)
     b.get_candidates([0])
     b.update(0)  # two misses again: the pause is back at 3 since a draft was accepted
-    assert [b.get_candidates([0]) for _ in range(4)] == [None, None, None, [1, 2]]
+    assert [b.get_candidates([0]) for _ in range(4)] == [None, None, None, [1]]
 
 
 # --- the decoding loop on the real model ----------------------------------------------------------
@@ -203,3 +196,37 @@ def test_engine_measures_speedup_on_the_knock_knock_example(smol):
     assert all(isinstance(c, list) for c in out.candidates)
     with pytest.raises(ValueError, match="k"):
         SpeculativeDecodingEngine(model, tok, spec, k=0)
+
+
+# --- workloads and summaries ------------------------------------------------------------------------
+
+
+def test_workloads_have_the_asked_number_of_prompts():
+    from permkv.speculation_eval import WORKLOADS, workload_texts
+
+    for w in WORKLOADS:
+        texts = workload_texts(w, 2)
+        assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    assert "def dedent" in workload_texts("code_edit", 1)[0]
+    with pytest.raises(ValueError, match="workload"):
+        workload_texts("poetry", 1)
+
+
+def test_summarize_ratios_on_hand_made_timings():
+    from permkv.speculation_eval import Timing, pooled, summarize
+
+    ts = [
+        Timing("quote", 0, "greedy", 10, 2.0, 1.5, True, {"forward_passes": 10}),
+        Timing("quote", 0, "fast", 10, 1.0, 0.5, True, {"forward_passes": 4, "drafted": 8, "accepted": 6}),
+        Timing("code_edit", 0, "greedy", 20, 2.0, 1.9, True, {"forward_passes": 20}),
+        Timing("code_edit", 0, "fast", 20, 4.0, None, False, {}),
+    ]
+    rows = {(r["workload"], r["method"]): r for r in summarize(ts)}
+    fast = rows["quote", "fast"]
+    assert fast["speedup"] == pytest.approx(2.0)
+    assert fast["decode_speedup"] == pytest.approx((9 / 0.5) / (9 / 1.5))
+    assert fast["acceptance_rate"] == pytest.approx(0.75) and fast["tokens_per_pass"] == pytest.approx(2.5)
+    assert rows["code_edit", "fast"]["speedup"] == pytest.approx(0.5)
+    assert rows["code_edit", "fast"]["decode_speedup"] is None and not rows["code_edit", "fast"]["all_identical"]
+    grounded = {r["method"]: r for r in pooled(ts)}
+    assert grounded["fast"]["speedup"] == pytest.approx((30 / 5) / (30 / 4))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from permkv.models import load_model
-from permkv.speculation_eval import WORKLOADS, MethodConfig, compare, summarize, workload_texts
+from permkv.speculation_eval import WORKLOADS, MethodConfig, compare, pooled, summarize, workload_texts
 
 
 def main(argv: list[str]) -> None:
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     ]
     t0 = time.perf_counter()
     timings = compare(model, tok, spec, prompts, methods, args.max_new_tokens, args.repeats)
-    rows = summarize(timings)
+    rows = summarize(timings) + pooled(timings)
     result = {
         "args": vars(args),
         "device": f"{platform.processor() or platform.machine()} cpu, torch threads {torch.get_num_threads()}",
@@ -51,10 +51,12 @@ def main(argv: list[str]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"{'workload':<11} {'method':<22} {'tok/s':>7} {'speedup':>7} {'ident':>5} {'acc':>5} {'tok/pass':>8}")
+    print(f"{'workload':<11} {'method':<22} {'tok/s':>7} {'speedup':>8} {'decode':>7} {'ident':>5} "
+          f"{'acc':>5} {'tok/pass':>8}")
     for r in rows:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         tpp = "" if r["tokens_per_pass"] is None else f"{r['tokens_per_pass']:.2f}"
+        dec = "" if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}x"
         print(f"{r['workload']:<11} {r['method']:<22} {r['tokens_per_s']:7.2f} {r['speedup']:7.2f}x "
-              f"{str(r['all_identical']):>5} {acc:>5} {tpp:>8}")
+              f"{dec:>7} {str(r['all_identical']):>5} {acc:>5} {tpp:>8}")
     print(f"wrote {out}")
