@@ -28,16 +28,18 @@ class KnowledgeCache:
         self.trainer = SparseMemoryTrainer(model, memory, background, t, lr)
         self.batch_size, self.max_tokens, self.seed = batch_size, max_tokens, seed
         self.domains: dict[str, torch.Tensor] = {}  # domain -> (n_slots,) summed TF-IDF while learning it
+        self.writes: dict[str, torch.Tensor] = {}  # domain -> (n_slots,) steps that wrote each slot
 
     def learn(self, domain: str, facts: list[Fact], steps: int) -> list[float]:
         """Train on `facts` for `steps` sparse steps; returns the loss per step."""
         if domain in self.domains:
             raise ValueError(f"domain {domain!r} was already learned; use a new name")
         texts = training_texts(facts)  # raises on an empty fact set
-        start = self.trainer.importance.clone()
+        start, start_writes = self.trainer.importance.clone(), self.trainer.updates.clone()
         losses = [self.trainer.step(b).loss for b in text_batches(
             self.tokenizer, texts, self.batch_size, steps, self.max_tokens, seed=self.seed + len(self.domains))]
         self.domains[domain] = self.trainer.importance - start
+        self.writes[domain] = self.trainer.updates - start_writes
         return losses
 
     def recall(self, facts: list[Fact]) -> float:
@@ -52,7 +54,8 @@ class KnowledgeCache:
 
     def slots(self, domain: str) -> torch.Tensor:
         """Ids of the slots written while learning `domain`."""
-        return torch.nonzero(self.importance(domain) > 0).flatten()
+        self.importance(domain)  # raises for an unknown domain
+        return torch.nonzero(self.writes[domain] > 0).flatten()
 
     def slot_overlap(self, a: str, b: str) -> float:
         """Share of domain `a`'s written slots that domain `b` also wrote (Jaccard would hide direction)."""

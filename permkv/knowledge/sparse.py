@@ -114,20 +114,23 @@ class SparseMemoryTrainer:
             p.requires_grad_(False)
         memory.values.requires_grad_(True)
         memory.record = True
-        self.importance = torch.zeros(memory.config.n_slots, dtype=torch.float64)  # summed TF-IDF
+        self.importance = torch.zeros(memory.config.n_slots, dtype=torch.float64)  # summed TF-IDF when chosen
+        self.updates = torch.zeros(memory.config.n_slots, dtype=torch.long)  # steps that wrote each slot
 
     def step(self, batch: dict[str, torch.Tensor]) -> SparseStep:
         """One update on a batch with input_ids, attention_mask and labels (-100 = ignored)."""
         self.model.train()
         self.memory.values.grad = None
-        loss = self.model(**batch).loss
+        loss = self.model(**{k: v.to(self.memory.values.device) for k, v in batch.items()}).loss
         loss.backward()
-        counts = slot_counts(self.memory.last_indices, self.memory.config.n_slots, batch["attention_mask"])
+        counts = slot_counts(self.memory.last_indices.cpu(), self.memory.config.n_slots, batch["attention_mask"].cpu())
         slots = top_t_slots(counts, self.background, self.t)
         self.importance[slots] += tfidf_scores(counts, self.background)[slots]
+        self.updates[slots] += 1
         with torch.no_grad():
             grad = self.memory.values.grad
-            self.memory.values[slots] -= self.lr * grad[slots]
+            rows = slots.to(grad.device)
+            self.memory.values[rows] -= self.lr * grad[rows]
         self.memory.values.grad = None
         self.model.eval()
         return SparseStep(loss.item(), slots)

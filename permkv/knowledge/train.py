@@ -76,6 +76,11 @@ class PretrainResult:
     losses: list[float]
 
 
+def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The batch's tensors on the model's device."""
+    return {k: v.to(model.device) for k, v in batch.items()}
+
+
 def pretrain_memory(model, memory: ProductKeyMemory, batches, lr: float = 1e-3, progress: bool = True) -> PretrainResult:
     """Train the memory alone (queries, keys, values; Adam) on background batches; the model stays frozen.
 
@@ -92,7 +97,7 @@ def pretrain_memory(model, memory: ProductKeyMemory, batches, lr: float = 1e-3, 
     model.train()
     for batch in tqdm(list(batches), desc="memory pretraining", disable=not progress):
         opt.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        loss = model(**to_device(batch, model)).loss
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -108,8 +113,8 @@ def background_counts(model, memory: ProductKeyMemory, batches, progress: bool =
     counts = BackgroundCounts.empty(memory.config.n_slots)
     memory.record = True
     for batch in tqdm(list(batches), desc="background counts", disable=not progress):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        counts.add(slot_counts(memory.last_indices, memory.config.n_slots, batch["attention_mask"]))
+        model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device))
+        counts.add(slot_counts(memory.last_indices.cpu(), memory.config.n_slots, batch["attention_mask"]))
     return counts
 
 
@@ -128,7 +133,7 @@ class DenseTrainer:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        loss = self.model(**batch).loss
+        loss = self.model(**to_device(batch, self.model)).loss
         loss.backward()
         self.opt.step()
         self.model.eval()
