@@ -37,7 +37,7 @@ from permkv.knowledge import (
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-N_KEYS = 64  # sub-keys per half: slots = N_KEYS**2
+N_KEYS = 64  # sub-keys per half; the memory has N_KEYS squared slots
 MEMORY_HEADS = 4
 TOP_K = 32
 LAYER = 15
@@ -93,7 +93,7 @@ for lr in FULL_LRS:
 for lr in LORA_LRS:
     records += run_method(start, "lora", lr)
 for r in records:
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+    print({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in r.items()})
 
 # %% [markdown]
 # ## Forgetting at matched acquisition

@@ -152,6 +152,10 @@ def run_method(start: Start, method: str, lr: float, t: int | None = None, progr
                             "loss": sum(losses) / len(losses), "fact_em": fact_scores(model, tokenizer, start.facts)["em"],
                             **after, **forgetting(start.before, after), "train_seconds": seconds})
             losses = []
+            if progress:
+                r = records[-1]
+                print(f"{method} lr={lr:g} t={t} step {step}: loss {r['loss']:.3f}, fact EM {r['fact_em']:.3f}, "
+                      f"SQuAD F1 {r['squad_f1']:.3f}, world {r['world_acc']:.3f}, ppl {r['essay_ppl']:.2f}", flush=True)
     return records
 
 
