@@ -51,7 +51,7 @@ N_SQUAD = 4
 WORLD_MAX = 8
 ESSAY_TOKENS = 128
 SPARSE_TS = [500]
-SPARSE_LRS = [30.0]
+SPARSE_LRS = [1000.0]
 FULL_LRS = [1e-4]
 LORA_LRS = [1e-3]
 DOMAIN_FACTS = 8
@@ -75,7 +75,10 @@ out_dir.mkdir(parents=True, exist_ok=True)
 
 # %%
 start = prepare(cfg)
-print(f"memory pretraining loss {start.pretrain_losses[0]:.3f} -> {start.pretrain_losses[-1]:.3f}")
+quarter = max(1, len(start.pretrain_losses) // 4)
+first, last = start.pretrain_losses[:quarter], start.pretrain_losses[-quarter:]
+print(f"memory pretraining loss, first vs last quarter of steps: {sum(first) / len(first):.3f} -> "
+      f"{sum(last) / len(last):.3f} (different batches; the host model is frozen)")
 print(f"slots read in the background set: {start.background.used_fraction:.1%} of {cfg.memory.n_slots}")
 print("probe sizes:", start.probes.sizes())
 print("before:", start.before, "| fictional facts before:", start.facts_before)
@@ -101,6 +104,9 @@ for r in records:
 # %%
 matched = matched_comparison(records)
 print(f"matched fact EM target: {matched['target_em']:.3f}")
+if matched["target_em"] == 0:
+    print("Some method learned no fact at all: there is no common acquisition level, so the forgetting "
+          "below is at zero acquisition and the claim metrics are not logged.")
 print(f"{'method':8} {'lr':>8} {'t':>6} {'step':>5} {'fact EM':>8} {'SQuAD F1':>9} {'forget F1':>10} "
       f"{'forget world':>13} {'ppl rise':>9}")
 for m in ("sparse", "full", "lora"):
@@ -170,10 +176,11 @@ for m in ("sparse", "full", "lora"):
     metrics |= {f"{m}_fact_em": r["fact_em"], f"{m}_forget_squad_f1_pct": 100 * r["forget_squad_f1"],
                 f"{m}_forget_world_pct": 100 * r["forget_world_acc"],
                 f"{m}_forget_essay_ppl_pct": 100 * r["forget_essay_ppl"]}
-baseline_min = min(metrics["full_forget_squad_f1_pct"], metrics["lora_forget_squad_f1_pct"])
-metrics["claim.forgetting_sparse_pct"] = metrics["sparse_forget_squad_f1_pct"]
-metrics["claim.forgetting_baseline_min_pct"] = baseline_min
-metrics["claim.forgetting_gap_pct"] = baseline_min - metrics["sparse_forget_squad_f1_pct"]
+if matched["target_em"] > 0:  # the claim is about forgetting at equal, non-zero acquisition
+    baseline_min = min(metrics["full_forget_squad_f1_pct"], metrics["lora_forget_squad_f1_pct"])
+    metrics["claim.forgetting_sparse_pct"] = metrics["sparse_forget_squad_f1_pct"]
+    metrics["claim.forgetting_baseline_min_pct"] = baseline_min
+    metrics["claim.forgetting_gap_pct"] = baseline_min - metrics["sparse_forget_squad_f1_pct"]
 (out_dir / "records.json").write_text(json.dumps({"records": records, "metrics": metrics}, indent=1))
 with tracking.run("07_continual_learning_forgetting", cfg.to_params(), PROFILE):
     tracking.log_metrics(metrics)
