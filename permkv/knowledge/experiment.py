@@ -1,0 +1,179 @@
+"""The forgetting experiment of notebook 07: one memory-augmented starting model, three ways to
+teach it fictional facts, and forgetting compared at matched acquisition (Lin et al. 2025's protocol).
+
+Every method starts from the same model: SmolLM2 with a product-key memory inserted at `layer` and
+pretrained on background text (essays and SQuAD paragraphs), so the "before" scores are shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from permkv.knowledge.facts import Fact, make_facts, training_texts
+from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, find_memory, insert_memory
+from permkv.data import load_essays, load_squad
+from permkv.knowledge.probes import ProbeSet, build_probes, fact_scores, forgetting, probe_scores
+from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
+from permkv.knowledge.train import (
+    METHODS, DenseTrainer, SparseAdapter, background_counts, full_trainer, lora_model, pretrain_memory,
+    text_batches, token_windows, window_batches,
+)
+from permkv.models import cache_dir, load_model
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that defines one forgetting experiment (flattened for MLflow by `to_params`)."""
+
+    model: str = "smollm2-135m"
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    layer: int = 15  # decoder layer whose MLP gets the memory (SmolLM2 has 30)
+    pretrain_steps: int = 60  # memory pretraining batches of background text
+    pretrain_batch: int = 8
+    seq_len: int = 64  # tokens per background window (training texts are shorter still)
+    pretrain_lr: float = 1e-3  # Adam, memory parameters only
+    background_batches: int = 32  # batches counted for slot document frequencies
+    n_facts: int = 24
+    batch_size: int = 8  # fact texts per finetuning step
+    steps: int = 30  # finetuning steps per run (same budget for every method)
+    eval_every: int = 15  # checkpoints at which acquisition and forgetting are measured
+    n_squad: int = 8
+    world_max: int = 24
+    essay_tokens: int = 256
+    seed: int = 0
+
+    def to_params(self) -> dict:
+        params = {k: v for k, v in asdict(self).items() if k != "memory"}
+        return params | self.memory.to_params()
+
+
+def _background_windows(tokenizer, cfg: ExperimentConfig) -> list[list[int]]:
+    """Background text for memory pretraining: training essays plus SQuAD paragraphs, in windows."""
+    essays = load_essays()
+    paragraphs = sorted({r["context"] for r in load_squad()})
+    random.Random(cfg.seed).shuffle(paragraphs)
+    ids = tokenizer(essays[:400_000]).input_ids + tokenizer("\n\n".join(paragraphs[:400])).input_ids
+    windows = token_windows(ids, cfg.seq_len)
+    random.Random(cfg.seed).shuffle(windows)
+    return windows
+
+
+@dataclass
+class Start:
+    """The shared starting point: pretrained memory state, background counts, probes and 'before' scores."""
+
+    cfg: ExperimentConfig
+    memory_state: dict[str, torch.Tensor]
+    background: BackgroundCounts
+    pretrain_losses: list[float]
+    probes: ProbeSet
+    before: dict[str, float]  # probe scores of the starting model
+    facts: list[Fact]
+    facts_before: dict[str, float]
+
+    def fresh_model(self):
+        """A new copy of the starting model (base weights from disk + the pretrained memory)."""
+        model, tokenizer, _ = load_model(self.cfg.model)
+        memory = insert_memory(model, ProductKeyMemory(self.cfg.memory, seed=self.cfg.seed), self.cfg.layer)
+        memory.load_state_dict(self.memory_state)
+        return model, tokenizer, memory
+
+
+def _cache_key(cfg: ExperimentConfig) -> str:
+    keys = ("model", "memory", "layer", "pretrain_steps", "pretrain_batch", "seq_len", "pretrain_lr",
+            "background_batches", "seed")
+    blob = json.dumps({k: str(getattr(cfg, k)) for k in keys}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def prepare(cfg: ExperimentConfig, progress: bool = True) -> Start:
+    """Build the starting model: insert + pretrain the memory (cached on disk), count, build probes."""
+    model, tokenizer, _ = load_model(cfg.model)
+    memory = insert_memory(model, ProductKeyMemory(cfg.memory, seed=cfg.seed), cfg.layer)
+    path = cache_dir() / "knowledge" / f"memory-{_cache_key(cfg)}.pt"
+    windows = _background_windows(tokenizer, cfg)
+    if path.exists():
+        saved = torch.load(path)
+        memory.load_state_dict(saved["state"])
+        losses = saved["losses"]
+    else:
+        batches = window_batches(windows, cfg.pretrain_batch, cfg.pretrain_steps, seed=cfg.seed)
+        losses = pretrain_memory(model, memory, batches, lr=cfg.pretrain_lr, progress=progress).losses
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": memory.state_dict(), "losses": losses}, path)
+    # background counts on windows the pretraining also saw (the paper counts pretraining batches)
+    bg = background_counts(model, memory, window_batches(windows, cfg.pretrain_batch, cfg.background_batches,
+                                                         seed=cfg.seed + 1), progress=progress)
+    probes = build_probes(model, tokenizer, n_squad=cfg.n_squad, essay_tokens=cfg.essay_tokens, seed=cfg.seed)
+    probes.world = probes.world[: cfg.world_max]
+    facts = make_facts(cfg.n_facts, seed=cfg.seed)
+    return Start(cfg, {k: v.clone() for k, v in memory.state_dict().items()}, bg, losses, probes,
+                 probe_scores(model, tokenizer, probes), facts, fact_scores(model, tokenizer, facts))
+
+
+def run_method(start: Start, method: str, lr: float, t: int | None = None, progress: bool = True) -> list[dict]:
+    """Finetune a fresh starting model on the facts with `method`; one record per checkpoint.
+
+    Each record: method, lr, t, step, loss (mean since the last checkpoint), fact_em, the probe
+    scores and their forgetting, and seconds of training so far.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    cfg = start.cfg
+    model, tokenizer, memory = start.fresh_model()
+    if method == "sparse":
+        if t is None:
+            raise ValueError("method 'sparse' needs t (slots updated per step)")
+        trainer = SparseAdapter(SparseMemoryTrainer(model, memory, start.background, t, lr))
+    elif method == "full":
+        trainer = full_trainer(model, lr)
+    else:
+        model = lora_model(model)
+        trainer = DenseTrainer(model, lr)
+    texts = training_texts(start.facts)
+    batches = text_batches(tokenizer, texts, cfg.batch_size, cfg.steps, max_tokens=cfg.seq_len, seed=cfg.seed)
+    records, losses, seconds = [], [], 0.0
+    for step, batch in enumerate(tqdm(batches, total=cfg.steps, desc=f"{method} lr={lr} t={t}",
+                                      disable=not progress), start=1):
+        tic = time.perf_counter()
+        losses.append(trainer.step(batch))
+        seconds += time.perf_counter() - tic
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            after = probe_scores(model, tokenizer, start.probes)
+            records.append({"method": method, "lr": lr, "t": t, "step": step,
+                            "loss": sum(losses) / len(losses), "fact_em": fact_scores(model, tokenizer, start.facts)["em"],
+                            **after, **forgetting(start.before, after), "train_seconds": seconds})
+            losses = []
+            if progress:
+                r = records[-1]
+                print(f"{method} lr={lr:g} t={t} step {step}: loss {r['loss']:.3f}, fact EM {r['fact_em']:.3f}, "
+                      f"SQuAD F1 {r['squad_f1']:.3f}, world {r['world_acc']:.3f}, ppl {r['essay_ppl']:.2f}", flush=True)
+    return records
+
+
+def matched_comparison(records: list[dict], target_em: float | None = None, key: str = "forget_squad_f1") -> dict:
+    """Per method, the checkpoint whose fact EM is closest to `target_em` (ties: least forgetting).
+
+    Default target: the highest EM that every method reaches at some checkpoint, i.e. the
+    acquisition level at which all methods can be compared (the paper's protocol).
+    Returns {"target_em": x, method: record}.
+    """
+    if not records:
+        raise ValueError("records is empty; run some methods first")
+    methods = sorted({r["method"] for r in records})
+    if target_em is None:
+        target_em = min(max(r["fact_em"] for r in records if r["method"] == m) for m in methods)
+    out: dict = {"target_em": target_em}
+    for m in methods:
+        mine = [r for r in records if r["method"] == m]
+        out[m] = min(mine, key=lambda r: (abs(r["fact_em"] - target_em),
+                                          r[key] if not math.isnan(r[key]) else math.inf))
+    return out

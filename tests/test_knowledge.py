@@ -1,0 +1,215 @@
+"""Tests for permkv.knowledge on the real SmolLM2-135M (no mocks of the model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from permkv.knowledge import (
+    BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, find_memory,
+    insert_memory, make_facts, memory_inserted, remove_memory, slot_counts, tfidf_scores, top_t_slots,
+    training_texts,
+)
+from permkv.knowledge.facts import FEW_SHOT
+from permkv.knowledge.probes import forgetting, generate, greedy_match
+from permkv.knowledge.train import DenseTrainer, collate, full_trainer, lora_model
+from permkv.models import load_model
+
+SMALL = MemoryConfig(dim=576, n_keys=32, heads=2, top_k=8, key_dim=32)  # 1,024 slots: fast
+
+
+@pytest.fixture()
+def smol():
+    """A fresh SmolLM2 per test: the tests below change weights."""
+    return load_model("smollm2-135m")
+
+
+def _filled_memory(seed: int = 0) -> ProductKeyMemory:
+    memory = ProductKeyMemory(SMALL, seed=seed)
+    with torch.no_grad():
+        memory.values.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(seed))
+    return memory
+
+
+# --- the memory layer -------------------------------------------------------------------------
+
+
+def test_insertion_leaves_logits_unchanged_and_removal_restores(smol):
+    model, tok, _ = smol
+    batch = tok(["The capital of France is", "Paul Graham wrote essays about startups and"],
+                return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**batch).logits
+        with memory_inserted(model, ProductKeyMemory(MemoryConfig(n_keys=64)), layer=15) as memory:
+            inserted = model(**batch).logits
+            assert find_memory(model) is memory
+            assert memory.last_indices.shape == (2, batch.input_ids.shape[1], 4, 32)
+        after = model(**batch).logits
+    assert (inserted - before).abs().max() <= 1e-5
+    assert find_memory(model) is None
+    assert torch.equal(after, before)
+
+
+def test_lookup_shapes_weights_and_slot_range():
+    memory = ProductKeyMemory(SMALL)
+    x = torch.randn(3, 5, 576)
+    indices, weights = memory.lookup(x)
+    assert indices.shape == weights.shape == (3, 5, 2, 8)
+    assert int(indices.min()) >= 0 and int(indices.max()) < SMALL.n_slots
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 5, 2))
+    # the 8 slots read per head and token are distinct
+    assert all(len(set(row.tolist())) == 8 for row in indices.reshape(-1, 8))
+    assert memory(x).shape == (3, 5, 576)
+
+
+def test_bad_memory_inputs(smol):
+    model, _, _ = smol
+    with pytest.raises(ValueError, match="layer must be in \\[0, 30\\)"):
+        insert_memory(model, ProductKeyMemory(SMALL), layer=30)
+    with pytest.raises(ValueError, match="layer must be in"):
+        insert_memory(model, ProductKeyMemory(SMALL), layer=-1)
+    with pytest.raises(ValueError, match="hidden size 576"):
+        insert_memory(model, ProductKeyMemory(MemoryConfig(dim=64, n_keys=8, top_k=4)), layer=3)
+    with pytest.raises(ValueError, match="top_k"):
+        MemoryConfig(n_keys=8, top_k=16)
+    insert_memory(model, ProductKeyMemory(SMALL), layer=3)
+    with pytest.raises(ValueError, match="already has a memory"):
+        insert_memory(model, ProductKeyMemory(SMALL), layer=3)
+    assert remove_memory(model) is not None and remove_memory(model) is None
+
+
+# --- TF-IDF ranking -----------------------------------------------------------------------------
+
+
+def test_tfidf_on_a_hand_made_count_table():
+    # 4 background batches over 6 slots; document frequency per slot:
+    background = BackgroundCounts.empty(6)
+    for batch in ([3, 1, 0, 0, 1, 0], [2, 0, 0, 0, 1, 0], [5, 0, 1, 0, 1, 0], [1, 0, 0, 0, 1, 0]):
+        background.add(torch.tensor(batch))
+    assert background.doc_freq.tolist() == [4, 1, 1, 0, 4, 0] and background.n_batches == 4
+    counts = torch.tensor([10, 2, 4, 1, 3, 0])  # this batch's reads (20 in all)
+    scores = tfidf_scores(counts, background)
+    idf = [math.log(5 / 5), math.log(5 / 2), math.log(5 / 2), math.log(5 / 1), math.log(5 / 5), math.log(5 / 1)]
+    expected = [c / 20 * i for c, i in zip(counts.tolist(), idf)]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64))
+    # slot 2 (4 reads, rare: 0.183) > slot 1 (2 reads, rare: 0.092) > slot 3 (1 read, never seen: 0.080)
+    # > slots 0 and 4 (read in every background batch: 0), whose tie goes to the larger count
+    assert top_t_slots(counts, background, 3).tolist() == [2, 1, 3]
+    # only accessed slots are eligible: asking for all 6 returns the 5 read ones
+    assert top_t_slots(counts, background, 6).tolist() == [2, 1, 3, 0, 4]
+
+
+def test_bad_t_and_count_shapes():
+    background = BackgroundCounts.empty(6)
+    with pytest.raises(ValueError, match=r"t must be in \[1, 6\].*got 7"):
+        top_t_slots(torch.ones(6, dtype=torch.long), background, 7)
+    with pytest.raises(ValueError, match="one entry per slot"):
+        tfidf_scores(torch.ones(5, dtype=torch.long), background)
+
+
+def test_slot_counts_skip_padding():
+    indices = torch.tensor([[[[0, 1]], [[1, 2]]], [[[3, 3]], [[5, 5]]]])  # (batch 2, seq 2, heads 1, k 2)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert slot_counts(indices, 6, mask).tolist() == [1, 2, 1, 2, 0, 0]
+
+
+# --- sparse memory finetuning -------------------------------------------------------------------
+
+
+def test_sparse_step_changes_only_the_top_t_value_rows(smol):
+    model, tok, _ = smol
+    memory = insert_memory(model, _filled_memory(), layer=20)
+    background = BackgroundCounts.empty(SMALL.n_slots)
+    with torch.no_grad():
+        for text in ["Essays about startups and founders.", "The river flows through the old city."]:
+            batch = tok([text], return_tensors="pt")
+            model(**batch)
+            background.add(slot_counts(memory.last_indices, SMALL.n_slots))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = SparseMemoryTrainer(model, memory, background, t=10, lr=1.0)
+    batch = collate(tok, training_texts(make_facts(4)), max_tokens=32)
+    step = trainer.step(batch)
+    assert len(step.slots) == 10
+    changed = (memory.values.detach() != before["model.layers.20.mlp.memory.values"]).any(dim=1)
+    assert changed.any()
+    assert set(torch.nonzero(changed).flatten().tolist()) <= set(step.slots.tolist())
+    for name, p in model.named_parameters():
+        if not name.endswith("memory.values"):
+            assert torch.equal(p, before[name]), f"{name} changed"
+    with pytest.raises(ValueError, match=r"t must be in \[1, 1024\]"):
+        SparseMemoryTrainer(model, memory, background, t=SMALL.n_slots + 1, lr=1.0)
+
+
+# --- facts and the baselines --------------------------------------------------------------------
+
+
+def test_facts_are_seeded_distinct_and_test_questions_are_unseen():
+    facts = make_facts(50, seed=3)
+    assert facts == make_facts(50, seed=3) and facts != make_facts(50, seed=4)
+    assert len({f.subject for f in facts}) == 50
+    texts = "\n".join(training_texts(facts))
+    for f in facts:
+        assert f.answer in f.train_texts[0] and f.question not in texts
+        assert f.question.split("\n")[0] not in texts
+    with pytest.raises(ValueError, match="fact set is empty"):
+        training_texts([])
+    with pytest.raises(ValueError, match="n \\(number of facts\\)"):
+        make_facts(0)
+
+
+def test_greedy_match_agrees_with_generation(smol):
+    model, tok, _ = smol
+    prompt = FEW_SHOT + "Q: What is the capital of France?\nA:"
+    generated = generate(model, tok, [prompt], max_new_tokens=4)[0].rstrip(".").strip()
+    assert generated  # whatever the model says, teacher forcing must agree with it
+    wrong = "Berlin" if generated != "Berlin" else "Paris"
+    assert greedy_match(model, tok, [prompt] * 3, [generated, wrong, generated[:-1]]) == [True, False, False]
+
+
+def _loss_falls(model, tok, trainer, steps: int = 4) -> tuple[float, float]:
+    batch = collate(tok, training_texts(make_facts(4, seed=1)), max_tokens=32)
+    with torch.no_grad():
+        first = float(model(**batch).loss)
+    for _ in range(steps):
+        trainer.step(batch)
+    with torch.no_grad():
+        last = float(model(**batch).loss)
+    return first, last
+
+
+def test_full_finetuning_trains(smol):
+    model, tok, _ = smol
+    first, last = _loss_falls(model, tok, full_trainer(model, lr=1e-4), steps=3)
+    assert last < first * 0.8
+
+
+def test_lora_trains_and_only_adapters_change(smol):
+    model, tok, _ = smol
+    base = model.model.layers[5].self_attn.q_proj.weight.detach().clone()
+    model = lora_model(model, rank=8)
+    first, last = _loss_falls(model, tok, DenseTrainer(model, lr=1e-3), steps=3)
+    assert last < first * 0.8
+    assert torch.equal(model.base_model.model.model.layers[5].self_attn.q_proj.base_layer.weight, base)
+
+
+def test_knowledge_cache_domains(smol):
+    model, tok, _ = smol
+    memory = insert_memory(model, _filled_memory(), layer=20)
+    cache = KnowledgeCache(model, tok, memory, BackgroundCounts.empty(SMALL.n_slots), t=20, lr=1.0, batch_size=4)
+    losses = cache.learn("A", make_facts(4, seed=5), steps=2)
+    assert len(losses) == 2
+    assert 0 < len(cache.slots("A")) <= 40
+    assert cache.slot_overlap("A", "A") == 1.0
+    with pytest.raises(ValueError, match="fact set is empty"):
+        cache.learn("B", [], steps=1)
+    with pytest.raises(ValueError, match="unknown domain"):
+        cache.importance("C")
+
+
+def test_forgetting_is_a_relative_drop():
+    before = {"squad_f1": 0.5, "world_acc": 1.0, "essay_ppl": 20.0}
+    after = {"squad_f1": 0.4, "world_acc": 0.75, "essay_ppl": 22.0}
+    out = forgetting(before, after)
+    assert out == pytest.approx({"forget_squad_f1": 0.2, "forget_world_acc": 0.25, "forget_essay_ppl": 0.1})
