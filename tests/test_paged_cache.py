@@ -35,57 +35,63 @@ def paged_cache(model, spec, blocks=3000):
 
 
 def generate(model, tok, enc, cache, n):
+    """Greedy generation returning the tokens and the logits of every step."""
     return model.generate(
-        **enc, max_new_tokens=n, do_sample=False, past_key_values=cache, pad_token_id=tok.pad_token_id
+        **enc,
+        max_new_tokens=n,
+        do_sample=False,
+        past_key_values=cache,
+        pad_token_id=tok.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
 
 
 @torch.no_grad()
-def assert_same_as_dynamic(model, tok, spec, texts, new_tokens, steps):
-    """Greedy tokens identical; logits of real positions within 1e-4 for prefill and `steps` decodes."""
+def assert_same_as_dynamic(model, tok, spec, texts, new_tokens):
+    """Greedy tokens identical and every step's logits within 1e-4 of DynamicCache's."""
     enc = batch(tok, texts)
     assert len(set(enc.attention_mask.sum(1).tolist())) == len(texts), "prompts must differ in length"
     want = generate(model, tok, enc, DynamicCache(config=model.config), new_tokens)
     cache = paged_cache(model, spec)
     with paged_attention(model):
         got = generate(model, tok, enc, cache, new_tokens)
-    assert torch.equal(got, want)
-
-    dyn, paged = DynamicCache(config=model.config), paged_cache(model, spec)
-    ids, mask = enc.input_ids, enc.attention_mask
-    for step in range(steps + 1):
-        a = model(ids, attention_mask=mask, past_key_values=dyn).logits
-        with paged_attention(model):
-            b = model(ids, attention_mask=mask, past_key_values=paged).logits
-        real = mask[:, -ids.shape[1] :].bool()
-        assert (a - b)[real].abs().max() < 1e-4, f"step {step}"
-        ids = a[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(ids)], 1)
-    return paged
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(want.logits, got.logits)):
+        assert (a - b).abs().max() < 1e-4, f"step {step}"
+    return cache
 
 
 def test_smollm2_batch_matches_dynamic_cache(smol_model):
     model, tok, spec = smol_model
-    cache = assert_same_as_dynamic(model, tok, spec, PROMPTS, new_tokens=12, steps=3)
-    lengths = batch(tok, PROMPTS).attention_mask.sum(1).tolist()
+    cache = assert_same_as_dynamic(model, tok, spec, PROMPTS, new_tokens=10)
+    enc = batch(tok, PROMPTS)
+    lengths = enc.attention_mask.sum(1).tolist()
     stats = cache.stats()
     for s, n in enumerate(lengths):  # padding took no slot: each head holds only real tokens
-        assert stats.lengths[s] == [[n + 3] * spec.n_kv_heads] * spec.n_layers
-    assert cache.seen == [n + 3 for n in lengths]
+        assert stats.lengths[s] == [[n + 9] * spec.n_kv_heads] * spec.n_layers
+    assert cache.seen == [n + 9 for n in lengths]
+    assert cache.get_seq_length() == enc.input_ids.shape[1] + 9
     assert stats.waste_pct < 50
+
+    with torch.no_grad():  # prefill logits at every real position, not only the last
+        a = model(**enc, past_key_values=DynamicCache(config=model.config)).logits
+        with paged_attention(model):
+            b = model(**enc, past_key_values=paged_cache(model, spec)).logits
+    assert (a - b)[enc.attention_mask.bool()].abs().max() < 1e-4
 
 
 def test_gemma3_past_sliding_window_matches_dynamic_cache(gemma_model):
     model, tok, spec = gemma_model
     long = "The river runs past the old mill and the stone bridge. " * 50  # ~600 tokens > 512 window
     texts = [long + "The mill stands by the", "The capital of France is"]
-    cache = assert_same_as_dynamic(model, tok, spec, texts, new_tokens=8, steps=2)
+    cache = assert_same_as_dynamic(model, tok, spec, texts, new_tokens=4)
     n_long = len(tok(texts[0]).input_ids)
     assert n_long > spec.sliding_window + 16
     types = model.config.layer_types
     for layer, kind in enumerate(types):
         held = cache.cached_tokens(0, layer, 0)
-        assert held == (spec.sliding_window - 1 if kind == "sliding_attention" else n_long + 2)
+        assert held == (spec.sliding_window - 1 if kind == "sliding_attention" else n_long + 3)
         if kind == "sliding_attention":  # old blocks went back to the pool as the window slid
             assert len(cache.layers[layer].tables[0][0].blocks) <= spec.sliding_window // 16 + 1
 
