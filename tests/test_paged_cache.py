@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from permkv.cache import BlockPool, PagedCache, paged_attention
+from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
 from permkv.cache.attention import paged_attend
 from permkv.models import load_model
 
@@ -144,3 +144,18 @@ def test_without_paged_attention_is_a_clear_error(smol_model):
     with pytest.raises(RuntimeError, match="permkv_paged"):
         model(**enc, past_key_values=paged_cache(model, spec))
     assert model.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_full_pool_raises_before_any_layer_writes(smol_model):
+    model, tok, spec = smol_model
+    ids = torch.arange(1000, 1032)[None]  # 32 tokens: exactly 2 blocks per table, the next token needs a third
+    probe = paged_cache(model, spec, blocks=1)
+    cache = paged_cache(model, spec, blocks=probe.blocks_needed(32) + 5)
+    with paged_attention(model):
+        model(ids, past_key_values=cache)
+        before = cache.stats()
+        with pytest.raises(CacheFull, match=f"needed {spec.n_layers * spec.n_kv_heads} blocks, 5 free"):
+            model(torch.tensor([[7]]), past_key_values=cache)
+    assert cache.stats() == before and cache.seen == [32] and cache.get_seq_length() == 32
+    assert cache.can_admit(0) and not cache.can_admit(1)

@@ -77,6 +77,9 @@ def paged_attend(
     Hkv = key.shape[1]
     G = Hq // Hkv
     cache.ensure_batch(B)
+    counts = [T] * B if valid is None else valid.sum(1).tolist()
+    if layer_idx == 0:
+        cache.check_room(counts)  # all layers or none: CacheFull before the first write
     layer = cache.layers[layer_idx]
     window = layer.sliding_window
     if all(t.length == 0 for row in layer.tables for t in row):
@@ -99,7 +102,6 @@ def paged_attend(
     cache.trim(layer_idx)
     layer.columns += T
     if layer_idx == 0:
-        counts = [T] * B if valid is None else valid.sum(1).tolist()
         cache.seen = [s + n for s, n in zip(cache.seen, counts)]
     return out
 

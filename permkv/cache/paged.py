@@ -250,18 +250,33 @@ class PagedCache(Cache):
         blocks = torch.tensor(table.blocks, dtype=torch.long, device=device)
         return blocks[pos // bs] * bs + pos % bs
 
-    def _grow(self, layer: PagedLayer, counts: list[list[int]]) -> None:
-        """Make room for `counts[seq][head]` more tokens at the end of each table, all or nothing:
-        new blocks for the tail, and a private copy of a shared, partly filled last block."""
+    def _plan(self, layer: PagedLayer, counts: list[int]) -> tuple[int, list[tuple[HeadTable, int, bool]]]:
+        """Blocks needed to add `counts[seq]` tokens to every head of `layer`: new tail blocks, plus a
+        private copy of a shared, partly filled last block. Returns (blocks, per-table plan)."""
         bs, need, plan = self.pool.block_size, 0, []
         for seq, row in enumerate(layer.tables):
-            for head, t in enumerate(row):
-                n = counts[seq][head]
+            n = counts[seq]
+            for t in row:
                 end = t.start + t.length
                 new = self.pool.blocks_for(end + n) - len(t.blocks)
                 cow = n > 0 and end % bs != 0 and self.pool.ref_counts[t.blocks[-1]] > 1
                 need += new + cow
                 plan.append((t, new, cow))
+        return need, plan
+
+    def check_room(self, counts: list[int]) -> None:
+        """Raise CacheFull unless every layer can take `counts[seq]` more tokens per sequence.
+
+        Called before a forward pass writes anything, so a full pool never leaves some layers a
+        token ahead of others.
+        """
+        need = sum(self._plan(layer, counts)[0] for layer in self.layers)
+        if need > self.pool.num_free:
+            raise CacheFull(need, self.pool.num_free, self.pool.num_blocks)
+
+    def _grow(self, layer: PagedLayer, counts: list[int]) -> None:
+        """Make room for `counts[seq]` more tokens in every head of `layer`, all or nothing."""
+        need, plan = self._plan(layer, counts)
         if need > self.pool.num_free:
             raise CacheFull(need, self.pool.num_free, self.pool.num_blocks)
         for t, new, cow in plan:
@@ -291,7 +306,7 @@ class PagedCache(Cache):
             n_new, rows = [T] * B, None
         else:
             n_new, rows = valid.sum(1).tolist(), valid
-        self._grow(layer, [[n] * H for n in n_new])
+        self._grow(layer, n_new)
         bs = self.pool.block_size
         if T == 1 and rows is None:  # decode: one slot per (seq, head), computed in Python
             slots = []
