@@ -82,7 +82,7 @@ def paged_attend(
         cache.check_room(counts)  # all layers or none: CacheFull before the first write
     layer = cache.layers[layer_idx]
     window = layer.sliding_window
-    if all(t.length == 0 for row in layer.tables for t in row):
+    if layer.columns == 0 and all(t.length == 0 for row in layer.tables for t in row):
         out = dense_attention(query, key, value, valid, window, scaling)
         cache.append(layer_idx, key, value, valid)
     else:
@@ -92,11 +92,14 @@ def paged_attend(
         keys, values, starts, lengths = cache.gather(layer_idx)
         L = keys.shape[2]
         u = torch.arange(L, device=query.device) - starts[:, :, None, None]  # (B, Hkv, 1, L) token index
-        last = (lengths - T)[:, :, None, None] + torch.arange(T, device=query.device)[:, None]  # (B, Hkv, T, 1)
-        mask = (u >= 0) & (u <= last)  # (B, Hkv, T, L)
-        if window is not None:
-            mask = mask & (u > last - window)
-        mask = mask[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
+        if T == 1 and window is None:  # decode: the one query sees all of its head's tokens
+            mask = (u >= 0) & (u < lengths[:, :, None, None])  # (B, Hkv, 1, L), broadcast over the group
+        else:
+            last = (lengths - T)[:, :, None, None] + torch.arange(T, device=query.device)[:, None]  # (B, Hkv, T, 1)
+            mask = (u >= 0) & (u <= last)  # (B, Hkv, T, L)
+            if window is not None:
+                mask = mask & (u > last - window)
+            mask = mask[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
         q = query.reshape(B, Hkv, G * T, D)  # query head h*G + g -> KV head h
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).view(B, Hq, T, D)
     cache.trim(layer_idx)

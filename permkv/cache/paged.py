@@ -74,6 +74,12 @@ class PagedLayer:
         self.tables: list[list[HeadTable]] = []
         self.columns = 0  # input columns processed, padding included (transformers' seq length)
         self._index: torch.Tensor | None = None  # cached (batch, kv_heads, n_blocks) block ids
+        self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # cached starts, lengths
+
+    def changed(self) -> None:
+        """Forget the cached tensors after the tables changed shape or contents."""
+        self._index = None
+        self._bounds = None
 
     @property
     def is_initialized(self) -> bool:
@@ -92,6 +98,18 @@ class PagedLayer:
                 len(self.tables), self.n_kv_heads, width
             )
         return self._index
+
+    def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`starts`, `lengths` as `(batch, kv_heads)` tensors (cached; decode steps bump lengths)."""
+        if self._bounds is None:
+            B, H = len(self.tables), self.n_kv_heads
+            starts = [t.start for row in self.tables for t in row]
+            lengths = [t.length for row in self.tables for t in row]
+            self._bounds = (
+                torch.tensor(starts, dtype=torch.long, device=device).view(B, H),
+                torch.tensor(lengths, dtype=torch.long, device=device).view(B, H),
+            )
+        return self._bounds
 
 
 class PagedCache(Cache):
@@ -128,7 +146,7 @@ class PagedCache(Cache):
         if self.num_sequences == 0:
             for layer in self.layers:
                 layer.tables = [[HeadTable() for _ in range(self.n_kv_heads)] for _ in range(batch)]
-                layer._index = None
+                layer.changed()
             self.seen = [0] * batch
         elif batch != self.num_sequences:
             raise ValueError(f"batch must be the cache's {self.num_sequences} sequences, got {batch}")
@@ -181,7 +199,7 @@ class PagedCache(Cache):
             kept = n_tokens if limit is None else min(n_tokens, limit)
             row = [HeadTable(self.pool.allocate(self.pool.blocks_for(kept)), 0, kept) for _ in range(self.n_kv_heads)]
             layer.tables.append(row)
-            layer._index = None
+            layer.changed()
         self.seen.append(n_tokens)
         return self.num_sequences - 1
 
@@ -191,7 +209,7 @@ class PagedCache(Cache):
         for layer in self.layers:
             row = [HeadTable(self.pool.fork(t.blocks), t.start, t.length) for t in layer.tables[seq]]
             layer.tables.append(row)
-            layer._index = None
+            layer.changed()
         self.seen.append(self.seen[seq])
         return self.num_sequences - 1
 
@@ -201,7 +219,7 @@ class PagedCache(Cache):
         for layer in self.layers:
             for t in layer.tables.pop(seq):
                 self.pool.free(t.blocks)
-            layer._index = None
+            layer.changed()
         self.seen.pop(seq)
 
     def _select(self, indices: list[int]) -> None:
@@ -239,7 +257,7 @@ class PagedCache(Cache):
         dst = self._slots(table, 0, kept, keep_t.device)
         self.pool.keys.view(-1, self.pool.head_dim).index_copy_(0, dst, keys)
         self.pool.values.view(-1, self.pool.head_dim).index_copy_(0, dst, values)
-        layer._index = None
+        layer.changed()
         return len(dropped)
 
     # ----- writing and reading ---------------------------------------------------------------------
@@ -283,7 +301,7 @@ class PagedCache(Cache):
             if cow:
                 t.blocks[-1] = self.pool.writable(t.blocks[-1])
             if new or cow:
-                layer._index = None
+                layer.changed()
             if new:
                 t.blocks.extend(self.pool.allocate(new))
 
@@ -317,6 +335,8 @@ class PagedCache(Cache):
                     t.length += 1
             dst = torch.tensor(slots, dtype=torch.long, device=keys.device)
             src_k, src_v = keys.reshape(B * H, D), values.reshape(B * H, D)
+            if layer._bounds is not None:  # a new tensor, so callers' earlier views stay as they were
+                layer._bounds = (layer._bounds[0], layer._bounds[1] + 1)
         else:
             dst_parts, k_parts, v_parts = [], [], []
             for b, row in enumerate(layer.tables):
@@ -324,6 +344,7 @@ class PagedCache(Cache):
                 v_b = values[b] if rows is None else values[b][:, rows[b]]
                 for h, t in enumerate(row):
                     dst_parts.append(self._slots(t, t.length, n_new[b], keys.device))
+                    layer._bounds = None
                     t.length += n_new[b]
                     k_parts.append(k_b[h])
                     v_parts.append(v_b[h])
@@ -346,12 +367,13 @@ class PagedCache(Cache):
                     continue
                 t.start += extra
                 t.length -= extra
+                layer._bounds = None
                 n_drop = t.start // bs
                 if n_drop:
                     self.pool.free(t.blocks[:n_drop])
                     del t.blocks[:n_drop]
                     t.start -= n_drop * bs
-                    layer._index = None
+                    layer.changed()
 
     def gather(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each head's tokens in a padded compute view (padding exists only here, not in the pool).
@@ -367,9 +389,8 @@ class PagedCache(Cache):
         flat = index.reshape(-1)
         keys = self.pool.keys.index_select(0, flat).view(B, H, W * bs, D)
         values = self.pool.values.index_select(0, flat).view(B, H, W * bs, D)
-        starts = torch.tensor([[t.start for t in row] for row in layer.tables], dtype=torch.long, device=device)
-        lengths = torch.tensor([[t.length for t in row] for row in layer.tables], dtype=torch.long, device=device)
-        return keys, values, starts.view(B, H), lengths.view(B, H)
+        starts, lengths = layer.bounds(device)
+        return keys, values, starts, lengths
 
     # ----- transformers Cache API ------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
