@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -111,8 +113,8 @@ plt.show()
 ids = [sum(encode_sample(tokenizer, spec, Sample("squad", r["context"], r["question"], r["answers"]), "query_aware"), [])
        for r in load_squad()[:DEMO_PROMPTS]]
 tokenizer.padding_side = "left"
-batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-demo = PagedCache(BlockPool.from_bytes(pool_bytes, BLOCK_SIZE, spec.head_dim), model.config)
+batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
+demo = PagedCache(BlockPool.from_bytes(pool_bytes, BLOCK_SIZE, spec.head_dim, device=model.device), model.config)
 with paged_attention(model):
     model.generate(**batch, max_new_tokens=DEMO_NEW_TOKENS, do_sample=False, past_key_values=demo,
                    pad_token_id=tokenizer.pad_token_id)

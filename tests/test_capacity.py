@@ -14,17 +14,19 @@ def tiny_config():
 
 def test_reservation_admits_until_the_next_reservation_does_not_fit():
     pool = ReservationPool(capacity_bytes=1000, bytes_per_token=10, reserve_tokens=30)  # 3 slots of 300 bytes
-    got = admit_reserved(pool, [Request(5, 5), Request(20, 10), Request(1, 1), Request(1, 1)])
-    assert got == Admission(admitted=3, allocated_bytes=900, used_bytes=420)
-    assert got.waste_pct == pytest.approx(100 * 480 / 900)
+    got = admit_reserved(pool, [Request(5, 5), Request(20, 10)])  # cycles: 10, 30, 10 tokens
+    assert got == Admission(admitted=3, allocated_bytes=900, used_bytes=500)
+    assert got.waste_pct == pytest.approx(100 * 400 / 900)
     with pytest.raises(ValueError, match="exceeds reserve_tokens=30"):
         pool.admit(Request(30, 1))
+    with pytest.raises(ValueError, match="requests must not be empty"):
+        admit_reserved(pool, [])
 
 
 def test_paged_admission_takes_real_blocks():
     # 2 layers x 2 KV heads = 4 tables per request; block_size 4, so 5 tokens take 2 blocks per table
     cache = PagedCache(BlockPool(20, block_size=4, head_dim=4), tiny_config())
-    got = admit_paged(cache, [Request(3, 2), Request(4, 0), Request(8, 1), Request(1, 0)])
+    got = admit_paged(cache, [Request(3, 2), Request(4, 0), Request(8, 1)])
     # blocks: 8, then 4 (12), then 12 would make 24 > 20: admission stops at the third request
     assert got.admitted == 2 and cache.pool.num_free == 8
     per_block = cache.pool.bytes_per_block

@@ -6,7 +6,6 @@ from transformers import DynamicCache
 
 from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
 from permkv.cache.attention import paged_attend
-from permkv.models import load_model
 
 PROMPTS = [
     "The capital of France is",
@@ -15,23 +14,13 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smol_model():
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def gemma_model():
-    return load_model("gemma3-270m")
-
-
 def batch(tok, texts):
     tok.padding_side = "left"
     return tok(texts, return_tensors="pt", padding=True)
 
 
 def paged_cache(model, spec, blocks=3000):
-    return PagedCache(BlockPool(blocks, block_size=16, head_dim=spec.head_dim), model.config)
+    return PagedCache(BlockPool(blocks, block_size=16, head_dim=spec.head_dim, device=model.device), model.config)
 
 
 def generate(model, tok, enc, cache, n):
@@ -62,8 +51,8 @@ def assert_same_as_dynamic(model, tok, spec, texts, new_tokens):
     return cache
 
 
-def test_smollm2_batch_matches_dynamic_cache(smol_model):
-    model, tok, spec = smol_model
+def test_smollm2_batch_matches_dynamic_cache(smol):
+    model, tok, spec = smol
     cache = assert_same_as_dynamic(model, tok, spec, PROMPTS, new_tokens=10)
     enc = batch(tok, PROMPTS)
     lengths = enc.attention_mask.sum(1).tolist()
@@ -81,8 +70,8 @@ def test_smollm2_batch_matches_dynamic_cache(smol_model):
     assert (a - b)[enc.attention_mask.bool()].abs().max() < 1e-4
 
 
-def test_gemma3_past_sliding_window_matches_dynamic_cache(gemma_model):
-    model, tok, spec = gemma_model
+def test_gemma3_past_sliding_window_matches_dynamic_cache(gemma):
+    model, tok, spec = gemma
     long = "The river runs past the old mill and the stone bridge. " * 50  # ~600 tokens > 512 window
     texts = [long + "The mill stands by the", "The capital of France is"]
     cache = assert_same_as_dynamic(model, tok, spec, texts, new_tokens=4)
@@ -97,8 +86,8 @@ def test_gemma3_past_sliding_window_matches_dynamic_cache(gemma_model):
 
 
 @torch.no_grad()
-def test_evict_half_of_one_head(smol_model):
-    model, tok, spec = smol_model
+def test_evict_half_of_one_head(smol):
+    model, tok, spec = smol
     enc = batch(tok, [PROMPTS[1]])
     cache = paged_cache(model, spec)
     with paged_attention(model):
@@ -138,8 +127,8 @@ def test_evict_half_of_one_head(smol_model):
     assert torch.isfinite(nxt.logits).all() and cache.seen == [n + 1]
 
 
-def test_without_paged_attention_is_a_clear_error(smol_model):
-    model, tok, spec = smol_model
+def test_without_paged_attention_is_a_clear_error(smol):
+    model, tok, spec = smol
     enc = batch(tok, [PROMPTS[0]])
     with pytest.raises(RuntimeError, match="permkv_paged"):
         model(**enc, past_key_values=paged_cache(model, spec))
@@ -147,8 +136,8 @@ def test_without_paged_attention_is_a_clear_error(smol_model):
 
 
 @torch.no_grad()
-def test_full_pool_raises_before_any_layer_writes(smol_model):
-    model, tok, spec = smol_model
+def test_full_pool_raises_before_any_layer_writes(smol):
+    model, tok, spec = smol
     ids = torch.arange(1000, 1032)[None]  # 32 tokens: exactly 2 blocks per table, the next token needs a third
     probe = paged_cache(model, spec, blocks=1)
     cache = paged_cache(model, spec, blocks=probe.blocks_needed(32) + 5)

@@ -31,8 +31,14 @@ def make_cache(kind: str, model, spec, n_tokens: int):
     if kind == "dynamic":
         return DynamicCache(config=model.config)
     probe = PagedCache(BlockPool(1, 16, spec.head_dim), model.config)
-    pool = BlockPool(probe.blocks_needed(n_tokens), 16, spec.head_dim)
+    pool = BlockPool(probe.blocks_needed(n_tokens), 16, spec.head_dim, device=model.device)
     return PagedCache(pool, model.config)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -44,15 +50,17 @@ def forward(kind: str, model, ids: torch.Tensor, cache) -> tuple[float, torch.Te
     """
     switch = paged_attention(model) if kind == "paged" else contextlib.nullcontext()
     with switch:
+        sync(model.device)
         start = time.perf_counter()
         logits = model(ids, past_key_values=cache).logits[:, -1]
+        sync(model.device)
         seconds = time.perf_counter() - start
     return seconds, logits
 
 
 def bench_context(model, spec, context: int, steps: int, repeats: int) -> dict:
     """Prefill and decode timings at one context length, both caches side by side."""
-    ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
+    ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context)).to(model.device)
     prefill = {"dynamic": [], "paged": []}
     decode = {"dynamic": [], "paged": []}
     for r in range(repeats):
@@ -83,10 +91,10 @@ def bench_context(model, spec, context: int, steps: int, repeats: int) -> dict:
 
 
 def peak_rss(kind: str, context: int, steps: int) -> int:
-    """Peak resident bytes of a fresh process that prefills `context` tokens and decodes `steps`."""
+    """Peak resident bytes of a fresh CPU process that prefills `context` tokens and decodes `steps`."""
     code = (
         "import resource, torch; from permkv.bench.paged import make_cache, forward; "
-        "from permkv.models import load_model; m, t, s = load_model(); "
+        "from permkv.models import load_model; m, t, s = load_model(device='cpu'); torch.set_num_threads(1); "
         f"ids = torch.randint(100, 40000, (1, {context})); c = make_cache('{kind}', m, s, {context + steps + 1}); "
         f"_, l = forward('{kind}', m, ids, c)\n"
         f"for _ in range({steps}): _, l = forward('{kind}', m, l.argmax(-1, keepdim=True), c)\n"
@@ -102,10 +110,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="prefills per context (and decode runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared machine oversubscribes)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, _, spec = load_model("smollm2-135m")
+    model, _, spec = load_model("smollm2-135m", device=args.device)
     rows = []
     for context in args.contexts:
         row = bench_context(model, spec, context, args.steps, args.repeats)
@@ -114,7 +123,7 @@ def main(argv: list[str]) -> None:
     result = {
         "model": spec.name,
         "dtype": "float32",
-        "device": "cpu",
+        "device": str(model.device),
         "threads": args.threads,
         "block_size": 16,
         "contexts": rows,

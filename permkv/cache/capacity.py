@@ -1,6 +1,7 @@
 """How many requests fit in a fixed KV memory: contiguous max-length reservation vs paged blocks.
 
-Both allocators really admit requests one by one until the next one does not fit:
+Both allocators really admit requests one by one, cycling through a request mix, until the next
+one does not fit (so the count measures the memory, not the size of the mix):
 `ReservationPool` is the pre-vLLM scheme (every request reserves `reserve_tokens` slots up front)
 and `admit_paged` reserves each request's real length in a `PagedCache`'s block pool.
 Request lengths come from the project's SQuAD / HotpotQA prompts at their natural length plus
@@ -9,6 +10,7 @@ seeded output lengths.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,17 +105,24 @@ class ReservationPool:
         return True
 
 
+def _cycle(requests: list[Request]):
+    if not requests:
+        raise ValueError("requests must not be empty")
+    return itertools.cycle(requests)
+
+
 def admit_reserved(pool: ReservationPool, requests: list[Request]) -> Admission:
-    """Admit requests in order until the first that does not fit."""
-    for r in requests:
+    """Admit requests in order, cycling through them, until the first that does not fit."""
+    for r in _cycle(requests):
         if not pool.admit(r):
             break
     return Admission(pool.admitted, pool.reserved_bytes, pool.used_bytes)
 
 
 def admit_paged(cache: PagedCache, requests: list[Request]) -> Admission:
-    """Reserve each request's final length in `cache` (real blocks from its pool) until CacheFull."""
-    for r in requests:
+    """Reserve each request's final length in `cache` (real blocks from its pool), cycling through
+    the requests, until CacheFull."""
+    for r in _cycle(requests):
         try:
             cache.reserve(r.total)
         except CacheFull:
