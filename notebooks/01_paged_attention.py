@@ -126,13 +126,16 @@ print(f"tokens seen {demo.seen}: paged {demo_stats.allocated_blocks} blocks, was
 
 # %% [markdown]
 # ## Log to MLflow
-# Claim rows (permkv/claims.py): `paged.waste` (vLLM: under 4%) and `paged.concurrent_1x` (the
-# seed's "10 concurrent requests" at 1x). The 8x / 64x rows need really evicted caches (issue 4).
+# Claim rows (permkv/claims.py): `paged.waste` (vLLM: under 4%), `paged.reservation_waste` (vLLM:
+# 60-80% with max-length reservation, here reserving the model's maximum context) and
+# `paged.concurrent_1x` (the seed's "10 concurrent requests" at 1x). The 8x / 64x rows need really
+# evicted caches (issue 4).
 
 # %%
 metrics = {
     "claim.paged_waste_pct": paged.waste_pct,
     "claim.concurrent_requests_1x": paged.admitted,
+    "claim.reservation_waste_pct": admission.waste_pct[0],
     "reservation_waste_pct.max_context": admission.waste_pct[0],
     "reservation_waste_pct.longest": admission.waste_pct[1],
     "concurrent_requests.reserve_max_context": admission.admitted[0],
