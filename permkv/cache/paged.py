@@ -242,7 +242,7 @@ class PagedCache(Cache):
         if layer.is_sliding:
             raise ValueError(f"evict on sliding-window layer {layer_idx} is not supported")
         table = layer.tables[seq][head]
-        keep_t = torch.as_tensor(keep, dtype=torch.long).flatten().unique(sorted=True)
+        keep_t = torch.as_tensor(keep, dtype=torch.long, device=self.pool.keys.device).flatten().unique(sorted=True)
         if keep_t.numel() and (keep_t[0] < 0 or keep_t[-1] >= table.length):
             raise ValueError(f"keep must hold indices in [0, {table.length}), got {keep_t.tolist()}")
         kept = keep_t.numel()
