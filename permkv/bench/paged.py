@@ -46,13 +46,14 @@ def forward(kind: str, model, ids: torch.Tensor, cache) -> tuple[float, torch.Te
     """One timed forward pass; returns seconds and the last position's logits.
 
     Switching the model's attention implementation (~3 ms) happens outside the timed region: a
-    server switches once, not per step.
+    server switches once, not per step. Only the last position's logits are computed (as generation
+    does), so prefill time and peak memory are not dominated by the (context, vocab) logits.
     """
     switch = paged_attention(model) if kind == "paged" else contextlib.nullcontext()
     with switch:
         sync(model.device)
         start = time.perf_counter()
-        logits = model(ids, past_key_values=cache).logits[:, -1]
+        logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
         sync(model.device)
         seconds = time.perf_counter() - start
     return seconds, logits
