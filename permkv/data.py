@@ -132,7 +132,7 @@ def encode_sample(tokenizer, spec: ModelSpec, sample: Sample, mode: str, chat: b
 
     prefix_text, suffix_text = prompt_parts(sample, mode)
     if sample.task == "perplexity":
-        return tokenizer(prefix_text, add_special_tokens=False).input_ids, []
+        return tokenizer(prefix_text).input_ids, []  # with BOS where the model uses one (Gemma-3)
     full = encode_prompt(tokenizer, spec, prefix_text + suffix_text, chat=chat)
     # Find the split by encoding the full prompt with a marker-free prefix: tokenisation at the
     # boundary is "\n\n" or "Answer:" so encoding the prefix text alone gives the same leading ids.
