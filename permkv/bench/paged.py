@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,17 +91,20 @@ def bench_context(model, spec, context: int, steps: int, repeats: int) -> dict:
 
 
 def peak_rss(kind: str, context: int, steps: int) -> int:
-    """Peak resident bytes of a fresh CPU process that prefills `context` tokens and decodes `steps`."""
+    """Peak resident bytes of a fresh CPU process while it prefills `context` tokens and decodes
+    `steps`: the peak is reset after the model is loaded (Linux `clear_refs`), so loading's own
+    peak does not hide the cache's."""
     code = (
-        "import resource, torch; from permkv.bench.paged import make_cache, forward; "
+        "import torch; from permkv.bench.paged import make_cache, forward; "
         "from permkv.models import load_model; m, t, s = load_model(device='cpu'); torch.set_num_threads(1); "
         f"ids = torch.randint(100, 40000, (1, {context})); c = make_cache('{kind}', m, s, {context + steps + 1}); "
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
         f"_, l = forward('{kind}', m, ids, c)\n"
         f"for _ in range({steps}): _, l = forward('{kind}', m, l.argmax(-1, keepdim=True), c)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # Linux reports KiB
+    return int(out.stdout.strip().splitlines()[-1]) * 1024  # VmHWM is in KiB
 
 
 def main(argv: list[str]) -> None:
