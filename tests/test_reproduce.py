@@ -80,3 +80,13 @@ def test_baseline_quick_metrics(quick_store):
     assert 1 < m["score.gemma3-270m.perplexity.512"] < 100
     assert m["prefill_s.smollm2-135m.512"] > 0 and "claim.niah_single_full_cache" in m
     assert (tracking.ROOT / "reports" / "claims.md").read_text().count("|") > 50
+
+
+def test_paged_attention_quick_metrics(quick_store):
+    _, client = quick_store
+    exp = client.get_experiment_by_name("01_paged_attention")
+    (run,) = client.search_runs([exp.experiment_id])
+    m = run.data.metrics
+    assert 0 <= m["claim.paged_waste_pct"] < m["claim.reservation_waste_pct"] <= 100
+    assert m["concurrent_requests.reserve_max_context"] <= m["claim.concurrent_requests_1x"]
+    assert 0 <= m["demo_paged_waste_pct"] < 100
