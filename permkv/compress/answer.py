@@ -132,10 +132,22 @@ def make_press(method: str, ratio: float):
     return press(compression_ratio=fraction)
 
 
+def dense_report(cache: DynamicCache, n_tokens: int, ratio: float) -> CompressionReport:
+    """What a kvpress press left in a DynamicCache: bytes of its key/value tensors against
+    `n_tokens` uncompressed (AdaKV's masked keys still count: they are still stored)."""
+    layers = cache.layers
+    kept = [[layer.keys.shape[2]] * layer.keys.shape[1] for layer in layers]
+    now = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in layers)  # keys + values
+    full = sum(2 * layer.keys[:, :, :1].numel() * n_tokens * layer.keys.element_size() for layer in layers)
+    rates = [[n_tokens / max(k, 1) for k in row] for row in kept]
+    return CompressionReport(ratio, full, now, kept, rates)
+
+
 def kvpress_answer(model, tokenizer, method: str = "kvpress_snapkv", ratio: float = 8, mode: str = "query_aware",
-                   max_new_tokens: int = 32) -> AnswerFn:
+                   max_new_tokens: int = 32, reports: list | None = None) -> AnswerFn:
     """answer_fn for a kvpress press: its hooks compress a DynamicCache during the prefix's prefill
-    (AdaKV masks keys, so its memory does not shrink), then the suffix and greedy decoding as ours."""
+    (AdaKV masks keys, so its memory does not shrink), then the suffix and greedy decoding as ours.
+    A `dense_report` of each call is appended to `reports` if given."""
     ratio = _check(method, KVPRESS_METHODS, mode, ratio)
     press = make_press(method, ratio)
 
@@ -144,6 +156,8 @@ def kvpress_answer(model, tokenizer, method: str = "kvpress_snapkv", ratio: floa
         cache = DynamicCache(config=model.config)
         with press(model):
             logits = model(torch.tensor([prefix], device=model.device), past_key_values=cache, logits_to_keep=1).logits[0, -1]
+        if reports is not None:
+            reports.append(dense_report(cache, len(prefix), ratio))
         return _decode(model, tokenizer, cache, logits, suffix, len(prefix), max_new_tokens)
 
     return answer
@@ -167,5 +181,5 @@ def method_answer(model, tokenizer, method: str, ratio: float, mode: str, max_ne
     if method == "full":
         return full_answer(model, tokenizer, max_new_tokens)
     if method in KVPRESS_METHODS:
-        return kvpress_answer(model, tokenizer, method, ratio, mode, max_new_tokens)
+        return kvpress_answer(model, tokenizer, method, ratio, mode, max_new_tokens, reports)
     return compressed_answer(model, tokenizer, method, ratio, mode, max_new_tokens, reports)
