@@ -99,9 +99,9 @@ def test_ratio_one_equals_full_cache(smol):
     model, tok, spec = smol
     sample = build_task("niah_single", tok, spec, 1, 400, seed=1)[0]
     pre, suf = encode_sample(tok, spec, sample, "query_agnostic")
-    want = full_answer(model, tok, 12)(pre, suf)
+    want = full_answer(model, tok, 8)(pre, suf)
     reports = []
-    got = compressed_answer(model, tok, "permkv_adaptive", 1, "query_agnostic", 12, reports)(pre, suf)
+    got = compressed_answer(model, tok, "permkv_adaptive", 1, "query_agnostic", 8, reports)(pre, suf)
     assert got == want and want
     assert reports[0].achieved_ratio == 1.0
 
@@ -121,6 +121,8 @@ def test_clear_errors(smol, prefix):
         kvpress_answer(model, tok, "kvpress_snapkv", 8, "sideways")
     with pytest.raises(ValueError, match="scorer must be"):
         InferenceKVCacheCompression(scorer="h2o").compressor()
+    with pytest.raises(ValueError, match="window must be"):
+        InferenceKVCacheCompression(window=-1).compressor()
     with pytest.raises(ValueError, match="at least one token per head"):
         prefill_and_compress(model, prefix[:100], 1000, InferenceKVCacheCompression())
     cache = paged_cache_for(model, 100)

@@ -92,7 +92,7 @@ def prefill_and_compress(model, prefix: list[int], ratio: float, compression: In
     Returns the cache, the last position's logits `(vocab,)` and the measured report.
     """
     cache = paged_cache_for(model, len(prefix) + extra_tokens)
-    with observing(model, window=8) as recorder:
+    with observing(model, window=compression.observe) as recorder:
         logits = model(torch.tensor([prefix], device=model.device), past_key_values=cache, logits_to_keep=1).logits[0, -1]
     report = compression.compress_auto(cache, ratio, recorder.queries)
     return cache, logits, report

@@ -77,9 +77,9 @@ class Compressor:
         if cache.num_sequences == 0:
             raise ValueError("cache holds no sequence: prefill it before compressing")
         before_bytes = cache.stats().allocated_bytes
-        before = [self._compress_sequence(cache, seq, ratio, queries) for seq in range(cache.num_sequences)][0]
+        before = [self._compress_sequence(cache, seq, ratio, queries) for seq in range(cache.num_sequences)]
         after = cache.stats().lengths[0]
-        rates = [[b / max(a, 1) for b, a in zip(rb, ra)] for rb, ra in zip(before, after)]
+        rates = [[b / max(a, 1) for b, a in zip(rb, ra)] for rb, ra in zip(before[0], after)]
         return CompressionReport(ratio, before_bytes, cache.stats().allocated_bytes, after, rates)
 
     @torch.no_grad()
@@ -141,8 +141,13 @@ class InferenceKVCacheCompression:
     min_share: float = 0.2  # adaptive allocators: each head's floor, as a fraction of an equal share
     sinks: int = 4
     window: int = 32
+    observe: int = 8  # queries that score the cache: the last `observe` positions (KV-Compress: 8)
 
     def compressor(self) -> Compressor:
+        for name in ("sinks", "window", "observe"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "observe" else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name == 'observe' else 0}, got {value!r}")
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {sorted(ALLOCATORS)}, got {self.allocator!r}")
         return Compressor(get_scorer(self.scorer), ALLOCATORS[self.allocator](self.min_share), self.sinks, self.window)
