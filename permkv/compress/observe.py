@@ -1,0 +1,68 @@
+"""Capture the post-RoPE queries of the last `window` positions while a model prefills a PagedCache.
+
+Attention-based scorers need the queries that will look at the cache. transformers passes them,
+already rotated, to the attention function only, so `observing(model)` switches the model to a
+registered attention function that records them and then runs permkv's paged attention unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from permkv.cache.attention import NAME as PAGED
+from permkv.cache.attention import paged_attention_forward
+
+NAME = "permkv_paged_observed"
+
+
+@dataclass
+class QueryRecorder:
+    """The last `window` queries each layer computed: `queries[layer]` is `(batch, q_heads, w, head_dim)`
+    with w <= window, post-RoPE and unscaled. Queries of later calls push older ones out."""
+
+    window: int = 8  # KV-Compress's observation window (ANCHORS.md s1)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be a positive int, got {self.window!r}")
+
+    def record(self, layer_idx: int, query: torch.Tensor) -> None:
+        """query: `(batch, q_heads, T, head_dim)` of one forward call."""
+        old = self.queries.get(layer_idx)
+        new = query.detach() if old is None else torch.cat([old, query.detach()], dim=2)
+        self.queries[layer_idx] = new[:, :, -self.window :].clone()
+
+
+_ACTIVE: list[QueryRecorder] = []
+
+
+def _observed_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    """Record `query` `(batch, q_heads, T, head_dim)` for the active recorder, then paged attention."""
+    if _ACTIVE:
+        _ACTIVE[-1].record(module.layer_idx, query)
+    return paged_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+AttentionInterface.register(NAME, _observed_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS[PAGED])
+
+
+@contextmanager
+def observing(model, window: int = 8) -> Iterator[QueryRecorder]:
+    """Run `model` with paged attention inside the block and record its last `window` queries."""
+    recorder = QueryRecorder(window)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    _ACTIVE.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _ACTIVE.remove(recorder)
+        model.set_attn_implementation(previous)

@@ -1,0 +1,107 @@
+"""Token scorers: how much each cached token of each KV head is worth keeping (higher = keep).
+
+Every scorer is a small dataclass with `score(keys, values, queries) -> (batch, kv_heads, seq)`.
+keys, values: `(batch, kv_heads, seq, head_dim)` post-RoPE, oldest first; queries:
+`(batch, q_heads, w, head_dim)`, the last w positions, which are the last w cached tokens (their
+keys were written in the same forward). Grouped-query heads are folded onto their KV head
+(query head h*G + g reads KV head h), so K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def window_attention(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the window queries over all cached keys, causal within the window.
+
+    Returns `(batch, kv_heads, G * w, seq)`: row g * w + i is query i of group member g.
+    """
+    B, H, L, D = keys.shape
+    Hq, w = queries.shape[1], queries.shape[2]
+    G = Hq // H
+    q = queries.reshape(B, H, G * w, D)  # query head h*G + g -> KV head h
+    logits = q @ keys.transpose(2, 3) * D**-0.5  # (B, H, G*w, L)
+    i = torch.arange(G * w, device=keys.device) % w  # window index of each row
+    future = torch.arange(L, device=keys.device)[None, :] > (L - w + i)[:, None]  # (G*w, L)
+    logits = logits.masked_fill(future, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+@dataclass
+class KVCompressScore:
+    """KV-Compress's L2-sum: sum over the window queries and the query group of squared attention
+    each key received (Rehg 2024, arXiv 2410.00161)."""
+
+    needs_queries = True
+
+    def score(self, keys, values, queries):
+        return window_attention(keys, queries).square().sum(dim=2)
+
+
+@dataclass
+class SnapKVScore:
+    """SnapKV: mean attention from the window queries, smoothed by 1-D average pooling over
+    neighbouring tokens (Li 2024, arXiv 2404.14469)."""
+
+    kernel: int = 7  # pooling width, odd
+    needs_queries = True
+
+    def score(self, keys, values, queries):
+        attn = window_attention(keys, queries).mean(dim=2)  # (B, H, L)
+        B, H, L = attn.shape
+        pooled = F.avg_pool1d(attn.view(B * H, 1, L), self.kernel, stride=1, padding=self.kernel // 2)
+        return pooled.view(B, H, L)
+
+
+@dataclass
+class KeyNormScore:
+    """Keys with a small L2 norm draw more attention, so keep them (Devoto 2024, arXiv 2406.11430)."""
+
+    needs_queries = False
+
+    def score(self, keys, values, queries):
+        return -keys.norm(dim=-1)
+
+
+@dataclass
+class RecentScore:
+    """StreamingLLM: keep the most recent tokens; the compressor already keeps the sink tokens
+    (Xiao 2023, arXiv 2309.17453)."""
+
+    needs_queries = False
+
+    def score(self, keys, values, queries):
+        B, H, L, _ = keys.shape
+        return torch.arange(L, dtype=keys.dtype, device=keys.device).expand(B, H, L)
+
+
+@dataclass
+class RandomScore:
+    """Uniform random scores: the control every method must beat."""
+
+    seed: int = 0
+    needs_queries = False
+
+    def score(self, keys, values, queries):
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.rand(keys.shape[:3], generator=g).to(keys.device)
+
+
+SCORERS = {
+    "kvcompress": KVCompressScore,
+    "snapkv": SnapKVScore,
+    "knorm": KeyNormScore,
+    "streaming": RecentScore,
+    "random": RandomScore,
+}
+
+
+def get_scorer(name: str):
+    """A scorer by name (one of SCORERS)."""
+    if name not in SCORERS:
+        raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {name!r}")
+    return SCORERS[name]()

@@ -1,0 +1,132 @@
+"""permkv.compress on the real SmolLM2: bytes really freed, protected tokens kept, adaptive budgets,
+ratio 1 identical to the full cache, clear errors."""
+
+import pytest
+import torch
+
+from permkv.cache import paged_attention
+from permkv.compress import (
+    SCORERS,
+    GlobalAdaptiveAllocator,
+    InferenceKVCacheCompression,
+    KVCompressScore,
+    LayerAdaptiveAllocator,
+    UniformAllocator,
+    get_scorer,
+)
+from permkv.compress.answer import compressed_answer, full_answer, kvpress_answer, paged_cache_for, prefill_and_compress
+from permkv.compress.observe import observing
+from permkv.data import build_task, encode_sample, heldout_essays
+
+
+@pytest.fixture(scope="module")
+def prefix(smol):
+    _, tok, _ = smol
+    return tok(heldout_essays()[:4000], add_special_tokens=False).input_ids[:600]
+
+
+def test_scorers_shapes_and_registry():
+    keys, values = torch.randn(1, 3, 50, 64), torch.randn(1, 3, 50, 64)
+    queries = torch.randn(1, 9, 8, 64)
+    for name in SCORERS:
+        assert get_scorer(name).score(keys, values, queries).shape == (1, 3, 50), name
+
+
+def test_kvcompress_score_matches_hand_reference():
+    """Sum over window queries and the GQA group of squared causal softmax attention."""
+    torch.manual_seed(0)
+    keys, queries = torch.randn(1, 2, 12, 8), torch.randn(1, 4, 3, 8)  # 2 KV heads, groups of 2, w = 3
+    want = torch.zeros(2, 12)
+    for qh in range(4):
+        for i in range(3):
+            visible = 12 - 3 + i + 1
+            a = (queries[0, qh, i] @ keys[0, qh // 2, :visible].T * 8**-0.5).softmax(-1)
+            want[qh // 2, :visible] += a**2
+    got = KVCompressScore().score(keys, None, queries)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_adaptive_gives_more_to_spread_head():
+    """Head 0's window queries spread attention evenly, head 1's fall on one key: head 0 needs more."""
+    L, D = 64, 16
+    keys = torch.zeros(1, 2, L, D)
+    keys[0, 1, 10, 0] = 50.0  # one key the head-1 queries align with
+    queries = torch.zeros(1, 2, 4, D)
+    queries[0, 1, :, 0] = 1.0
+    scores = KVCompressScore().score(keys, None, queries)  # (1, 2, L)
+    for allocator in (LayerAdaptiveAllocator(0.2), GlobalAdaptiveAllocator(0.2)):
+        counts = allocator.allocate(scores, 16)  # scores as (layers=1, heads=2, L)
+        assert counts.sum() == 16
+        assert counts[0, 0] > counts[0, 1], (type(allocator).__name__, counts)
+        assert counts[0, 1] >= int(0.2 * 16 / 2)  # the floor
+    assert UniformAllocator().allocate(scores, 16).tolist() == [[8, 8]]
+
+
+@pytest.mark.parametrize("allocator", ["global", "uniform"])
+@pytest.mark.parametrize("ratio", [4, 8])
+def test_bytes_drop_to_one_over_ratio(smol, prefix, allocator, ratio):
+    model, _, spec = smol
+    cache, _, report = prefill_and_compress(model, prefix, ratio, InferenceKVCacheCompression(allocator=allocator))
+    stats = cache.stats()
+    heads = spec.n_layers * spec.n_kv_heads
+    assert report.original_bytes == heads * -(-len(prefix) // 16) * stats.bytes_per_block
+    assert report.compressed_bytes == stats.allocated_bytes == cache.pool.stats().allocated_bytes
+    assert abs(report.compressed_bytes - report.original_bytes / ratio) <= heads * stats.bytes_per_block
+    assert report.bytes_freed == report.original_bytes - report.compressed_bytes
+    assert abs(sum(map(sum, report.kept)) - round(heads * len(prefix) / ratio)) <= heads
+    assert len(report.per_head_rates) == spec.n_layers and len(report.per_head_rates[0]) == spec.n_kv_heads
+    assert not hasattr(report, "quality_estimate")
+
+
+def test_protected_and_sink_tokens_survive(smol, prefix):
+    model, _, spec = smol
+    cache = paged_cache_for(model, len(prefix))
+    with observing(model) as recorder, torch.no_grad():
+        model(torch.tensor([prefix]), past_key_values=cache)
+    assert recorder.queries[0].shape == (1, spec.n_heads, 8, spec.head_dim)
+    before = [cache.gather(i)[0][0, :, : len(prefix)].clone() for i in range(spec.n_layers)]
+    InferenceKVCacheCompression(allocator="layer").compress_auto(cache, 8, recorder.queries)
+    for i in range(spec.n_layers):
+        keys, _, _, lengths = cache.gather(i)
+        for h in range(spec.n_kv_heads):
+            n = int(lengths[0, h])
+            assert n < len(prefix)
+            assert torch.equal(keys[0, h, :4], before[i][h, :4])  # sinks
+            assert torch.equal(keys[0, h, n - 32 : n], before[i][h, -32:])  # protected window
+
+
+def test_ratio_one_equals_full_cache(smol):
+    model, tok, spec = smol
+    sample = build_task("niah_single", tok, spec, 1, 400, seed=1)[0]
+    pre, suf = encode_sample(tok, spec, sample, "query_agnostic")
+    want = full_answer(model, tok, 8)(pre, suf)
+    reports = []
+    got = compressed_answer(model, tok, "permkv_adaptive", 1, "query_agnostic", 8, reports)(pre, suf)
+    assert got == want and want
+    assert reports[0].achieved_ratio == 1.0
+
+
+def test_kvpress_answer_runs(smol, prefix):
+    model, tok, _ = smol
+    assert isinstance(kvpress_answer(model, tok, "kvpress_snapkv", 4, "query_aware", 4)(prefix[:200], [13]), str)
+
+
+def test_clear_errors(smol, prefix):
+    model, tok, _ = smol
+    with pytest.raises(ValueError, match="ratio must be"):
+        compressed_answer(model, tok, "permkv_adaptive", 0.5)
+    with pytest.raises(ValueError, match="method must be"):
+        compressed_answer(model, tok, "nope", 8)
+    with pytest.raises(ValueError, match="mode must be"):
+        kvpress_answer(model, tok, "kvpress_snapkv", 8, "sideways")
+    with pytest.raises(ValueError, match="scorer must be"):
+        InferenceKVCacheCompression(scorer="h2o").compressor()
+    with pytest.raises(ValueError, match="window must be"):
+        InferenceKVCacheCompression(window=-1).compressor()
+    with pytest.raises(ValueError, match="at least one token per head"):
+        prefill_and_compress(model, prefix[:100], 1000, InferenceKVCacheCompression())
+    cache = paged_cache_for(model, 100)
+    with torch.no_grad(), paged_attention(model):
+        model(torch.tensor([prefix[:100]]), past_key_values=cache)
+    with pytest.raises(ValueError, match="needs queries"):
+        InferenceKVCacheCompression().compress_auto(cache, 2)
