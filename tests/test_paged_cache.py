@@ -148,3 +148,9 @@ def test_full_pool_raises_before_any_layer_writes(smol):
             model(torch.tensor([[7]]), past_key_values=cache)
     assert cache.stats() == before and cache.seen == [32] and cache.get_seq_length() == 32
     assert cache.can_admit(0) and not cache.can_admit(1)
+
+
+def test_crop_rejects_bad_lengths(smol):
+    model, _, spec = smol
+    with pytest.raises(ValueError, match="max_length must be >= 0"):
+        paged_cache(model, spec, blocks=10).crop(-1)

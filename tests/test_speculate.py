@@ -4,6 +4,7 @@ cache rollback on the real SmolLM2 model."""
 import pytest
 import torch
 
+from permkv.models import encode_prompt
 from permkv.speculate import (
     Backoff,
     PromptLookup,
@@ -230,3 +231,26 @@ def test_summarize_ratios_on_hand_made_timings():
     assert rows["code_edit", "fast"]["decode_speedup"] is None and not rows["code_edit", "fast"]["all_identical"]
     grounded = {r["method"]: r for r in pooled(ts)}
     assert grounded["fast"]["speedup"] == pytest.approx((30 / 5) / (30 / 4))
+
+
+def test_paged_cache_rolls_back_like_a_fresh_greedy_run(smol):
+    """Speculation through the paged cache: greedy tokens, and after rollback exactly the blocks and
+    lengths that a plain greedy run through a paged cache holds."""
+    from permkv.cache import BlockPool, PagedCache, paged_attention
+
+    model, tok, spec = smol
+    ids = encode_prompt(tok, spec, "Repeat exactly: the quick brown fox jumps over the lazy dog. The quick brown fox")
+
+    def paged():
+        return PagedCache(BlockPool(2000, block_size=16, head_dim=spec.head_dim), model.config)
+
+    with paged_attention(model):
+        plain_cache, spec_cache = paged(), paged()
+        plain = speculative_generate(model, ids, 24, None, cache=plain_cache)
+        fast = speculative_generate(model, ids, 24, PromptLookup(k=6), cache=spec_cache)
+    assert fast.tokens == plain.tokens
+    assert fast.stats.forward_passes < plain.stats.forward_passes  # drafts were accepted
+    assert fast.stats.drafted > fast.stats.accepted  # and some were rejected, so crop ran
+    assert spec_cache.get_seq_length() == plain_cache.get_seq_length()
+    assert spec_cache.stats().lengths == plain_cache.stats().lengths
+    assert spec_cache.pool.num_free == plain_cache.pool.num_free

@@ -437,7 +437,35 @@ class PagedCache(Cache):
         self._select(torch.as_tensor(indices).tolist())
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("PagedCache does not support crop (used by assisted generation)")
+        """Roll every sequence back to its first `max_length` tokens (speculative decoding's undo),
+        dropping each head's newest tokens and giving emptied blocks back to the pool.
+
+        The dropped tokens must have been appended after any eviction of their head (always so when
+        rolling back rejected drafts). Refused on a padded batch and on a sliding-window layer whose
+        oldest tokens have already slid off (they cannot come back).
+        """
+        if max_length < 0:
+            raise ValueError(f"max_length must be >= 0, got {max_length}")
+        if any(n != self.layers[0].columns for n in self.seen):
+            raise ValueError("crop needs an unpadded batch: every sequence must hold all its columns")
+        for layer in self.layers:
+            drop = layer.columns - max_length
+            if drop <= 0:
+                continue
+            for seq, row in enumerate(layer.tables):
+                for head, t in enumerate(row):
+                    if t.length < drop or (layer.is_sliding and t.length < self.seen[seq]):
+                        raise ValueError(
+                            f"cannot crop layer {layer.index} head {head} of sequence {seq} by {drop} tokens: "
+                            f"it holds {t.length} of {self.seen[seq]} (older tokens left the window or were evicted)"
+                        )
+                    t.length -= drop
+                    n_keep = self.pool.blocks_for(t.start + t.length)
+                    self.pool.free(t.blocks[n_keep:])
+                    del t.blocks[n_keep:]
+            layer.columns = max_length
+            layer.changed()
+        self.seen = [min(n, max_length) for n in self.seen]
 
     def stats(self) -> CacheStats:
         """Blocks this cache holds, tokens they hold, waste and per-(layer, head) lengths."""
