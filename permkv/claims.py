@@ -99,9 +99,12 @@ CLAIMS: list[Claim] = [
 ]
 
 
-def verdict(claim: Claim, value: float | None) -> str:
+def verdict(claim: Claim, value: float | None, profile: str = "cpu") -> str:
+    """reproduced / not reproduced / measured; a quick (smoke) run gives no verdict."""
     if value is None:
         return "not yet measured"
+    if profile == "quick":
+        return "smoke run only"
     if claim.target is None:
         return "measured"
     ok = value >= claim.target if claim.higher_is_better else value <= claim.target
@@ -117,9 +120,10 @@ def ledger_rows() -> list[dict[str, str]]:
             runs[c.experiment] = tracking.latest_run(c.experiment)
         run = runs[c.experiment]
         value = run.data.metrics.get(c.metric) if run is not None else None
-        measured = "-" if value is None else f"{c.fmt.format(value)} ({run.data.tags.get('profile', '?')})"
+        profile = run.data.tags.get("profile", "?") if run is not None else "?"
+        measured = "-" if value is None else f"{c.fmt.format(value)} ({profile})"
         rows.append(dict(claim=c.claim, source=c.source, claimed=c.claimed, conditions=c.conditions,
-                         measured=measured, verdict=verdict(c, value), experiment=c.experiment))
+                         measured=measured, verdict=verdict(c, value, profile), experiment=c.experiment))
     return rows
 
 

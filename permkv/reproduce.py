@@ -78,7 +78,7 @@ def load_params(notebook: Path, profile: str) -> dict:
 
 
 def _attach(notebook: Path, executed: Path) -> None:
-    run = tracking.latest_run(notebook.stem, prefer=())
+    run = tracking.latest_run(notebook.stem, prefer=None)
     if run is not None:
         tracking._mlflow().tracking.MlflowClient().log_artifact(run.info.run_id, str(executed))
 

@@ -70,16 +70,22 @@ def log_artifact(path: str | Path) -> None:
     _mlflow().log_artifact(str(path))
 
 
-def latest_run(experiment: str, prefer: tuple[str, ...] = ("gpu", "cpu", "quick")):
-    """The newest finished run of `experiment`, preferring fuller profiles; None if there is none."""
+def latest_run(experiment: str, prefer: tuple[str, ...] | None = ("gpu", "cpu")):
+    """The newest finished run of `experiment`: a `prefer`red profile first, then any other full
+    profile (e.g. a reduced cpu run), then a quick smoke run; with `prefer=None` simply the newest.
+    None if there is none."""
     mlflow = _mlflow()
     client = mlflow.tracking.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
-    for profile in prefer:
-        for r in runs:
-            if r.data.tags.get("profile") == profile:
-                return r
-    return runs[0] if runs else None
+
+    if prefer is None:
+        return runs[0] if runs else None
+
+    def rank(run) -> int:
+        profile = run.data.tags.get("profile")
+        return prefer.index(profile) if profile in prefer else len(prefer) + (profile == "quick")
+
+    return min(runs, key=rank) if runs else None

@@ -35,3 +35,4 @@ def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     c = claims.Claim("x", "x", "s", "1", "c", "e", "m", target=11.0, higher_is_better=False)
     assert claims.verdict(c, 9.0) == "reproduced" and claims.verdict(c, 12.0) == "not reproduced"
     assert claims.verdict(c, None) == "not yet measured"
+    assert claims.verdict(c, 9.0, profile="quick") == "smoke run only"
