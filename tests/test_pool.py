@@ -194,3 +194,13 @@ def test_random_operations_keep_invariants(ops, seed):
     for s in range(len(shadow)):
         cache.release(0)
     assert cache.pool.num_free == cache.pool.num_blocks
+
+
+def test_handed_out_blocks_are_zeroed_so_stale_nan_never_reaches_attention():
+    pool = BlockPool(4, block_size=2, head_dim=3)
+    (b,) = pool.allocate(1)
+    pool.keys[b] = float("nan")
+    pool.values[b] = float("nan")
+    pool.free([b])
+    ids = pool.allocate(4)  # every block, the NaN one included
+    assert torch.isfinite(pool.keys[ids]).all() and torch.isfinite(pool.values[ids]).all()

@@ -51,7 +51,9 @@ class BlockPool:
     the front and a block whose reference count drops to 0 goes to the back, so the block freed
     longest ago is reused first (as vLLM's free queue does). `fork` shares blocks by raising their
     reference counts; `writable` gives copy-on-write: a shared block is copied before a write.
-    The store is made with `torch.empty`, so on CPU untouched blocks cost no resident memory.
+    The store is made with `torch.empty`, so on CPU untouched blocks cost no resident memory; a
+    block is zeroed when handed out (and block 0, the padding index of gathers, at creation), so
+    attention never reads uninitialised memory: a NaN there survives a zero attention weight.
     """
 
     def __init__(
@@ -68,6 +70,8 @@ class BlockPool:
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
         self.keys = torch.empty(num_blocks, block_size, head_dim, dtype=dtype, device=device)
         self.values = torch.empty(num_blocks, block_size, head_dim, dtype=dtype, device=device)
+        self.keys[0].zero_()
+        self.values[0].zero_()
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
 
@@ -121,6 +125,10 @@ class BlockPool:
         ids = [self._free.popleft() for _ in range(n)]
         for i in ids:
             self.ref_counts[i] = 1
+        if ids:
+            index = torch.tensor(ids, device=self.keys.device)
+            self.keys.index_fill_(0, index, 0.0)
+            self.values.index_fill_(0, index, 0.0)
         return ids
 
     def _check_ids(self, ids: list[int]) -> None:
