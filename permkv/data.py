@@ -9,6 +9,7 @@ The full token sequence is identical in both modes; only where the prefix ends d
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.util
 import json
@@ -83,13 +84,9 @@ def load_hotpot() -> list[dict]:
     for rec in raw:
         context = rec["context"]
         if isinstance(context, str):  # stored as a Python literal string
-            import ast
-
             context = ast.literal_eval(context)
         facts = rec["supporting_facts"]
         if isinstance(facts, str):
-            import ast
-
             facts = ast.literal_eval(facts)
         paragraphs = [(title, "".join(sents)) for title, sents in context]
         out.append(dict(question=rec["question"], answer=rec["answer"], paragraphs=paragraphs,

@@ -24,10 +24,13 @@ from permkv.data import Sample, encode_sample
 # ------------------------------------------------------------------------------------------- metrics
 
 
+PUNCTUATION = frozenset(string.punctuation)
+
+
 def normalize(text: str) -> str:
     """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
