@@ -37,9 +37,10 @@ from permkv.cache.capacity import (
     admit_paged,
     admit_reserved,
     model_config,
-    natural_prompt_lengths,
+    natural_prompts,
     request_mix,
 )
+from permkv.compress.admission import admit_compressed
 from permkv.data import Sample, encode_sample, load_squad
 from permkv.models import load_model
 
@@ -52,11 +53,15 @@ POOL_GIB = 1.0  # KV memory for both allocators
 BLOCK_SIZE = 16
 DEMO_PROMPTS = 2  # requests that really generate through the paged cache
 DEMO_NEW_TOKENS = 8
+COMPRESS_RATIOS = [8, 64]  # compressed admission: x times smaller (1x is admitted the same way as reference)
+COMPRESS_POOL_GIB = 0.1  # KV memory for the compressed admission (each admitted prompt is really prefilled)
+CHUNK_TOKENS = 256  # compressed admission prefills in chunks, compressing after each
 SEED = 0
 
 # %%
 params = dict(model=MODEL, n_prompts=N_PROMPTS, output_range=OUTPUT_RANGE, pool_gib=POOL_GIB,
-              block_size=BLOCK_SIZE, demo_prompts=DEMO_PROMPTS, demo_new_tokens=DEMO_NEW_TOKENS, seed=SEED)
+              block_size=BLOCK_SIZE, demo_prompts=DEMO_PROMPTS, demo_new_tokens=DEMO_NEW_TOKENS,
+              compress_ratios=COMPRESS_RATIOS, compress_pool_gib=COMPRESS_POOL_GIB, chunk_tokens=CHUNK_TOKENS, seed=SEED)
 out_dir = tracking.ROOT / "reports" / PROFILE
 out_dir.mkdir(parents=True, exist_ok=True)
 model, tokenizer, spec = load_model(MODEL)
@@ -66,7 +71,7 @@ pool_bytes = int(POOL_GIB * 2**30)
 # ## The request mix
 
 # %%
-prompts = {task: natural_prompt_lengths(tokenizer, spec, task, N_PROMPTS, SEED) for task in ("squad", "hotpot")}
+prompts = {task: natural_prompts(tokenizer, spec, task, N_PROMPTS, SEED) for task in ("squad", "hotpot")}
 requests = request_mix(prompts["squad"] + prompts["hotpot"], tuple(OUTPUT_RANGE), SEED)
 mix = pd.DataFrame([dict(prompt=r.prompt_tokens, output=r.output_tokens, total=r.total) for r in requests])
 mix.describe().round(1)
@@ -106,6 +111,37 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## Compressed admission: concurrent requests at 8x and 64x
+# The seed's table (10 -> 80 -> 640 requests) assumes a request's whole cache shrinks by the ratio.
+# Here every admitted prompt is really prefilled (in chunks of `CHUNK_TOKENS`) and compressed by
+# permkv's default (KV-Compress score, one global top-k) into one shared pool, and then takes the
+# blocks of its output tokens uncompressed, as a server must before decoding them. The 1x row goes
+# through the same code, so the gain is a ratio of counts measured on equal terms.
+
+# %%
+compressed_pool_bytes = int(COMPRESS_POOL_GIB * 2**30)
+compressed_rows = []
+for ratio in [1] + list(COMPRESS_RATIOS):
+    pool = BlockPool.from_bytes(compressed_pool_bytes, BLOCK_SIZE, spec.head_dim, device=model.device)
+    got, caches = admit_compressed(model, pool, requests, ratio, chunk_tokens=CHUNK_TOKENS)
+    compressed_rows.append(dict(ratio=ratio, admitted=got.admitted, waste_pct=got.waste_pct,
+                                allocated_mib=got.allocated_bytes / 2**20, used_mib=got.used_bytes / 2**20))
+    del caches, pool
+compressed_admission = pd.DataFrame(compressed_rows)
+compressed_admission["gain"] = compressed_admission.admitted / max(compressed_admission.admitted[0], 1)
+compressed_admission["seed_claim"] = compressed_admission.ratio.astype(float)
+compressed_admission.round(2)
+
+# %%
+fig_compressed, ax = plt.subplots(figsize=(5, 3.5))
+ax.plot(compressed_admission.ratio, compressed_admission.gain, "o-", label="measured (prompt compressed, output not)")
+ax.plot(compressed_admission.ratio, compressed_admission.ratio, "k:", label="seed: gain = ratio")
+ax.set(xscale="log", yscale="log", xlabel="compression ratio", ylabel="concurrent requests vs 1x",
+       title=f"{COMPRESS_POOL_GIB:g} GiB, {len(requests)} requests cycled")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
 # ## Real generation through the paged cache
 # The first requests' prompts generate greedily in one left-padded batch; padding takes no block.
 
@@ -131,8 +167,8 @@ print(f"tokens seen {demo.seen}: paged {demo_stats.allocated_blocks} blocks, was
 # ## Log to MLflow
 # Claim rows (permkv/claims.py): `paged.waste` (vLLM: under 4%), `paged.reservation_waste` (vLLM:
 # 60-80% with max-length reservation, here reserving the model's maximum context) and
-# `paged.concurrent_1x` (the seed's "10 concurrent requests" at 1x). The 8x / 64x rows need really
-# evicted caches (issue 4).
+# `paged.concurrent_1x` (the seed's "10 concurrent requests" at 1x), and `compress.concurrent_8x` /
+# `_64x`: the gain in admitted requests over 1x with really compressed caches (seed: 8x and 64x).
 
 # %%
 metrics = {
@@ -148,11 +184,19 @@ metrics = {
     "demo_paged_waste_pct": demo_stats.waste_pct,
     "demo_padded_waste_pct": padded_waste_pct,
 }
+for row in compressed_admission.itertuples():
+    metrics[f"concurrent_requests.compressed_{row.ratio:g}x"] = row.admitted
+    if row.ratio in (8, 64):
+        metrics[f"claim.concurrent_gain_{row.ratio:g}x"] = row.gain
 admission.to_csv(out_dir / "01_paged_attention_admission.csv", index=False)
 mix.to_csv(out_dir / "01_paged_attention_requests.csv", index=False)
+compressed_admission.to_csv(out_dir / "01_paged_attention_compressed.csv", index=False)
+fig_compressed.savefig(out_dir / "01_paged_attention_compressed.png", bbox_inches="tight")
 fig.savefig(out_dir / "01_paged_attention.png", bbox_inches="tight")
 with tracking.run("01_paged_attention", params, PROFILE):
     tracking.log_metrics(metrics)
     tracking.log_figure(fig, "admission.png")
+    tracking.log_figure(fig_compressed, "compressed_admission.png")
+    tracking.log_dict(compressed_admission.to_dict("records"), "compressed_admission.json")
     tracking.log_dict(admission.to_dict("records"), "admission.json")
 {k: round(float(v), 3) for k, v in metrics.items()}

@@ -42,3 +42,28 @@ def test_request_mix_is_seeded_and_checked():
     assert all(1 <= r.output_tokens <= 5 for r in a)
     with pytest.raises(ValueError, match="output_range"):
         request_mix([10], (0, 5))
+
+
+def test_compressed_admission_really_compresses_and_admits_more(smol):
+    """Real prefill + 4x compression of SQuAD prompts in a shared pool: more requests fit than
+    uncompressed, and each admitted cache holds about prompt / 4 + output tokens per head."""
+    from permkv.cache import BlockPool
+    from permkv.cache.capacity import natural_prompts
+    from permkv.compress.admission import admit_compressed
+
+    model, tok, spec = smol
+    requests = request_mix(natural_prompts(tok, spec, "squad", 3), (8, 16), seed=0)
+    assert all(len(r.prompt_ids) == r.prompt_tokens for r in requests)
+    heads = spec.n_layers * spec.n_kv_heads
+    admitted = {}
+    for ratio in (1, 4):
+        pool = BlockPool(heads * 60, 16, spec.head_dim)  # about 960 tokens per head
+        got, caches = admit_compressed(model, pool, requests, ratio, chunk_tokens=128, progress=False)
+        admitted[ratio] = got.admitted
+        assert got.allocated_bytes == pool.stats().allocated_bytes <= pool.num_blocks * pool.bytes_per_block
+        for cache, r in zip(caches, requests * 10):
+            held = sum(map(sum, cache.stats().lengths[0]))
+            assert abs(held - heads * (r.prompt_tokens / ratio + r.output_tokens)) <= heads, (ratio, held)
+    assert admitted[4] > admitted[1] >= 1, admitted
+    with pytest.raises(ValueError, match="prompt_ids"):
+        admit_compressed(model, BlockPool(10, 16, spec.head_dim), [Request(10, 5)], 4)

@@ -106,6 +106,29 @@ def test_ratio_one_equals_full_cache(smol):
     assert reports[0].achieved_ratio == 1.0
 
 
+def test_chunked_prefill_holds_about_one_over_ratio(smol, prefix):
+    """Reading 600 tokens in chunks of 128 at 4x: the pool never had room for the whole prefix, and
+    the final cache is 1/4 of it within one block per head; heads end at different lengths."""
+    model, _, spec = smol
+    cache, logits, report = prefill_and_compress(model, prefix, 4, InferenceKVCacheCompression(), chunk_tokens=128)
+    heads = spec.n_layers * spec.n_kv_heads
+    full_blocks = heads * -(-len(prefix) // 16)
+    assert cache.pool.num_blocks < 0.65 * full_blocks  # 600 / 4 + 128 + 64 spare tokens per head
+    assert report.original_bytes == full_blocks * cache.pool.bytes_per_block
+    assert abs(report.compressed_bytes - report.original_bytes / 4) <= heads * cache.pool.bytes_per_block
+    assert abs(sum(map(sum, report.kept)) - round(heads * len(prefix) / 4)) <= heads
+    assert len({n for row in report.kept for n in row}) > 1  # adaptive: heads differ
+    assert cache.seen == [len(prefix)] and logits.shape == (model.config.vocab_size,)
+
+
+def test_chunked_prefill_at_ratio_one_matches_one_pass(smol, prefix):
+    model, _, _ = smol
+    _, want, _ = prefill_and_compress(model, prefix, 1, InferenceKVCacheCompression())
+    cache, got, report = prefill_and_compress(model, prefix, 1, InferenceKVCacheCompression(), chunk_tokens=100)
+    assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+    assert report.achieved_ratio == 1.0
+
+
 def test_kvpress_answer_runs(smol, prefix):
     model, tok, _ = smol
     assert isinstance(kvpress_answer(model, tok, "kvpress_snapkv", 4, "query_aware", 4)(prefix[:200], [13]), str)
@@ -123,6 +146,8 @@ def test_clear_errors(smol, prefix):
         InferenceKVCacheCompression(scorer="h2o").compressor()
     with pytest.raises(ValueError, match="window must be"):
         InferenceKVCacheCompression(window=-1).compressor()
+    with pytest.raises(ValueError, match="chunk_tokens must be"):
+        prefill_and_compress(model, prefix, 8, InferenceKVCacheCompression(), chunk_tokens=16)
     with pytest.raises(ValueError, match="at least one token per head"):
         prefill_and_compress(model, prefix[:100], 1000, InferenceKVCacheCompression())
     cache = paged_cache_for(model, 100)

@@ -1,13 +1,16 @@
 """Cost of permkv's per-head compression vs kvpress SnapKV, and decode speed on a compressed cache.
 
-`python -m permkv.bench compress [--contexts 1024 2048] [--ratio 8] [--steps 8] [--repeats 3]`
+`python -m permkv.bench compress [--contexts 1024 8192] [--ratio 8] [--chunk 1024] [--steps 8] [--repeats 3]`
 For each context (fixed random tokens; cost does not depend on their values), alternating order
 each repeat so both see the same machine load:
-- permkv: prefill into a PagedCache while recording queries, then `compress_auto` (timed apart);
+- permkv: prefill into a PagedCache while recording queries, then `compress_auto` (timed apart),
+  and the chunked prefill (compress after every `--chunk` tokens), timed whole;
 - kvpress: SnapKV's prefill with its hooks vs a plain DynamicCache prefill (the difference is
   its scoring + compression time);
 - decode: single-token step time on the compressed PagedCache vs the full PagedCache.
 Reported as medians, seconds per 1K context tokens, and ratios measured in this run.
+Peak RSS of prefill + compress at the largest context is measured in a fresh process per method:
+permkv one pass, permkv chunked, kvpress SnapKV and a plain uncompressed prefill.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -22,9 +27,8 @@ from transformers import DynamicCache
 
 from permkv.cache import paged_attention
 from permkv.compress import InferenceKVCacheCompression, observing
-from permkv.compress.answer import make_press, paged_cache_for
+from permkv.compress.answer import make_press, paged_cache_for, prefill_and_compress
 from permkv.models import load_model
-from permkv.tracking import ROOT
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -34,11 +38,12 @@ def _timed(fn) -> tuple[float, object]:
 
 
 @torch.no_grad()
-def bench_context(model, context: int, ratio: float, steps: int, repeats: int) -> dict:
+def bench_context(model, context: int, ratio: float, chunk: int, steps: int, repeats: int) -> dict:
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
     press = make_press("kvpress_snapkv", ratio)
     compression = InferenceKVCacheCompression()
-    t = {k: [] for k in ("permkv_prefill", "permkv_compress", "plain_prefill", "kvpress_prefill", "decode_full", "decode_compressed")}
+    t = {k: [] for k in ("permkv_prefill", "permkv_compress", "permkv_chunked", "plain_prefill", "kvpress_prefill",
+                         "decode_full", "decode_compressed")}
     for r in range(repeats):
         caches = {}
         for kind in (["permkv", "kvpress"] if r % 2 == 0 else ["kvpress", "permkv"]):
@@ -52,6 +57,8 @@ def bench_context(model, context: int, ratio: float, steps: int, repeats: int) -
                 s, _ = _timed(lambda: compression.compress_auto(cache, ratio, rec.queries))
                 t["permkv_compress"].append(s)
                 caches = dict(full=full, compressed=cache)
+                s, _ = _timed(lambda: prefill_and_compress(model, ids[0].tolist(), ratio, compression, steps + 16, chunk))
+                t["permkv_chunked"].append(s)
             else:
                 s, _ = _timed(lambda: model(ids, past_key_values=DynamicCache(config=model.config)))
                 t["plain_prefill"].append(s)
@@ -73,22 +80,62 @@ def bench_context(model, context: int, ratio: float, steps: int, repeats: int) -
         permkv_compress_s_per_1k=med["permkv_compress"] * per_k,
         kvpress_snapkv_overhead_s_per_1k=kvpress_overhead * per_k,
         compress_time_ratio_permkv_over_kvpress=med["permkv_compress"] / kvpress_overhead if kvpress_overhead > 0 else None,
+        chunked_over_one_pass=med["permkv_chunked"] / (med["permkv_prefill"] + med["permkv_compress"]),
         decode_speedup_compressed=med["decode_full"] / med["decode_compressed"],
     )
 
 
+RSS_METHODS = ("plain", "kvpress_snapkv", "permkv", "permkv_chunked")
+
+
+def peak_rss(method: str, context: int, ratio: float, chunk: int) -> int:
+    """Peak resident bytes of a fresh CPU process while it prefills `context` tokens and compresses
+    them with `method` (one of RSS_METHODS); the peak is reset after loading the model (Linux
+    `clear_refs`), so loading's own peak does not hide the prefill's."""
+    code = (
+        "import torch; from transformers import DynamicCache; from permkv.models import load_model\n"
+        "from permkv.compress import InferenceKVCacheCompression\n"
+        "from permkv.compress.answer import make_press, prefill_and_compress\n"
+        "m, _, _ = load_model(device='cpu'); torch.set_num_threads(1)\n"
+        f"ids = torch.randint(100, 40000, (1, {context}), generator=torch.Generator().manual_seed({context}))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "with torch.no_grad():\n"
+        f"    if '{method}' == 'plain': m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
+        f"    elif '{method}' == 'kvpress_snapkv':\n"
+        f"        with make_press('kvpress_snapkv', {ratio})(m): m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
+        f"    else: prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(), 16, "
+        f"{chunk if method == 'permkv_chunked' else None})\n"
+        "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024  # VmHWM is in KiB
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m permkv.bench compress")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--ratio", type=float, default=8)
+    parser.add_argument("--chunk", type=int, default=1024, help="chunked prefill: compress after every CHUNK tokens")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared machine oversubscribes)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     model, _, spec = load_model("smollm2-135m")
-    rows = [bench_context(model, c, args.ratio, args.steps, args.repeats) for c in args.contexts]
-    out = dict(model=spec.name, device=str(model.device), torch_threads=torch.get_num_threads(), rows=rows,
-               not_measured="peak RSS with / without chunked prefill (chunked prefill not built yet)")
-    path = ROOT / "reports" / "bench" / "compress.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(json.dumps(rows, indent=1))
+    rows = []
+    for c in args.contexts:
+        rows.append(bench_context(model, c, args.ratio, args.chunk, args.steps, args.repeats))
+        print(json.dumps(rows[-1]), flush=True)
+    out = dict(model=spec.name, device=str(model.device), torch_threads=args.threads, rows=rows,
+               command="python -m permkv.bench compress " + " ".join(argv))
+    if not args.no_rss:
+        top = max(args.contexts)
+        rss = {m: peak_rss(m, top, args.ratio, args.chunk) for m in RSS_METHODS}
+        out |= dict(peak_rss_context=top, peak_rss_bytes=rss,
+                    peak_rss_ratio_kvpress_over_permkv_chunked=rss["kvpress_snapkv"] / rss["permkv_chunked"],
+                    peak_rss_ratio_permkv_over_permkv_chunked=rss["permkv"] / rss["permkv_chunked"])
+        print(json.dumps(rss), flush=True)
+    from permkv.bench import write_result
+
+    print(f"wrote {write_result('compress', out)}")

@@ -25,6 +25,7 @@ class Request:
 
     prompt_tokens: int
     output_tokens: int
+    prompt_ids: tuple[int, ...] = ()  # the real prompt, for admissions that prefill it (compression)
 
     @property
     def total(self) -> int:
@@ -45,8 +46,8 @@ class Admission:
         return 100.0 * (self.allocated_bytes - self.used_bytes) / self.allocated_bytes if self.allocated_bytes else 0.0
 
 
-def natural_prompt_lengths(tokenizer, spec, task: str, n: int, seed: int = 0) -> list[int]:
-    """Token lengths of `n` seeded SQuAD or HotpotQA prompts with their own context only (no padding
+def natural_prompts(tokenizer, spec, task: str, n: int, seed: int = 0) -> list[list[int]]:
+    """Token ids of `n` seeded SQuAD or HotpotQA prompts with their own context only (no padding
     to a target length), in the project's prompt format (`permkv.data.encode_sample`)."""
     from permkv.data import Sample, encode_sample, load_hotpot, load_squad
 
@@ -54,7 +55,7 @@ def natural_prompt_lengths(tokenizer, spec, task: str, n: int, seed: int = 0) ->
         raise ValueError(f"task must be 'squad' or 'hotpot', got {task!r}")
     records = list(load_squad() if task == "squad" else load_hotpot())
     random.Random(f"{task}-{seed}").shuffle(records)
-    lengths = []
+    prompts = []
     for r in records[:n]:
         if task == "squad":
             sample = Sample("squad", r["context"], r["question"], r["answers"])
@@ -62,19 +63,28 @@ def natural_prompt_lengths(tokenizer, spec, task: str, n: int, seed: int = 0) ->
             context = "\n\n".join(f"{t}: {p}" for t, p in r["paragraphs"])
             sample = Sample("hotpot", context, r["question"], [r["answer"]])
         prefix, suffix = encode_sample(tokenizer, spec, sample, "query_aware")
-        lengths.append(len(prefix) + len(suffix))
-    return lengths
+        prompts.append(prefix + suffix)
+    return prompts
 
 
-def request_mix(prompt_lengths: list[int], output_range: tuple[int, int], seed: int = 0) -> list[Request]:
-    """Requests in a seeded random order, each with an output length uniform in `output_range`."""
+def natural_prompt_lengths(tokenizer, spec, task: str, n: int, seed: int = 0) -> list[int]:
+    """Token lengths of `natural_prompts`."""
+    return [len(p) for p in natural_prompts(tokenizer, spec, task, n, seed)]
+
+
+def request_mix(prompts: list[int] | list[list[int]], output_range: tuple[int, int], seed: int = 0) -> list[Request]:
+    """Requests in a seeded random order, each with an output length uniform in `output_range`.
+
+    `prompts` are prompt lengths, or prompts' token ids (kept in the requests for a real prefill).
+    """
     low, high = output_range
     if not 1 <= low <= high:
         raise ValueError(f"output_range must be (low, high) with 1 <= low <= high, got {output_range}")
     rng = random.Random(seed)
-    order = list(prompt_lengths)
+    order = list(prompts)
     rng.shuffle(order)
-    return [Request(p, rng.randint(low, high)) for p in order]
+    return [Request(p, rng.randint(low, high)) if isinstance(p, int) else Request(len(p), rng.randint(low, high), tuple(p))
+            for p in order]
 
 
 class ReservationPool:

@@ -8,6 +8,7 @@ Our `ratio` is "x times smaller"; kvpress's `compression_ratio` is the fraction 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -86,15 +87,51 @@ def paged_cache_for(model, n_tokens: int, block_size: int = 16) -> PagedCache:
 
 @torch.no_grad()
 def prefill_and_compress(model, prefix: list[int], ratio: float, compression: InferenceKVCacheCompression,
-                         extra_tokens: int = 64) -> tuple[PagedCache, torch.Tensor, CompressionReport]:
+                         extra_tokens: int = 64, chunk_tokens: int | None = None, cache: PagedCache | None = None,
+                         ) -> tuple[PagedCache, torch.Tensor, CompressionReport]:
     """Prefill `prefix` into a fresh PagedCache (recording queries), compress it to 1/ratio.
 
-    Returns the cache, the last position's logits `(vocab,)` and the measured report.
+    With `chunk_tokens`, the prefix is read `chunk_tokens` at a time and the cache is compressed
+    after every chunk back to 1/ratio of the tokens seen so far, so the pool only ever holds about
+    len(prefix) / ratio + chunk_tokens tokens per head: a context larger than memory can be read.
+    Each chunk's last queries score everything cached so far (chunks must be >= the observation
+    window). Returns the cache, the last position's logits `(vocab,)` and the final report (its
+    original_bytes are what the whole prefix would take uncompressed).
+    `cache`: an empty PagedCache to fill (e.g. one of many on a shared pool) instead of a new one
+    sized for this prefix; CacheFull propagates when its pool runs out.
     """
-    cache = paged_cache_for(model, len(prefix) + extra_tokens)
-    with observing(model, window=compression.observe) as recorder:
-        logits = model(torch.tensor([prefix], device=model.device), past_key_values=cache, logits_to_keep=1).logits[0, -1]
-    report = compression.compress_auto(cache, ratio, recorder.queries)
+    ratio = check_ratio(ratio)
+    if cache is not None and cache.num_sequences:
+        raise ValueError("cache must be empty")
+    if chunk_tokens is None or chunk_tokens >= len(prefix):
+        cache = paged_cache_for(model, len(prefix) + extra_tokens) if cache is None else cache
+        with observing(model, window=compression.observe) as recorder:
+            logits = model(torch.tensor([prefix], device=model.device), past_key_values=cache, logits_to_keep=1).logits[0, -1]
+        return cache, logits, compression.compress_auto(cache, ratio, recorder.queries)
+    if chunk_tokens < max(compression.observe, compression.window + compression.sinks):
+        raise ValueError(f"chunk_tokens must be >= the protected tokens and the observation window "
+                         f"({max(compression.observe, compression.window + compression.sinks)}), got {chunk_tokens}")
+    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None) or 0
+    held = max(math.ceil(len(prefix) / ratio), window) + chunk_tokens + extra_tokens
+    cache = paged_cache_for(model, held) if cache is None else cache
+    compressor = compression.compressor()
+    full_layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
+    for start in range(0, len(prefix), chunk_tokens):
+        chunk = prefix[start : start + chunk_tokens]
+        pos = torch.arange(start, start + len(chunk), device=model.device)[None]
+        with observing(model, window=compression.observe) as recorder:
+            logits = model(torch.tensor([chunk], device=model.device), past_key_values=cache, position_ids=pos,
+                           logits_to_keep=1).logits[0, -1]
+        seen, lengths = start + len(chunk), cache.stats().lengths[0]
+        cached = sum(sum(lengths[i]) for i in full_layers)
+        step = ratio * cached / (seen * len(full_layers) * cache.n_kv_heads)  # back to seen / ratio
+        if step > 1:
+            compressor.compress(cache, step, recorder.queries)
+    lengths = cache.stats().lengths[0]
+    blocks = sum(cache.n_kv_heads * cache.pool.blocks_for(min(len(prefix), layer.sliding_window or len(prefix)))
+                 for layer in cache.layers)  # what an unchunked, uncompressed prefill holds
+    report = CompressionReport(ratio, blocks * cache.pool.bytes_per_block, cache.stats().allocated_bytes, lengths,
+                               [[len(prefix) / max(k, 1) for k in row] for row in lengths])
     return cache, logits, report
 
 

@@ -100,23 +100,21 @@ class Compressor:
         scores = torch.full((len(layers), n_heads, L), float("-inf"))
         protected: list[list[torch.Tensor]] = []
         for row, i in enumerate(layers):
-            keys, values, _, _ = cache.gather(i)
-            keys, values = keys[seq : seq + 1, :, :L], values[seq : seq + 1, :, :L]  # (1, kv_heads, L, head_dim)
-            n = sub[row]
-            if bool((n != L).any()) and getattr(self.scorer, "needs_queries", False):
-                raise ValueError(f"layer {i}'s heads hold different token counts {n.tolist()}: compress once per prefill")
-            q = queries[i][seq : seq + 1] if queries else None
-            s = self.scorer.score(keys, values, q)[0].float()  # (kv_heads, L)
+            keys, values, _, _ = cache.gather(i)  # (batch, kv_heads, longest, head_dim), padded
+            q = queries[i][seq : seq + 1] if queries else None  # (1, q_heads, w, head_dim)
+            group = q.shape[1] // n_heads if q is not None else 0
             prot_row = []
-            for h in range(n_heads):
-                nh = int(n[h])
+            for h in range(n_heads):  # one head at a time: after an earlier eviction lengths differ
+                nh = int(sub[row, h])
+                k, v = keys[seq : seq + 1, h : h + 1, :nh], values[seq : seq + 1, h : h + 1, :nh]
+                qh = q[:, h * group : (h + 1) * group] if q is not None else None
+                s = self.scorer.score(k, v, qh)[0, 0].float()  # (nh,)
                 prot = protected_indices(nh, self.sinks, self.window)
                 if prot.numel() > quota:  # budget below the protected set: sinks, then most recent
                     prot = protected_indices(nh, min(self.sinks, quota), quota - min(self.sinks, quota))
-                s[h, nh:] = float("-inf")
-                s[h, prot] = float("-inf")
+                s[prot] = float("-inf")
+                scores[row, h, :nh] = s
                 prot_row.append(prot)
-            scores[row] = s
             protected.append(prot_row)
         budget = total - sum(p.numel() for row in protected for p in row)
         counts = self.allocator.allocate(scores, max(budget, 0))  # (n_layers, kv_heads)
