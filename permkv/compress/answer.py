@@ -186,6 +186,9 @@ def kvpress_answer(model, tokenizer, method: str = "kvpress_snapkv", ratio: floa
     (AdaKV masks keys, so its memory does not shrink), then the suffix and greedy decoding as ours.
     A `dense_report` of each call is appended to `reports` if given."""
     ratio = _check(method, KVPRESS_METHODS, mode, ratio)
+    if getattr(model.config.get_text_config(decoder=True), "sliding_window", None):
+        raise ValueError(f"kvpress 0.5.5 cannot run on {type(model).__name__}: it compresses the sliding-window "
+                         "layers too and their attention mask no longer fits (tested on Gemma-3-270m)")
     press = make_press(method, ratio)
 
     @torch.no_grad()
