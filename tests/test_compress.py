@@ -155,3 +155,21 @@ def test_clear_errors(smol, prefix):
         model(torch.tensor([prefix[:100]]), past_key_values=cache)
     with pytest.raises(ValueError, match="needs queries"):
         InferenceKVCacheCompression().compress_auto(cache, 2)
+
+
+def test_gemma_compresses_global_layers_only(gemma):
+    """Gemma-3: sliding-window layers stay whole (bounded by their window), global layers shrink to
+    about 1/ratio, also when read in chunks; kvpress is refused with a clear error."""
+    model, tok, spec = gemma
+    prefix = tok(heldout_essays()[:6000], add_special_tokens=False).input_ids[:700]
+    for chunk in (None, 256):
+        cache, _, report = prefill_and_compress(model, prefix, 4, InferenceKVCacheCompression(), chunk_tokens=chunk)
+        full_layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
+        for layer, row in zip(cache.layers, report.kept):
+            if layer.is_sliding:
+                assert all(n == spec.sliding_window - 1 for n in row), (chunk, layer.index, row)
+        kept = sum(sum(report.kept[i]) for i in full_layers)  # spread adaptively over the global layers
+        assert abs(kept - len(full_layers) * len(prefix) / 4) <= len(full_layers), (chunk, kept)
+        assert 1 < report.achieved_ratio < 2  # 15 of 18 layers are sliding
+    with pytest.raises(ValueError, match="sliding-window"):
+        kvpress_answer(model, tok, "kvpress_snapkv", 8)
