@@ -173,3 +173,15 @@ def test_gemma_compresses_global_layers_only(gemma):
         assert 1 < report.achieved_ratio < 2  # 15 of 18 layers are sliding
     with pytest.raises(ValueError, match="sliding-window"):
         kvpress_answer(model, tok, "kvpress_snapkv", 8)
+
+
+def test_paired_difference_pairs_the_same_samples():
+    from permkv.compress.quality import paired_difference
+
+    rows = [dict(task=t, context_tokens=512, mode="query_aware", method=m, ratio=8.0, score=s)
+            for t in ("a", "b") for m, scores in (("x", [1, 1, 0]), ("y", [0, 1, 0])) for s in scores]
+    d = paired_difference(rows, "x", "y", 8, "query_aware")
+    assert d["n"] == 6 and d["diff"] == pytest.approx(2 / 6)
+    assert 0 <= d["ci_low"] <= d["diff"] <= d["ci_high"]
+    with pytest.raises(ValueError, match="same samples"):
+        paired_difference(rows, "x", "z", 8, "query_aware")

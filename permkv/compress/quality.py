@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from permkv.compress.answer import method_answer
 from permkv.data import build_task
-from permkv.eval import evaluate, summarize
+from permkv.eval import bootstrap_ci, evaluate, summarize
 
 
 def quality_grid(
@@ -70,3 +70,18 @@ def pooled_retention(per_sample: Sequence[dict], method: str, ratio: float, mode
     full = float(np.mean([s["full_score"] for s in picked]))
     score = float(np.mean([s["score"] for s in picked]))
     return (score / full if full else float("nan")), full, len(picked)
+
+
+def paired_difference(per_sample: Sequence[dict], a: str, b: str, ratio: float, mode: str) -> dict:
+    """Mean score of method `a` minus method `b` on the same samples (all tasks pooled) at one ratio
+    and mode, with a paired bootstrap 95% CI: `a` beats `b` when ci_low > 0."""
+    def scores(method):
+        return {(s["task"], s["context_tokens"], i): s["score"] for i, s in enumerate(
+            s for s in per_sample if s["method"] == method and s["ratio"] == float(ratio) and s["mode"] == mode)}
+
+    sa, sb = scores(a), scores(b)
+    if not sa or sa.keys() != sb.keys():
+        raise ValueError(f"{a} and {b} must have answered the same samples at {ratio}x {mode}")
+    diff = [sa[k] - sb[k] for k in sa]
+    low, high = bootstrap_ci(diff)
+    return dict(a=a, b=b, ratio=float(ratio), mode=mode, diff=float(np.mean(diff)), ci_low=low, ci_high=high, n=len(diff))
