@@ -111,6 +111,10 @@ for r in records:
 
 # %% [markdown]
 # ## Forgetting at matched acquisition
+# Read all three probes, not only the claim's. SmolLM2-135M answers few SQuAD questions even with the
+# passage (F1 around 0.1-0.2 before training, a few dozen questions), so the relative SQuAD drop is
+# noisy and can be negative; the world-fact probe (questions in the same "Q: ... A:" format as the
+# training questions, all answered right before) and essay perplexity show interference directly.
 
 # %%
 matched = matched_comparison(records)

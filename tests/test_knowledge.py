@@ -90,7 +90,7 @@ def test_tfidf_on_a_hand_made_count_table():
     # 4 background documents (sequences) over 6 slots; a slot read twice in one document counts once:
     # per-slot document frequency [4, 1, 1, 0, 4, 0]
     indices = torch.tensor([[[[0, 1, 4]], [[0, 1, 0]]], [[[0, 4, 0]], [[4, 4, 4]]],
-                            [[[2, 0, 4]], [[2, 2, 2]]], [[[4, 0, 4]], [[3, 3, 3]]]])  # (batch 4, seq 2, heads 1, top_k 3)
+                            [[[2, 0, 4]], [[2, 2, 2]]], [[[4, 0, 4]], [[3, 3, 3]]]])  # (4, seq 2, 1, 3)
     mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 0]])  # the last document's 2nd token is padding
     background = BackgroundCounts.empty(6)
     background.add(doc_counts(indices, 6, mask), n_docs=4)
@@ -157,6 +157,8 @@ def test_sparse_finetuning_fits_the_facts(smol):
     windows = token_windows(tok(load_essays()[:20_000]).input_ids, 64)
     calibrate_memory(model, memory, window_batches(windows, 4, 2), progress=False)
     assert memory.input_std.min() > 0 and not torch.equal(memory.input_mean, torch.zeros(576))
+    with pytest.raises(ValueError, match=r"x must be \(tokens >= 2, 576\)"):
+        memory.calibrate(torch.zeros(3, 10))
     background = background_counts(model, memory, window_batches(windows, 4, 2, seed=1), progress=False)
     assert background.n_docs == 4 * 2 and background.used_fraction > 0.5  # calibrated reads spread out
     trainer = SparseMemoryTrainer(model, memory, background, t=2000, lr=3e4)

@@ -23,7 +23,8 @@ from permkv.data import load_essays, load_squad
 from permkv.knowledge.probes import PROBE_PASSAGE_WORDS, ProbeSet, build_probes, fact_scores, forgetting, probe_scores
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
 from permkv.knowledge.train import (
-    METHODS, DenseTrainer, SparseAdapter, background_counts, calibrate_memory, full_trainer, lora_model, pretrain_memory,
+    METHODS, DenseTrainer, SparseAdapter, background_counts, calibrate_memory, full_trainer, lora_model,
+    pretrain_memory,
     text_batches, token_windows, window_batches,
 )
 from permkv.models import cache_dir, load_model

@@ -88,7 +88,8 @@ def calibrate_memory(model, memory: ProductKeyMemory, batches, progress: bool = 
     hook = memory.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).cpu()))
     try:
         for batch in tqdm(list(batches), desc="memory calibration", disable=not progress):
-            model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device))
+            batch = to_device(batch, model)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         hook.remove()
     memory.calibrate(torch.cat(seen).to(memory.values.device))
