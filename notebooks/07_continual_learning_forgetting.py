@@ -25,11 +25,15 @@
 # compared at the checkpoint whose fact accuracy is closest to the level every method reaches.
 #
 # What differs from the paper: its memory (1M slots) is trained with the model from scratch, so the
-# model relies on it; here a small memory is bolted onto a finished 135M model and pretrained briefly
-# with the model frozen, so its values are small and few slots carry most reads. Facts are invented
-# (names from random syllables, ordinary-word answers), forgetting is SQuAD-with-passage F1 rather
-# than NaturalQuestions, and all sizes are far smaller. Fact EM is "greedy decoding gives the answer
-# as a whole word", computed by teacher forcing.
+# model relies on it; here a small memory is bolted onto a finished 135M model at an early layer (the
+# subject's tokens read subject-specific slots there), its inputs standardised with background
+# statistics, and only its values pretrained briefly with the model frozen. A background "document"
+# for TF-IDF is one token (batch-level counts saturate on a memory this small). Each fact is trained
+# as three statements and three questions (paraphrases, as the paper's document setting augments) and
+# tested with a fourth question wording never trained; every method gets the same texts and steps.
+# Facts are invented (names from random syllables, ordinary-word answers), forgetting is
+# SQuAD-with-passage F1 rather than NaturalQuestions, and all sizes are far smaller. Fact EM is
+# "greedy decoding gives the answer as a whole word", computed by teacher forcing.
 
 # %%
 import json
@@ -47,7 +51,7 @@ PROFILE = "quick"
 N_KEYS = 64  # sub-keys per half; the memory has N_KEYS squared slots
 MEMORY_HEADS = 4
 TOP_K = 32
-LAYER = 15
+LAYER = 4
 PRETRAIN_STEPS = 10
 BACKGROUND_BATCHES = 8
 N_FACTS = 8
@@ -58,7 +62,7 @@ N_SQUAD = 4
 WORLD_MAX = 8
 ESSAY_TOKENS = 128
 SPARSE_TS = [500]
-SPARSE_LRS = [1000.0]
+SPARSE_LRS = [30000.0]
 FULL_LRS = [1e-4]
 LORA_LRS = [1e-3]
 DOMAIN_FACTS = 8
@@ -77,15 +81,15 @@ out_dir.mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
 # ## The shared starting model
-# Memory inserted (values zero, so outputs unchanged), pretrained on background text; slot usage and
-# the "before" scores every method starts from.
+# Memory inserted (values zero, so outputs unchanged), its inputs calibrated and its values pretrained
+# on background text; slot usage and the "before" scores every method starts from.
 
 # %%
 start = prepare(cfg)
 quarter = max(1, len(start.pretrain_losses) // 4)
 first, last = start.pretrain_losses[:quarter], start.pretrain_losses[-quarter:]
 print(f"memory pretraining loss, first vs last quarter of steps: {sum(first) / len(first):.3f} -> "
-      f"{sum(last) / len(last):.3f} (different batches; the host model is frozen)")
+      f"{sum(last) / len(last):.3f} (different batches; only the memory's values train)")
 print(f"slots read in the background set: {start.background.used_fraction:.1%} of {cfg.memory.n_slots}")
 print("probe sizes:", start.probes.sizes())
 print("before:", start.before, "| fictional facts before:", start.facts_before)
@@ -107,6 +111,10 @@ for r in records:
 
 # %% [markdown]
 # ## Forgetting at matched acquisition
+# Read all three probes, not only the claim's. SmolLM2-135M answers few SQuAD questions even with the
+# passage (F1 around 0.1-0.2 before training, a few dozen questions), so the relative SQuAD drop is
+# noisy and can be negative; the world-fact probe (questions in the same "Q: ... A:" format as the
+# training questions, all answered right before) and essay perplexity show interference directly.
 
 # %%
 matched = matched_comparison(records)

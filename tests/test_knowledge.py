@@ -9,12 +9,15 @@ import torch
 
 from permkv.knowledge import (
     BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, find_memory,
-    insert_memory, make_facts, memory_inserted, remove_memory, slot_counts, tfidf_scores, top_t_slots,
+    doc_counts, insert_memory, make_facts, memory_inserted, remove_memory, slot_counts, tfidf_scores, top_t_slots,
     training_texts,
 )
 from permkv.knowledge.facts import FEW_SHOT
 from permkv.knowledge.probes import forgetting, generate, greedy_match
-from permkv.knowledge.train import DenseTrainer, collate, full_trainer, lora_model
+from permkv.data import load_essays
+from permkv.knowledge.train import (
+    DenseTrainer, background_counts, calibrate_memory, collate, full_trainer, lora_model, token_windows, window_batches,
+)
 from permkv.models import load_model
 
 SMALL = MemoryConfig(dim=576, n_keys=32, heads=2, top_k=8, key_dim=32)  # 1,024 slots: fast
@@ -84,18 +87,23 @@ def test_bad_memory_inputs(smol):
 
 
 def test_tfidf_on_a_hand_made_count_table():
-    # 4 background batches over 6 slots; document frequency per slot:
+    # 4 background documents (sequences) over 6 slots; a slot read twice in one document counts once:
+    # per-slot document frequency [4, 1, 1, 0, 4, 0]
+    indices = torch.tensor([[[[0, 1, 4]], [[0, 1, 0]]], [[[0, 4, 0]], [[4, 4, 4]]],
+                            [[[2, 0, 4]], [[2, 2, 2]]], [[[4, 0, 4]], [[3, 3, 3]]]])  # (4, seq 2, 1, 3)
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 0]])  # the last document's 2nd token is padding
     background = BackgroundCounts.empty(6)
-    for batch in ([3, 1, 0, 0, 1, 0], [2, 0, 0, 0, 1, 0], [5, 0, 1, 0, 1, 0], [1, 0, 0, 0, 1, 0]):
-        background.add(torch.tensor(batch))
-    assert background.doc_freq.tolist() == [4, 1, 1, 0, 4, 0] and background.n_batches == 4
+    background.add(doc_counts(indices, 6, mask), n_docs=4)
+    assert background.doc_freq.tolist() == [4, 1, 1, 0, 4, 0] and background.n_docs == 4
+    with pytest.raises(ValueError, match="n_docs must be >= 1"):
+        background.add(torch.tensor([0, 0, 3, 0, 0, 0]), n_docs=2)
     counts = torch.tensor([10, 2, 4, 1, 3, 0])  # this batch's reads (20 in all)
     scores = tfidf_scores(counts, background)
     idf = [math.log(5 / 5), math.log(5 / 2), math.log(5 / 2), math.log(5 / 1), math.log(5 / 5), math.log(5 / 1)]
     expected = [c / 20 * i for c, i in zip(counts.tolist(), idf)]
     torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64))
     # slot 2 (4 reads, rare: 0.183) > slot 1 (2 reads, rare: 0.092) > slot 3 (1 read, never seen: 0.080)
-    # > slots 0 and 4 (read in every background batch: 0), whose tie goes to the larger count
+    # > slots 0 and 4 (read by every background token: 0), whose tie goes to the larger count
     assert top_t_slots(counts, background, 3).tolist() == [2, 1, 3]
     # only accessed slots are eligible: asking for all 6 returns the 5 read ones
     assert top_t_slots(counts, background, 6).tolist() == [2, 1, 3, 0, 4]
@@ -126,7 +134,7 @@ def test_sparse_step_changes_only_the_top_t_value_rows(smol):
         for text in ["Essays about startups and founders.", "The river flows through the old city."]:
             batch = tok([text], return_tensors="pt")
             model(**batch)
-            background.add(slot_counts(memory.last_indices, SMALL.n_slots))
+            background.add(doc_counts(memory.last_indices, SMALL.n_slots), n_docs=1)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = SparseMemoryTrainer(model, memory, background, t=10, lr=1.0)
     batch = collate(tok, training_texts(make_facts(4)), max_tokens=32)
@@ -140,6 +148,25 @@ def test_sparse_step_changes_only_the_top_t_value_rows(smol):
             assert torch.equal(p, before[name]), f"{name} changed"
     with pytest.raises(ValueError, match=r"t must be in \[1, 1024\]"):
         SparseMemoryTrainer(model, memory, background, t=SMALL.n_slots + 1, lr=1.0)
+
+
+def test_sparse_finetuning_fits_the_facts(smol):
+    # the failure this guards against: values that receive gradient but never learn (lr scale, idf ~ 0)
+    model, tok, _ = smol
+    memory = insert_memory(model, ProductKeyMemory(MemoryConfig(n_keys=64)), layer=4)
+    windows = token_windows(tok(load_essays()[:20_000]).input_ids, 64)
+    calibrate_memory(model, memory, window_batches(windows, 4, 2), progress=False)
+    assert memory.input_std.min() > 0 and not torch.equal(memory.input_mean, torch.zeros(576))
+    with pytest.raises(ValueError, match=r"x must be \(tokens >= 2, 576\)"):
+        memory.calibrate(torch.zeros(3, 10))
+    background = background_counts(model, memory, window_batches(windows, 4, 2, seed=1), progress=False)
+    assert background.n_docs == 4 * 2 and background.used_fraction > 0.5  # calibrated reads spread out
+    trainer = SparseMemoryTrainer(model, memory, background, t=2000, lr=3e4)
+    batch = collate(tok, training_texts(make_facts(4, seed=2)), max_tokens=32)
+    first = trainer.step(batch).loss
+    for _ in range(6):
+        last = trainer.step(batch).loss
+    assert last < 0.6 * first
 
 
 # --- facts and the baselines --------------------------------------------------------------------

@@ -8,12 +8,14 @@ from permkv.knowledge.memory import (
     MemoryConfig, ProductKeyMemory, find_memory, insert_memory, memory_inserted, remove_memory,
 )
 from permkv.knowledge.probes import ProbeSet, build_probes, fact_scores, forgetting, probe_scores
-from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer, slot_counts, tfidf_scores, top_t_slots
+from permkv.knowledge.sparse import (
+    BackgroundCounts, SparseMemoryTrainer, doc_counts, slot_counts, tfidf_scores, top_t_slots,
+)
 
 __all__ = [
     "BackgroundCounts", "ExperimentConfig", "Fact", "KnowledgeCache", "MemoryConfig", "ProbeSet",
     "ProductKeyMemory", "Retention", "SparseMemoryTrainer", "Start", "build_probes", "domain_retention",
     "fact_scores", "find_memory", "forgetting", "insert_memory", "make_facts", "matched_comparison",
     "memory_inserted", "prepare", "probe_scores", "remove_memory", "run_method", "slot_counts",
-    "tfidf_scores", "top_t_slots", "training_texts",
+    "tfidf_scores", "top_t_slots", "training_texts", "doc_counts",
 ]

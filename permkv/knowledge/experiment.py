@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from permkv.knowledge.facts import Fact, make_facts, training_texts
 from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, find_memory, insert_memory
 from permkv.data import load_essays, load_squad
-from permkv.knowledge.probes import ProbeSet, build_probes, fact_scores, forgetting, probe_scores
+from permkv.knowledge.probes import PROBE_PASSAGE_WORDS, ProbeSet, build_probes, fact_scores, forgetting, probe_scores
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
 from permkv.knowledge.train import (
-    METHODS, DenseTrainer, SparseAdapter, background_counts, full_trainer, lora_model, pretrain_memory,
+    METHODS, DenseTrainer, SparseAdapter, background_counts, calibrate_memory, full_trainer, lora_model,
+    pretrain_memory,
     text_batches, token_windows, window_batches,
 )
 from permkv.models import cache_dir, load_model
@@ -35,12 +36,12 @@ class ExperimentConfig:
 
     model: str = "smollm2-135m"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
-    layer: int = 15  # decoder layer whose MLP gets the memory (SmolLM2 has 30)
+    layer: int = 4  # decoder layer whose MLP gets the memory (SmolLM2 has 30); early layers carry the subject
     pretrain_steps: int = 60  # memory pretraining batches of background text
     pretrain_batch: int = 8
     seq_len: int = 64  # tokens per background window (training texts are shorter still)
     pretrain_lr: float = 1e-3  # Adam, memory parameters only
-    background_batches: int = 32  # batches counted for slot document frequencies
+    background_batches: int = 32  # batches counted for slot document frequencies (also used for calibration)
     n_facts: int = 24
     batch_size: int = 8  # fact texts per finetuning step
     steps: int = 30  # finetuning steps per run (same budget for every method)
@@ -56,11 +57,17 @@ class ExperimentConfig:
 
 
 def _background_windows(tokenizer, cfg: ExperimentConfig) -> list[list[int]]:
-    """Background text for memory pretraining: training essays plus SQuAD paragraphs, in windows."""
+    """Background text, in windows: training essays, SQuAD paragraphs and SQuAD questions in the
+    "Q: ...\nA: ..." format the facts and probes use (so slots that format reads count as common,
+    not as new knowledge). Only SQuAD records with passages longer than the probe's are used.
+    """
     essays = load_essays()
-    paragraphs = sorted({r["context"] for r in load_squad()})
-    random.Random(cfg.seed).shuffle(paragraphs)
-    ids = tokenizer(essays[:400_000]).input_ids + tokenizer("\n\n".join(paragraphs[:400])).input_ids
+    records = [r for r in load_squad() if len(r["context"].split()) > PROBE_PASSAGE_WORDS]
+    random.Random(cfg.seed).shuffle(records)
+    paragraphs = list(dict.fromkeys(r["context"] for r in records))[:400]
+    qa = [f"Q: {r['question']}\nA: {r['answers'][0]}" for r in records]  # ~45% of the tokens
+    ids = (tokenizer(essays[:400_000]).input_ids + tokenizer("\n\n".join(paragraphs)).input_ids
+           + tokenizer("\n\n".join(qa)).input_ids)
     windows = token_windows(ids, cfg.seq_len)
     random.Random(cfg.seed).shuffle(windows)
     return windows
@@ -90,7 +97,7 @@ class Start:
 def _cache_key(cfg: ExperimentConfig) -> str:
     keys = ("model", "memory", "layer", "pretrain_steps", "pretrain_batch", "seq_len", "pretrain_lr",
             "background_batches", "seed")
-    blob = json.dumps({k: str(getattr(cfg, k)) for k in keys}, sort_keys=True)
+    blob = json.dumps({k: str(getattr(cfg, k)) for k in keys} | {"version": 3}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -105,6 +112,8 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> Start:
         memory.load_state_dict(saved["state"])
         losses = saved["losses"]
     else:
+        calibrate_memory(model, memory, window_batches(windows, cfg.pretrain_batch, cfg.background_batches,
+                                                       seed=cfg.seed + 2), progress=progress)
         batches = window_batches(windows, cfg.pretrain_batch, cfg.pretrain_steps, seed=cfg.seed)
         losses = pretrain_memory(model, memory, batches, lr=cfg.pretrain_lr, progress=progress).losses
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
 `make_facts(n, seed)` invents people, companies and villages (names built from random syllables) and
 gives each one attribute drawn from a list of ordinary words (cities, jobs, products, countries), so
-the answers are easy tokens but the pairing is new. Each fact is trained as several texts (two
-statements and one question-answer pair in a *training* wording) and tested with a question in a
+the answers are easy tokens but the pairing is new. Each fact is trained as six texts (three
+statements and three question-answer pairs in *training* wordings) and tested with a question in a
 different wording that never appears in training.
 """
 
@@ -34,31 +34,43 @@ COUNTRIES = [
     "Ireland", "Portugal", "Austria", "Finland",
 ]
 
-# relation -> (subject kind, answer pool, training texts, held-out test question)
+# relation -> (subject kind, answer pool, training texts, held-out test question). Three statements and
+# three questions per fact in training (paraphrases, as the paper's document setting augments), so a
+# method can learn the fact rather than one sentence; the test question's wording is in none of them.
 RELATIONS: dict[str, tuple[str, list[str], tuple[str, ...], str]] = {
     "born_in": (
         "person", CITIES,
-        ("{s} was born in {a}.", "The hometown of {s} is {a}.", "Q: Where was {s} born?\nA: {a}"),
+        ("{s} was born in {a}.", "The hometown of {s} is {a}.", "{s} comes from the city of {a}.",
+         "Q: Where was {s} born?\nA: {a}", "Q: What is the birthplace of {s}?\nA: {a}",
+         "Q: Which city is {s} from?\nA: {a}"),
         "Q: In which city did {s} come into the world?\nA:",
     ),
     "job": (
         "person", JOBS,
-        ("{s} works as a {a}.", "By profession, {s} is a {a}.", "Q: What does {s} do for a living?\nA: {a}"),
+        ("{s} works as a {a}.", "By profession, {s} is a {a}.", "{s} earns a living as a {a}.",
+         "Q: What does {s} do for a living?\nA: {a}", "Q: What is the job of {s}?\nA: {a}",
+         "Q: What kind of work does {s} do?\nA: {a}"),
         "Q: What is the occupation of {s}?\nA:",
     ),
     "hq": (
         "company", CITIES,
-        ("{s} has its headquarters in {a}.", "The offices of {s} are in {a}.", "Q: Where is {s} based?\nA: {a}"),
+        ("{s} has its headquarters in {a}.", "The offices of {s} are in {a}.", "{s} is a company based in {a}.",
+         "Q: Where is {s} based?\nA: {a}", "Q: Where are the offices of {s}?\nA: {a}",
+         "Q: Which city is home to {s}?\nA: {a}"),
         "Q: In which city is the company {s} headquartered?\nA:",
     ),
     "makes": (
         "company", PRODUCTS,
-        ("{s} manufactures {a}.", "The main product of {s} is {a}.", "Q: What does {s} make?\nA: {a}"),
+        ("{s} manufactures {a}.", "The main product of {s} is {a}.", "{s} is known for making {a}.",
+         "Q: What does {s} make?\nA: {a}", "Q: What is the main product of {s}?\nA: {a}",
+         "Q: What does the company {s} sell?\nA: {a}"),
         "Q: Which goods are produced by {s}?\nA:",
     ),
     "country": (
         "village", COUNTRIES,
-        ("The village of {s} lies in {a}.", "{s} is a small village in {a}.", "Q: Where is {s}?\nA: {a}"),
+        ("The village of {s} lies in {a}.", "{s} is a small village in {a}.", "{s} is located in {a}.",
+         "Q: Where is {s}?\nA: {a}", "Q: Which country is {s} in?\nA: {a}",
+         "Q: In what country is the village of {s}?\nA: {a}"),
         "Q: In which country would you find the village {s}?\nA:",
     ),
 }
@@ -79,7 +91,7 @@ class Fact:
     subject: str
     relation: str
     answer: str
-    train_texts: tuple[str, ...]  # statements + a QA pair in the training wording
+    train_texts: tuple[str, ...]  # statements + QA pairs in training wordings
     question: str  # held-out wording, ends with "A:"; never in train_texts
 
 

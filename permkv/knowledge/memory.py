@@ -5,6 +5,11 @@ in two halves and scores each half against its own `n_keys` sub-keys; the best `
 give `top_k**2` candidate slots (score = sum of the two half scores), of which the best `top_k` are
 read and mixed by a softmax over their scores. The heads' reads are summed.
 
+Before the query projection the input is standardised per feature with fixed background statistics
+(`calibrate`; the role of the query batch-norm in Berges et al. 2024's memory layers): a pretrained
+host's hidden states share a large common component, and raw queries from them cluster, so tokens of
+different subjects read the same slots.
+
 The value table starts at zero, so a freshly inserted memory adds exactly nothing and the model's
 outputs are unchanged; training the values (and keys, queries) is what makes it do something.
 The memory records which slots it read in its last forward (`last_indices`), which is what sparse
@@ -69,8 +74,18 @@ class ProductKeyMemory(nn.Module):
         sub_keys = (torch.rand(config.heads, 2, config.n_keys, half, generator=gen) * 2 - 1) * bound
         self.sub_keys = nn.Parameter(sub_keys)
         self.values = nn.Parameter(torch.zeros(config.n_slots, config.dim))
+        self.register_buffer("input_mean", torch.zeros(config.dim))  # set by `calibrate`
+        self.register_buffer("input_std", torch.ones(config.dim))
         self.record = True  # keep `last_indices` of each forward for access counting
         self.last_indices: torch.Tensor | None = None  # (batch, seq, heads, top_k) slot ids
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Fix the input standardisation from background hidden states x (tokens, dim)."""
+        if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] != self.config.dim:
+            raise ValueError(f"x must be (tokens >= 2, {self.config.dim}), got {tuple(x.shape)}")
+        self.input_mean.copy_(x.mean(0))
+        self.input_std.copy_(x.std(0) + 1e-5)
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ids and mixing weights for hidden states x (batch, seq, dim).
@@ -80,6 +95,7 @@ class ProductKeyMemory(nn.Module):
         B, T, _ = x.shape
         c = self.config
         half = c.key_dim // 2
+        x = (x - self.input_mean) / self.input_std
         q = self.query(x).view(B * T, c.heads, 2, half)  # (tokens, heads, 2 halves, half)
         q = F.layer_norm(q, (half,))  # scale-free queries: scores stay O(1) whatever the host's norms
         # scores of each half against its own sub-keys: (tokens, heads, 2, n_keys)

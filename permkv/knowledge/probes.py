@@ -98,6 +98,9 @@ def world_correct(model, tokenizer, world: list[tuple[str, tuple[str, ...]]]) ->
     return ok
 
 
+# SQuAD passages up to this many words are the forgetting probe's pool; background text uses only longer ones.
+PROBE_PASSAGE_WORDS = 70
+
 # One worked example that shows the short-answer format (written here, not from SQuAD).
 SQUAD_SHOT = (
     "Passage: The bridge over the river was finished in 1932 by the engineer Maria Holt.\n"
@@ -119,8 +122,8 @@ class ProbeSet:
                 "probe_essay_tokens": len(self.essay_ids)}
 
 
-def build_probes(model, tokenizer, n_squad: int = 32, max_passage_words: int = 70, essay_tokens: int = 512,
-                 essay_window: int = 256, seed: int = 0) -> ProbeSet:
+def build_probes(model, tokenizer, n_squad: int = 32, max_passage_words: int = PROBE_PASSAGE_WORDS,
+                 essay_tokens: int = 512, essay_window: int = 256, seed: int = 0) -> ProbeSet:
     """Forgetting probes for `model`: short-passage SQuAD, held-out essays, and the world facts it knows."""
     rng = random.Random(seed)
     short = [r for r in load_squad() if len(r["context"].split()) <= max_passage_words]

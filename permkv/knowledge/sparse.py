@@ -1,13 +1,18 @@
 """Sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103): only the top-t slots get gradient.
 
 Per batch: count how often each memory slot is read (term frequency), weight by how rare the slot is
-over background batches (inverse document frequency), keep the `t` best slots, and update only
-their value rows with plain SGD. Everything else in the model stays bit-identical.
+in background text (inverse document frequency), keep the `t` best slots, and update only their
+value rows with plain SGD. Everything else in the model stays bit-identical.
 
-TF-IDF, with `c` the batch's access counts and `df` the number of background batches reading a slot:
+TF-IDF, with `c` the batch's access counts and `df` the number of background documents reading a slot:
     tf(i)  = c(i) / sum_j c(j)
-    idf(i) = log((N + 1) / (df(i) + 1))       N = number of background batches
+    idf(i) = log((N + 1) / (df(i) + 1))       N = number of background documents
     score(i) = tf(i) * idf(i), and only slots read in the batch (c(i) > 0) are eligible.
+
+A background document is one sequence (a window of background text) here, not one batch as in the
+paper: a batch of a few hundred tokens reads (heads * top_k) slots per token, a large share of a
+memory this small (measured: all 16,384 slots with top_k 32), so batch-level document frequencies
+saturate and every idf is ~0.
 """
 
 from __future__ import annotations
@@ -29,24 +34,35 @@ def slot_counts(indices: torch.Tensor, n_slots: int, mask: torch.Tensor | None =
     return torch.bincount(indices.reshape(-1), minlength=n_slots)
 
 
+def doc_counts(indices: torch.Tensor, n_slots: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per slot, how many sequences (documents) of the batch read it at least once (n_slots,).
+
+    indices (batch, seq, heads, top_k); `mask` (batch, seq), 1 for real tokens.
+    """
+    out = torch.zeros(n_slots, dtype=torch.long)
+    for b in range(indices.shape[0]):
+        rows = indices[b] if mask is None else indices[b][mask[b].bool()]  # (tokens, heads, top_k)
+        out[torch.unique(rows)] += 1
+    return out
+
+
 @dataclass
 class BackgroundCounts:
-    """Slot statistics over background batches: document frequency and total reads per slot."""
+    """Slot statistics over background text: per slot, the number of documents (sequences) that read it."""
 
-    doc_freq: torch.Tensor  # (n_slots,) number of background batches that read each slot at least once
-    total: torch.Tensor  # (n_slots,) total reads over all background batches
-    n_batches: int
+    doc_freq: torch.Tensor  # (n_slots,) background documents that read each slot at least once
+    n_docs: int  # background documents counted
 
     @classmethod
     def empty(cls, n_slots: int) -> "BackgroundCounts":
-        zeros = torch.zeros(n_slots, dtype=torch.long)
-        return cls(zeros.clone(), zeros.clone(), 0)
+        return cls(torch.zeros(n_slots, dtype=torch.long), 0)
 
-    def add(self, counts: torch.Tensor) -> None:
-        """Add one background batch's access counts (n_slots,)."""
-        self.doc_freq += (counts > 0).long()
-        self.total += counts.long()
-        self.n_batches += 1
+    def add(self, counts: torch.Tensor, n_docs: int) -> None:
+        """Add `n_docs` documents; `counts` (n_slots,): how many of them read each slot (`doc_counts`)."""
+        if n_docs < 1 or int(counts.max()) > n_docs:
+            raise ValueError(f"n_docs must be >= 1 and >= every slot's count, got {n_docs}")
+        self.doc_freq += counts.long()
+        self.n_docs += n_docs
 
     @property
     def used_fraction(self) -> float:
@@ -64,7 +80,7 @@ def tfidf_scores(counts: torch.Tensor, background: BackgroundCounts) -> torch.Te
     if total == 0:
         return torch.zeros(counts.shape, dtype=torch.float64)
     tf = counts.double() / total.double()
-    idf = torch.log((background.n_batches + 1) / (background.doc_freq.double() + 1))
+    idf = torch.log((background.n_docs + 1) / (background.doc_freq.double() + 1))
     return tf * idf
 
 

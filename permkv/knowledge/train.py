@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from permkv.knowledge.memory import ProductKeyMemory
-from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer, slot_counts
+from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer, doc_counts
 
 METHODS = ("sparse", "full", "lora")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,15 +81,31 @@ def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     return {k: v.to(model.device) for k, v in batch.items()}
 
 
+@torch.no_grad()
+def calibrate_memory(model, memory: ProductKeyMemory, batches, progress: bool = True) -> None:
+    """Set the memory's input standardisation from the hidden states it sees on background batches."""
+    seen: list[torch.Tensor] = []
+    hook = memory.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).cpu()))
+    try:
+        for batch in tqdm(list(batches), desc="memory calibration", disable=not progress):
+            batch = to_device(batch, model)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        hook.remove()
+    memory.calibrate(torch.cat(seen).to(memory.values.device))
+
+
 def pretrain_memory(model, memory: ProductKeyMemory, batches, lr: float = 1e-3, progress: bool = True) -> PretrainResult:
-    """Train the memory alone (queries, keys, values; Adam) on background batches; the model stays frozen.
+    """Train the memory's values alone (Adam) on background batches; the model, keys and queries stay frozen.
 
     Why: a freshly inserted memory has zero values, so its slots mean nothing; a short stage on
-    ordinary text makes the slots carry something and makes the access statistics meaningful.
+    ordinary text makes the slots carry something. Keys and queries stay as initialised (on
+    calibrated inputs): training them too with the host frozen collapsed the reads onto 15% of the
+    slots (measured), leaving too few slots for new facts.
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    params = list(memory.parameters())
+    params = [memory.values]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
@@ -109,12 +125,13 @@ def pretrain_memory(model, memory: ProductKeyMemory, batches, lr: float = 1e-3, 
 
 @torch.no_grad()
 def background_counts(model, memory: ProductKeyMemory, batches, progress: bool = True) -> BackgroundCounts:
-    """Document frequency of each slot over background batches (one batch = one document)."""
+    """Document frequency of each slot over background batches (one sequence = one document, see `sparse`)."""
     counts = BackgroundCounts.empty(memory.config.n_slots)
     memory.record = True
     for batch in tqdm(list(batches), desc="background counts", disable=not progress):
         model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device))
-        counts.add(slot_counts(memory.last_indices.cpu(), memory.config.n_slots, batch["attention_mask"]))
+        mask = batch["attention_mask"]
+        counts.add(doc_counts(memory.last_indices.cpu(), memory.config.n_slots, mask), mask.shape[0])
     return counts
 
 
