@@ -96,11 +96,11 @@ CLAIMS: list[Claim] = [
           "07_continual_learning_forgetting", "claim.forgetting_sparse_pct", 11.0, higher_is_better=False),
     Claim("continual.gap", "Sparse memory finetuning forgets far less than LoRA and full finetuning",
           "Lin et al. 2025, arXiv 2510.15103", "60 points less than the better baseline (71% - 11%)",
-          "as above; here SQuAD-with-passage F1 drop, SmolLM2-135M + product-key memory, matched fact EM",
+          "as above; here the drop on closed-book world facts the base model answered (FORGET_PROBE), SmolLM2-135M + product-key memory, matched fact EM",
           "07_continual_learning_forgetting", "claim.forgetting_gap_pct", 60.0),
     Claim("continual.baselines", "Full finetuning / LoRA forget 71-89% at equal acquisition",
           "Lin et al. 2025, arXiv 2510.15103", "71% (LoRA), 89% (full)",
-          "as above; the smaller of the two baselines' SQuAD F1 drops", "07_continual_learning_forgetting",
+          "as above; the smaller of the two baselines' drops", "07_continual_learning_forgetting",
           "claim.forgetting_baseline_min_pct", 71.0),
 ]
 
