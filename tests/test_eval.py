@@ -35,3 +35,4 @@ def test_perplexity_matches_manual_computation(smol):
     assert perplexity(model, ids) == pytest.approx(math.exp(nll), rel=1e-4)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(model, ids[:1])
+

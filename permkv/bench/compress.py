@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -28,6 +26,7 @@ from transformers import DynamicCache
 from permkv.cache import paged_attention
 from permkv.compress import InferenceKVCacheCompression, observing
 from permkv.compress.answer import make_press, paged_cache_for, prefill_and_compress
+from permkv.bench import peak_rss as bench_peak_rss
 from permkv.models import load_model
 
 
@@ -90,25 +89,19 @@ RSS_METHODS = ("plain", "kvpress_snapkv", "permkv", "permkv_chunked")
 
 def peak_rss(method: str, context: int, ratio: float, chunk: int) -> int:
     """Peak resident bytes of a fresh CPU process while it prefills `context` tokens and compresses
-    them with `method` (one of RSS_METHODS); the peak is reset after loading the model (Linux
-    `clear_refs`), so loading's own peak does not hide the prefill's."""
-    code = (
-        "import torch; from transformers import DynamicCache; from permkv.models import load_model\n"
-        "from permkv.compress import InferenceKVCacheCompression\n"
-        "from permkv.compress.answer import make_press, prefill_and_compress\n"
-        "m, _, _ = load_model(device='cpu'); torch.set_num_threads(1)\n"
-        f"ids = torch.randint(100, 40000, (1, {context}), generator=torch.Generator().manual_seed({context}))\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "with torch.no_grad():\n"
-        f"    if '{method}' == 'plain': m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
-        f"    elif '{method}' == 'kvpress_snapkv':\n"
-        f"        with make_press('kvpress_snapkv', {ratio})(m): m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
-        f"    else: prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(), 16, "
-        f"{chunk if method == 'permkv_chunked' else None})\n"
-        "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # VmHWM is in KiB
+    them with `method` (one of RSS_METHODS)."""
+    setup = ("import torch; from transformers import DynamicCache; from permkv.models import load_model\n"
+             "from permkv.compress import InferenceKVCacheCompression\n"
+             "from permkv.compress.answer import make_press, prefill_and_compress\n"
+             "m, _, _ = load_model(device='cpu'); torch.set_num_threads(1)\n"
+             f"ids = torch.randint(100, 40000, (1, {context}), generator=torch.Generator().manual_seed({context}))")
+    work = ("with torch.no_grad():\n"
+            f"    if '{method}' == 'plain': m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
+            f"    elif '{method}' == 'kvpress_snapkv':\n"
+            f"        with make_press('kvpress_snapkv', {ratio})(m): m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
+            f"    else: prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(), 16, "
+            f"{chunk if method == 'permkv_chunked' else None})")
+    return bench_peak_rss(setup, work)
 
 
 def main(argv: list[str]) -> None:

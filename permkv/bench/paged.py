@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -22,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from permkv.cache import BlockPool, PagedCache, paged_attention
+from permkv.bench import peak_rss as bench_peak_rss
 from permkv.models import load_model
 
 
@@ -91,20 +91,13 @@ def bench_context(model, spec, context: int, steps: int, repeats: int) -> dict:
 
 
 def peak_rss(kind: str, context: int, steps: int) -> int:
-    """Peak resident bytes of a fresh CPU process while it prefills `context` tokens and decodes
-    `steps`: the peak is reset after the model is loaded (Linux `clear_refs`), so loading's own
-    peak does not hide the cache's."""
-    code = (
-        "import torch; from permkv.bench.paged import make_cache, forward; "
-        "from permkv.models import load_model; m, t, s = load_model(device='cpu'); torch.set_num_threads(1); "
-        f"ids = torch.randint(100, 40000, (1, {context})); c = make_cache('{kind}', m, s, {context + steps + 1}); "
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        f"_, l = forward('{kind}', m, ids, c)\n"
-        f"for _ in range({steps}): _, l = forward('{kind}', m, l.argmax(-1, keepdim=True), c)\n"
-        "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # VmHWM is in KiB
+    """Peak resident bytes of a fresh CPU process while it prefills `context` tokens and decodes `steps`."""
+    setup = ("import torch; from permkv.bench.paged import make_cache, forward; "
+             "from permkv.models import load_model; m, t, s = load_model(device='cpu'); torch.set_num_threads(1); "
+             f"ids = torch.randint(100, 40000, (1, {context})); c = make_cache('{kind}', m, s, {context + steps + 1})")
+    work = (f"_, l = forward('{kind}', m, ids, c)\n"
+            f"for _ in range({steps}): _, l = forward('{kind}', m, l.argmax(-1, keepdim=True), c)")
+    return bench_peak_rss(setup, work)
 
 
 def main(argv: list[str]) -> None:
