@@ -67,11 +67,6 @@ def natural_prompts(tokenizer, spec, task: str, n: int, seed: int = 0) -> list[l
     return prompts
 
 
-def natural_prompt_lengths(tokenizer, spec, task: str, n: int, seed: int = 0) -> list[int]:
-    """Token lengths of `natural_prompts`."""
-    return [len(p) for p in natural_prompts(tokenizer, spec, task, n, seed)]
-
-
 def request_mix(prompts: list[int] | list[list[int]], output_range: tuple[int, int], seed: int = 0) -> list[Request]:
     """Requests in a seeded random order, each with an output length uniform in `output_range`.
 

@@ -127,10 +127,11 @@ def prefill_and_compress(model, prefix: list[int], ratio: float, compression: In
         step = ratio * cached / (seen * len(full_layers) * cache.n_kv_heads)  # back to seen / ratio
         if step > 1:
             compressor.compress(cache, step, recorder.queries)
-    lengths = cache.stats().lengths[0]
+    stats = cache.stats()
+    lengths = stats.lengths[0]
     blocks = sum(cache.n_kv_heads * cache.pool.blocks_for(min(len(prefix), layer.sliding_window or len(prefix)))
                  for layer in cache.layers)  # what an unchunked, uncompressed prefill holds
-    report = CompressionReport(ratio, blocks * cache.pool.bytes_per_block, cache.stats().allocated_bytes, lengths,
+    report = CompressionReport(ratio, blocks * cache.pool.bytes_per_block, stats.allocated_bytes, lengths,
                                [[len(prefix) / max(k, 1) for k in row] for row in lengths])
     return cache, logits, report
 
