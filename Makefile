@@ -28,10 +28,10 @@ test: setup ## Unit tests on the real models and the quick notebooks through Pap
 	$(PY) -m pytest -q
 
 reproduce: setup ## Run every notebook (PROFILE=quick|cpu|gpu, default cpu), then write reports/claims.md
-	$(PY) -m permkv.reproduce --profile $(PROFILE)
+	$(PY) -m permkv.harness.reproduce --profile $(PROFILE)
 
 claims: setup ## Regenerate reports/claims.md and the README's claims table from MLflow
-	$(PY) -m permkv.claims > /dev/null
+	$(PY) -m permkv.harness.claims > /dev/null
 
 lab: setup ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks

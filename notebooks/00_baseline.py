@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from permkv import tracking
-from permkv.eval import score_grid, timing_grid
+from permkv.harness import tracking
+from permkv.experiments.baseline import score_grid, timing_grid
 from permkv.models import load_model
 
 # %% tags=["parameters"]

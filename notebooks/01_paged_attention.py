@@ -30,7 +30,7 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from permkv import tracking
+from permkv.harness import tracking
 from permkv.cache import BlockPool, PagedCache, paged_attention
 from permkv.cache.capacity import (
     ReservationPool,

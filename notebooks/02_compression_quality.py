@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from permkv import tracking
+from permkv.harness import tracking
 from permkv.compress.quality import paired_difference, pooled_retention, quality_grid
 from permkv.models import load_model
 

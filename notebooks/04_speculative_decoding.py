@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from permkv import tracking
+from permkv.harness import tracking
 from permkv.models import load_model
 from permkv.speculate import SpeculativeDecodingEngine
 from permkv.speculation_eval import (

@@ -40,7 +40,7 @@ import json
 
 import matplotlib.pyplot as plt
 
-from permkv import tracking
+from permkv.harness import tracking
 from permkv.knowledge import (
     ExperimentConfig, KnowledgeCache, MemoryConfig, domain_retention, make_facts, matched_comparison, prepare,
     run_method,

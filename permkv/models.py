@@ -226,17 +226,3 @@ def encode_prompt(tokenizer, spec: ModelSpec, text: str, chat: bool | None = Non
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tokenizer(text).input_ids
-
-
-@torch.no_grad()
-def greedy_generate(model, tokenizer, ids: list[int], max_new_tokens: int = 32) -> str:
-    """Greedy continuation of `ids`, decoded without special tokens."""
-    inp = torch.tensor([ids], device=model.device)
-    out = model.generate(
-        inp,
-        attention_mask=torch.ones_like(inp),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)

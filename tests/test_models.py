@@ -4,14 +4,14 @@ import pytest
 
 from permkv import models
 from permkv.data import heldout_essays
-from permkv.eval import perplexity
-from permkv.models import encode_prompt, greedy_generate, load_model
+from permkv.eval import generate, perplexity
+from permkv.models import encode_prompt, load_model
 
 
 def test_smollm2_answers_paris(smol):
     model, tok, spec = smol
-    assert "Paris" in greedy_generate(model, tok, encode_prompt(tok, spec, "The capital of France is", chat=False), 8)
-    assert "Paris" in greedy_generate(model, tok, encode_prompt(tok, spec, "What is the capital of France?"), 16)
+    assert "Paris" in generate(model, tok, encode_prompt(tok, spec, "The capital of France is", chat=False), 8)
+    assert "Paris" in generate(model, tok, encode_prompt(tok, spec, "What is the capital of France?"), 16)
 
 
 def test_smollm2_encodes_like_the_original_tokenizer(smol):
@@ -29,7 +29,7 @@ def test_gemma_tokenizer_is_rebuilt_correctly(gemma):
     assert tok("The capital of France is").input_ids == [2, 818, 5279, 529, 7001, 563]
     text = heldout_essays()[:3000]
     assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
-    out = greedy_generate(model, tok, tok("The capital of France is").input_ids, 12)
+    out = generate(model, tok, tok("The capital of France is").input_ids, 12)
     assert "France" in out or "Paris" in out
 
 

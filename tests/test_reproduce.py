@@ -5,7 +5,7 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from permkv import reproduce, tracking
+from permkv.harness import reproduce, tracking
 
 BASELINE = tracking.ROOT / "notebooks" / "00_baseline.ipynb"
 

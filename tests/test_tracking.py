@@ -4,7 +4,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from mlflow.tracking import MlflowClient
 
-from permkv import claims, tracking
+from permkv.harness import claims, tracking
 
 
 def test_run_is_read_back_through_the_client(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from permkv.tracking import ROOT
+from permkv.harness.tracking import ROOT
 
 
 def write_result(name: str, result: dict) -> Path:

@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 
 from permkv.compress.answer import method_answer
 from permkv.data import build_task
-from permkv.eval import bootstrap_ci, evaluate, summarize
+from permkv.eval import bootstrap_ci
+from permkv.experiments.scoring import evaluate, summarize
 
 
 def quality_grid(

@@ -1,4 +1,4 @@
-"""Execute every notebook with Papermill: `python -m permkv.reproduce --profile quick|cpu|gpu [--only NAME]`.
+"""Execute every notebook with Papermill: `python -m permkv.harness.reproduce --profile quick|cpu|gpu [--only NAME]`.
 
 Each notebook `notebooks/NAME.ipynb` runs with `params/<profile>/NAME.yaml`; the executed copy goes to
 `reports/<profile>/NAME.ipynb` and is attached to the notebook's newest MLflow run. Parameter files
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from permkv import claims, tracking
+from permkv.harness import claims, tracking
 
 PROFILES = ("quick", "cpu", "gpu")
 NOTEBOOKS = tracking.ROOT / "notebooks"

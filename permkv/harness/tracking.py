@@ -6,13 +6,14 @@ store is deprecated) unless `MLFLOW_TRACKING_URI` points at a shared tracking se
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-ROOT = Path(os.environ.get("PERMKV_ROOT", Path(__file__).resolve().parents[1]))
+ROOT = Path(os.environ.get("PERMKV_ROOT", Path(__file__).resolve().parents[2]))
 
 
 def tracking_uri() -> str:
@@ -89,3 +90,35 @@ def latest_run(experiment: str, prefer: tuple[str, ...] | None = ("gpu", "cpu"))
         return prefer.index(profile) if profile in prefer else len(prefer) + (profile == "quick")
 
     return min(runs, key=rank) if runs else None
+
+
+def out_dir(profile: str, experiment: str) -> Path:
+    """reports/<profile>/<experiment>/: where a notebook writes its figures and tables."""
+    path = ROOT / "reports" / profile / experiment
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def defined(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics that have a value: NaN / inf (e.g. a retention over a zero baseline) are left out."""
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def publish(experiment: str, config, profile: str, metrics: Mapping[str, float], figures: Mapping[str, object] = {},
+            tables: Mapping[str, object] = {}) -> Path:
+    """A notebook's last cell: save figures (PNG, tight box) and tables (JSON, CSV for DataFrames)
+    under reports/<profile>/<experiment>/ and log all of it, with `config` as parameters and the
+    defined metrics, to one MLflow run. Returns the output folder."""
+    folder = out_dir(profile, experiment)
+    with run(experiment, asdict(config) if is_dataclass(config) else dict(config), profile):
+        log_metrics(defined(metrics))
+        for name, fig in figures.items():
+            fig.savefig(folder / name, bbox_inches="tight", dpi=120)
+            log_artifact(folder / name)
+        for name, table in tables.items():
+            if hasattr(table, "to_csv"):
+                table.to_csv(folder / f"{name}.csv", index=False)
+                log_artifact(folder / f"{name}.csv")
+                table = table.to_dict("records")
+            log_dict(table, f"{name}.json")
+    return folder

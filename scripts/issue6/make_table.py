@@ -1,7 +1,7 @@
 """Evidence for issue 6: the acquisition / forgetting table from a notebook-07 run's records.json.
 
-Usage: python reports/issue6/make_table.py reports/cpu/07_continual_learning_forgetting/records.json
-Writes reports/issue6/table_<profile>.json next to this script and prints the table.
+Usage: python scripts/issue6/make_table.py reports/cpu/07_continual_learning_forgetting/records.json
+Writes reports/issue6/table_<profile>.json and prints the table.
 """
 
 import json
@@ -21,7 +21,7 @@ rows = [{k: r[k] for k in cols} for r in records]
 out = {"source": str(src), "profile": profile, "target_em": matched["target_em"],
        "matched": {m: {k: matched[m][k] for k in cols} for m in ("sparse", "full", "lora")},
        "all_checkpoints": rows, "metrics": metrics}
-Path(__file__).with_name(f"table_{profile}.json").write_text(json.dumps(out, indent=1))
+(Path("reports/issue6") / f"table_{profile}.json").write_text(json.dumps(out, indent=1))
 print(f"matched fact EM target {matched['target_em']:.3f}")
 print(f"{'method':7} {'lr':>7} {'t':>5} {'step':>4} {'EM':>6} {'SQuAD F1':>8} {'drop':>7} {'world':>6} {'drop':>7} {'ppl':>7} {'rise':>7}")
 for r in rows:

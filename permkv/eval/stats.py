@@ -1,0 +1,27 @@
+"""Bootstrap confidence intervals and quality retention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean."""
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, arr.size, size=(n, arr.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def retention(scores: Sequence[float], baseline: Sequence[float]) -> float:
+    """Quality retention: mean score / mean full-cache score on the same samples."""
+    if len(scores) != len(baseline):
+        raise ValueError(f"retention needs paired samples, got {len(scores)} and {len(baseline)}")
+    base = float(np.mean(baseline))
+    if base == 0:
+        return float("nan")
+    return float(np.mean(scores)) / base
