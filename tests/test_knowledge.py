@@ -7,14 +7,12 @@ import math
 import pytest
 import torch
 
+from permkv.data import load_essays, make_facts, training_texts
+from permkv.experiments.continual_learning import forgetting, generate_answers
 from permkv.knowledge import (
-    BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, find_memory,
-    doc_counts, insert_memory, make_facts, memory_inserted, remove_memory, slot_counts, tfidf_scores, top_t_slots,
-    training_texts,
+    FEW_SHOT, BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, doc_counts,
+    find_memory, greedy_match, insert_memory, memory_inserted, remove_memory, slot_counts, tfidf_scores, top_t_slots,
 )
-from permkv.knowledge.facts import FEW_SHOT
-from permkv.knowledge.probes import forgetting, generate, greedy_match
-from permkv.data import load_essays
 from permkv.knowledge.train import (
     DenseTrainer, background_counts, calibrate_memory, collate, full_trainer, lora_model, token_windows, window_batches,
 )
@@ -189,7 +187,7 @@ def test_facts_are_seeded_distinct_and_test_questions_are_unseen():
 def test_greedy_match_agrees_with_generation(smol):
     model, tok, _ = smol
     prompt = FEW_SHOT + "Q: What is the capital of France?\nA:"
-    generated = generate(model, tok, [prompt], max_new_tokens=4)[0].rstrip(".").strip()
+    generated = generate_answers(model, tok, [prompt], max_new_tokens=4)[0].rstrip(".").strip()
     assert generated  # whatever the model says, teacher forcing must agree with it
     wrong = "Berlin" if generated != "Berlin" else "Paris"
     assert greedy_match(model, tok, [prompt] * 3, [generated, wrong, generated[:-1]]) == [True, False, False]
