@@ -148,6 +148,7 @@ def test_sparse_step_changes_only_the_top_t_value_rows(smol):
         SparseMemoryTrainer(model, memory, background, t=SMALL.n_slots + 1, lr=1.0)
 
 
+@pytest.mark.slow
 def test_sparse_finetuning_fits_the_facts(smol):
     # the failure this guards against: values that receive gradient but never learn (lr scale, idf ~ 0)
     model, tok, _ = smol
@@ -204,12 +205,14 @@ def _loss_falls(model, tok, trainer, steps: int = 4) -> tuple[float, float]:
     return first, last
 
 
+@pytest.mark.slow
 def test_full_finetuning_trains(smol):
     model, tok, _ = smol
     first, last = _loss_falls(model, tok, full_trainer(model, lr=1e-4), steps=3)
     assert last < first * 0.8
 
 
+@pytest.mark.slow
 def test_lora_trains_and_only_adapters_change(smol):
     model, tok, _ = smol
     base = model.model.layers[5].self_attn.q_proj.weight.detach().clone()

@@ -44,6 +44,7 @@ def test_request_mix_is_seeded_and_checked():
         request_mix([10], (0, 5))
 
 
+@pytest.mark.slow
 def test_compressed_admission_really_compresses_and_admits_more(smol):
     """Real prefill + 4x compression of SQuAD prompts in a shared pool: more requests fit than
     uncompressed, and each admitted cache holds about prompt / 4 + output tokens per head."""

@@ -126,6 +126,7 @@ TEMPLATES = [
 PROMPTS = [tpl.format(t=t) for tpl in TEMPLATES for t in TOPICS]  # 30 varied prompts
 
 
+@pytest.mark.slow
 def test_token_identical_to_greedy_on_30_prompts(smol):
     model, tok, spec = smol
     from permkv.models import encode_prompt
