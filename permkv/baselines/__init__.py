@@ -1,0 +1,1 @@
+"""Peers permkv is measured against: kvpress presses (`permkv.baselines.kvpress`)."""
