@@ -334,6 +334,7 @@ class CompressionQualityConfig:
     headline: str = "permkv"  # the method the claim metrics measure
     max_new_tokens: int = 32
     heatmap_method: str = "permkv_adaptive"  # whose kept tokens per (layer, head) the heatmap shows
+    claim_tokens: int = 0  # claim metrics pool samples of at least this many context tokens (the anchor: thousands)
     long_model: str = "gemma3-270m"  # a second model at long context (permkv methods: kvpress cannot run Gemma-3)
     long_tasks: list = field(default_factory=lambda: ["niah_single"])
     long_lengths: list = field(default_factory=lambda: [640])
