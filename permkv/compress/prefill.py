@@ -14,8 +14,7 @@ import math
 
 import torch
 
-from permkv.cache import BlockPool, PagedCache
-from permkv.cache.paged import HeadTable
+from permkv.cache import BlockPool, HeadTable, PagedCache
 from permkv.compress.compressor import CompressionReport, InferenceKVCacheCompression, check_ratio, report_of
 from permkv.compress.observe import observing
 
