@@ -1,5 +1,6 @@
 """The reproduce runner: parameter files are checked before compute; quick notebooks run end to end."""
 
+import json
 import os
 
 import pytest
@@ -90,3 +91,49 @@ def test_paged_attention_quick_metrics(quick_store):
     assert 0 <= m["claim.paged_waste_pct"] < m["claim.reservation_waste_pct"] <= 100
     assert m["concurrent_requests.reserve_max_context"] <= m["claim.concurrent_requests_1x"]
     assert 0 <= m["demo_paged_waste_pct"] < 100
+
+
+@pytest.mark.slow
+def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkeypatch, capsys):
+    """A second run skips a finished notebook; a changed parameter file or --force reruns it; a failing
+    notebook becomes a FAILED run (so the ledger cannot show older numbers as current)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('PROFILE = "quick"\nX = 1\nFAIL = False', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("from permkv.harness import tracking\nassert not FAIL, 'asked to fail'\n"
+                                  "tracking.publish('98_tiny', {'x': X}, PROFILE, {'x': X})"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / "98_tiny.ipynb")
+    (tmp_path / "params" / "quick").mkdir(parents=True)
+    params = tmp_path / "params" / "quick" / "98_tiny.yaml"
+    params.write_text("X: 2\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PERMKV_ROOT", str(tmp_path))  # the kernel writes its reports under tmp_path
+    monkeypatch.setattr(tracking, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "NOTEBOOKS", tmp_path / "notebooks")
+    monkeypatch.setattr(reproduce, "PARAMS", tmp_path / "params")
+    monkeypatch.setattr(reproduce, "DURATIONS", tmp_path / "reports" / "durations.json")
+    client = MlflowClient(uri)
+
+    def runs():
+        return client.search_runs([client.get_experiment_by_name("98_tiny").experiment_id],
+                                  order_by=["attributes.start_time DESC"])
+
+    assert reproduce.main(["--profile", "quick"]) == 0
+    assert len(runs()) == 1 and runs()[0].data.metrics == {"x": 2.0}
+    assert runs()[0].data.tags["permkv.fingerprint"] == reproduce.fingerprint(tmp_path / "notebooks" / "98_tiny.ipynb", "quick")
+    assert "98_tiny" in json.loads((tmp_path / "reports" / "durations.json").read_text())["quick"]
+    capsys.readouterr()
+    assert reproduce.main(["--profile", "quick"]) == 0
+    assert "0 of 1 notebooks to run" in capsys.readouterr().out and len(runs()) == 1
+    params.write_text("X: 3\n")
+    assert reproduce.main(["--profile", "quick"]) == 0 and len(runs()) == 2
+    assert reproduce.main(["--profile", "quick", "--force"]) == 0 and len(runs()) == 3
+    params.write_text("FAIL: true\n")
+    assert reproduce.main(["--profile", "quick"]) == 1
+    assert runs()[0].info.status == "FAILED" and "asked to fail" in runs()[0].data.tags["permkv.error"]

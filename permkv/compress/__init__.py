@@ -3,6 +3,7 @@
 from permkv.compress.allocators import ALLOCATORS, GlobalAdaptiveAllocator, LayerAdaptiveAllocator, UniformAllocator
 from permkv.compress.compressor import CompressionReport, Compressor, InferenceKVCacheCompression
 from permkv.compress.observe import QueryRecorder, observing
+from permkv.compress.answer import paged_cache_for, prefill_and_compress
 from permkv.compress.scorers import SCORERS, KeyNormScore, KVCompressScore, RandomScore, RecentScore, SnapKVScore, get_scorer
 
 __all__ = [

@@ -6,6 +6,7 @@ store is deprecated) unless `MLFLOW_TRACKING_URI` points at a shared tracking se
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -71,25 +72,38 @@ def log_artifact(path: str | Path) -> None:
     _mlflow().log_artifact(str(path))
 
 
-def latest_run(experiment: str, prefer: tuple[str, ...] | None = ("gpu", "cpu")):
-    """The newest finished run of `experiment`: a `prefer`red profile first, then any other full
-    profile (e.g. a reduced cpu run), then a quick smoke run; with `prefer=None` simply the newest.
+def latest_run(experiment: str, prefer: tuple[str, ...] | None = ("gpu", "full", "cpu"), finished_only: bool = True):
+    """The newest run of `experiment`: a `prefer`red profile first, then any other full profile
+    (e.g. a reduced cpu run), then a quick smoke run; with `prefer=None` simply the newest.
+    `finished_only=False` also returns FAILED runs, so that a failed rerun hides older numbers.
     None if there is none."""
     mlflow = _mlflow()
     client = mlflow.tracking.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
-
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    ended = ("FINISHED",) if finished_only else ("FINISHED", "FAILED")
+    runs = [r for r in runs if r.info.status in ended]
+    if not runs:
+        return None
     if prefer is None:
-        return runs[0] if runs else None
+        return runs[0]
 
     def rank(run) -> int:
         profile = run.data.tags.get("profile")
         return prefer.index(profile) if profile in prefer else len(prefer) + (profile == "quick")
 
-    return min(runs, key=rank) if runs else None
+    return min(runs, key=rank)
+
+
+def mark_failed(experiment: str, profile: str, why: str) -> None:
+    """Record a failed notebook as a FAILED run of its profile (so the ledger does not show older numbers
+    as current)."""
+    mlflow = _mlflow()
+    mlflow.set_experiment(experiment)
+    mlflow.start_run(tags={"profile": profile, "permkv.error": why[:5000]})
+    mlflow.end_run(status="FAILED")
 
 
 def out_dir(profile: str, experiment: str) -> Path:
@@ -106,7 +120,7 @@ def defined(metrics: Mapping[str, float]) -> dict[str, float]:
 
 def publish(experiment: str, config, profile: str, metrics: Mapping[str, float], figures: Mapping[str, object] = {},
             tables: Mapping[str, object] = {}) -> Path:
-    """A notebook's last cell: save figures (PNG, tight box) and tables (JSON, CSV for DataFrames)
+    """A notebook's last cell: save figures (PNG, tight box) and tables (JSON; CSV too for DataFrames)
     under reports/<profile>/<experiment>/ and log all of it, with `config` as parameters and the
     defined metrics, to one MLflow run. Returns the output folder."""
     folder = out_dir(profile, experiment)
@@ -120,5 +134,6 @@ def publish(experiment: str, config, profile: str, metrics: Mapping[str, float],
                 table.to_csv(folder / f"{name}.csv", index=False)
                 log_artifact(folder / f"{name}.csv")
                 table = table.to_dict("records")
-            log_dict(table, f"{name}.json")
+            (folder / f"{name}.json").write_text(json.dumps(table, indent=1, default=str))
+            log_artifact(folder / f"{name}.json")
     return folder
