@@ -137,3 +137,15 @@ def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkey
     params.write_text("FAIL: true\n")
     assert reproduce.main(["--profile", "quick"]) == 1
     assert runs()[0].info.status == "FAILED" and "asked to fail" in runs()[0].data.tags["permkv.error"]
+
+
+def test_throughput_quick_metrics(quick_store):
+    _, client = quick_store
+    exp = client.get_experiment_by_name("03_throughput")
+    (run,) = client.search_runs([exp.experiment_id])
+    m = run.data.metrics
+    assert m["throughput.total_gain_1x"] == 1.0 and m["claim.throughput_gain_8x"] > 0
+    assert m["throughput.max_batch_8x"] >= m["throughput.max_batch_1x"] >= 1
+    assert 0 < m["throughput.prefill_share_1x"] < 1
+    assert m["throughput.engine_1x_vs_hf_sequential"] > 0
+    assert {"claim.engine_concurrency_gain_8x", "cost.per_seq_s", "quality.8x"} <= set(m)
