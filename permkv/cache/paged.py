@@ -45,6 +45,7 @@ class PagedCache(Cache):
         ]
         super().__init__(layers=layers)
         self.pool = pool
+        self.config = config
         self.n_kv_heads = text.num_key_value_heads
         self.seen: list[int] = []  # real tokens processed per sequence (positions)
         self._pending: int | None = None
@@ -134,6 +135,32 @@ class PagedCache(Cache):
                 self.pool.free(t.blocks)
             layer.changed()
         self.seen.pop(seq)
+
+    def adopt(self, other: "PagedCache") -> None:
+        """Move every sequence of `other` (same pool) to the end of this cache, blocks and all (no
+        copy); `other` is left empty. How a batch engine joins a separately prefilled sequence."""
+        if other is self or other.pool is not self.pool or len(other.layers) != len(self.layers):
+            raise ValueError("other must be another PagedCache of the same model on the same pool")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.tables.extend(theirs.tables)
+            mine.columns = max(mine.columns, theirs.columns)
+            theirs.tables, theirs.columns = [], 0
+            mine.changed()
+            theirs.changed()
+        self.seen.extend(other.seen)
+        other.seen = []
+
+    def detach(self, seq: int) -> "PagedCache":
+        """Move sequence `seq` out into a new one-sequence PagedCache on the same pool (no copy);
+        later sequences move down one index. `adopt` puts it back (at the end)."""
+        self._seq(seq)
+        single = PagedCache(self.pool, self.config)
+        for mine, theirs in zip(self.layers, single.layers):
+            theirs.tables = [mine.tables.pop(seq)]
+            theirs.columns = mine.columns
+            mine.changed()
+        single.seen = [self.seen.pop(seq)]
+        return single
 
     def _select(self, indices: list[int]) -> None:
         """Keep sequences `indices` in that order (repeats allowed), freeing the rest."""

@@ -82,6 +82,11 @@ CLAIMS: list[Claim] = [
           "03_throughput", "claim.throughput_gain_8x", 3.44),
     Claim("throughput.64x", "5.18x throughput at 64x compression", "KV-Compress / Cloudflare blog",
           "5.18x", "as above", "03_throughput", "claim.throughput_gain_64x", 5.18),
+    Claim("throughput.concurrent_8x", "Concurrent requests grow 10 -> 80 at 8x (measured by the engine)", "seed table",
+          "8x more requests", "not stated; here: largest decode batch of permkv.engine vs ratio 1, same pool, outputs "
+          "compressed too (capped by the number of requests)", "03_throughput", "claim.engine_concurrency_gain_8x", 8.0),
+    Claim("throughput.concurrent_64x", "Concurrent requests grow 10 -> 640 at 64x (measured by the engine)", "seed table",
+          "64x more requests", "as above", "03_throughput", "claim.engine_concurrency_gain_64x", 64.0),
     # --- speculative decoding (issue 5)
     Claim("speculate.seed", "Prompt-lookup speculation gives a 40-70% speedup", "seed (no primary source found)",
           "1.4-1.7x", "Llama models, unspecified", "04_speculative_decoding", "claim.speculative_speedup_grounded", 1.4),
