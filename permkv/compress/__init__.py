@@ -1,5 +1,6 @@
 """Per-(layer, KV head) KV-cache compression that gives blocks back to the pool (KV-Compress style)."""
 
+from permkv.compress.answer import prefill_and_compress
 from permkv.compress.allocators import ALLOCATORS, GlobalAdaptiveAllocator, LayerAdaptiveAllocator, UniformAllocator
 from permkv.compress.compressor import CompressionReport, Compressor, InferenceKVCacheCompression
 from permkv.compress.observe import QueryRecorder, observing
@@ -8,5 +9,5 @@ from permkv.compress.scorers import SCORERS, KeyNormScore, KVCompressScore, Rand
 __all__ = [
     "ALLOCATORS", "SCORERS", "CompressionReport", "Compressor", "GlobalAdaptiveAllocator", "InferenceKVCacheCompression",
     "KVCompressScore", "KeyNormScore", "LayerAdaptiveAllocator", "QueryRecorder", "RandomScore", "RecentScore",
-    "SnapKVScore", "UniformAllocator", "get_scorer", "observing",
+    "SnapKVScore", "UniformAllocator", "get_scorer", "observing", "prefill_and_compress",
 ]
