@@ -90,3 +90,13 @@ def test_paged_attention_quick_metrics(quick_store):
     assert 0 <= m["claim.paged_waste_pct"] < m["claim.reservation_waste_pct"] <= 100
     assert m["concurrent_requests.reserve_max_context"] <= m["claim.concurrent_requests_1x"]
     assert 0 <= m["demo_paged_waste_pct"] < 100
+
+
+def test_recursive_lm_quick_metrics(quick_store):
+    _, client = quick_store
+    exp = client.get_experiment_by_name("05_recursive_lm")
+    (run,) = client.search_runs([exp.experiment_id])
+    m = run.data.metrics
+    assert m["claim.rlm_read_calls_1x"] >= 4 and m["claim.rlm_read_calls_8x"] == 1  # 800 tokens, 200 per call
+    assert m["permkv_rlm.1x.n"] == 1 and m["truncated.1x.n"] == 1 and m["official_rlm.1x.n"] == 1
+    assert 0 <= m["official_rlm.1x.score"] <= 1
