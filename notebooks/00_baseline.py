@@ -24,8 +24,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from permkv.experiments.baseline import BaselineConfig, claim_metrics, curves, score_grid, timing_grid
 from permkv.harness import tracking
-from permkv.experiments.baseline import score_grid, timing_grid
+from permkv.harness.config import from_params
 from permkv.models import load_model
 
 # %% tags=["parameters"]
@@ -41,20 +42,18 @@ TIMING_REPEATS = 2
 SEED = 0
 
 # %%
-params = dict(models=MODELS, tasks=TASKS, lengths=LENGTHS, n_samples=N_SAMPLES, mode=MODE,
-              max_new_tokens=MAX_NEW_TOKENS, timing_lengths=TIMING_LENGTHS, timing_repeats=TIMING_REPEATS, seed=SEED)
-out_dir = tracking.ROOT / "reports" / PROFILE
-out_dir.mkdir(parents=True, exist_ok=True)
+cfg = from_params(BaselineConfig, globals())
 
 # %% [markdown]
 # ## Scores and timings
 
 # %%
 scores, timings = [], []
-for name in MODELS:
+for name in cfg.models:
     model, tokenizer, spec = load_model(name)
-    scores += score_grid(model, tokenizer, spec, TASKS, LENGTHS[name], N_SAMPLES, MODE, SEED, MAX_NEW_TOKENS)
-    timings += timing_grid(model, tokenizer, spec, TIMING_LENGTHS[name], repeats=TIMING_REPEATS)
+    scores += score_grid(model, tokenizer, spec, cfg.tasks, cfg.lengths[name], cfg.n_samples, cfg.mode, cfg.seed,
+                         cfg.max_new_tokens)
+    timings += timing_grid(model, tokenizer, spec, cfg.timing_lengths[name], repeats=cfg.timing_repeats)
     del model
 scores = pd.DataFrame(scores)
 timings = pd.DataFrame(timings)
@@ -74,7 +73,7 @@ fig_scores = sns.relplot(data=tasks, x="context_tokens", y="score", hue="task", 
 for ax in fig_scores.axes:
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
-fig_scores.suptitle(f"Full-cache score ({MODE}, n={N_SAMPLES} per point)", y=1.03)
+fig_scores.suptitle(f"Full-cache score ({cfg.mode}, n={cfg.n_samples} per point)", y=1.03)
 plt.show()
 
 # %%
@@ -96,30 +95,7 @@ plt.show()
 # held-out essay perplexity (about 22 with a correct tokenizer).
 
 # %%
-metrics = {}
-for row in scores.itertuples():
-    key = f"{row.model}.{row.task}.{row.context_tokens}"
-    metrics[f"score.{key}"] = row.score
-    metrics[f"ci_low.{key}"] = row.ci_low
-    metrics[f"ci_high.{key}"] = row.ci_high
-for row in timings.itertuples():
-    metrics[f"prefill_s.{row.model}.{row.context_tokens}"] = row.prefill_s
-    metrics[f"decode_step_s.{row.model}.{row.context_tokens}"] = row.decode_step_s
-needle = scores[(scores.task == "niah_single") & (scores.context_tokens <= 4096)]
-if len(needle):
-    metrics["claim.niah_single_full_cache"] = needle.score.mean()
-gemma_ppl = scores[(scores.task == "perplexity") & (scores.model == "gemma3-270m")]
-if len(gemma_ppl):
-    metrics["claim.gemma_perplexity"] = gemma_ppl.score.mean()
-
-scores.to_csv(out_dir / "00_baseline_scores.csv", index=False)
-timings.to_csv(out_dir / "00_baseline_timings.csv", index=False)
-fig_scores.savefig(out_dir / "00_baseline_scores.png", bbox_inches="tight")
-fig_time.savefig(out_dir / "00_baseline_timings.png", bbox_inches="tight")
-with tracking.run("00_baseline", params, PROFILE):
-    tracking.log_metrics(metrics)
-    tracking.log_figure(fig_scores, "scores.png")
-    tracking.log_figure(fig_time, "timings.png")
-    tracking.log_dict(scores.to_dict("records"), "scores.json")
-    tracking.log_dict(timings.to_dict("records"), "timings.json")
+metrics = claim_metrics(scores.to_dict("records"), timings.to_dict("records"))
+tracking.publish("00_baseline", cfg, PROFILE, metrics, figures={"scores.png": fig_scores, "timings.png": fig_time},
+                 tables={"scores": scores, "timings": timings}, curves=curves(scores.to_dict("records")))
 {k: round(v, 4) for k, v in metrics.items() if k.startswith("claim.")}

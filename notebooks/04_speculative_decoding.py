@@ -28,18 +28,20 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from permkv.harness import tracking
-from permkv.models import load_model
-from permkv.speculate import SpeculativeDecodingEngine
-from permkv.speculation_eval import (
-    GROUNDED,
-    MethodConfig,
+from permkv.experiments.speculative_decoding import (
+    SpeculationConfig,
+    claim_metrics,
     compare,
     pooled,
     summarize,
+    sweep_curves,
     sweep_methods,
     workload_texts,
 )
+from permkv.harness import tracking
+from permkv.harness.config import from_params
+from permkv.models import load_model
+from permkv.speculate import SpeculativeDecodingEngine
 
 # %% tags=["parameters"]
 PROFILE = "quick"
@@ -59,15 +61,10 @@ THREADS = 1  # torch CPU threads (the machine is shared; 0 keeps torch's default
 SEED = 0
 
 # %%
-params = dict(model=MODEL, workloads=WORKLOADS, n_prompts=N_PROMPTS, max_new_tokens=MAX_NEW_TOKENS,
-              repeats=REPEATS, k=K, max_ngram=MAX_NGRAM, sweep_workloads=SWEEP_WORKLOADS,
-              sweep_ngrams=SWEEP_NGRAMS, sweep_ks=SWEEP_KS, sweep_prompts=SWEEP_PROMPTS,
-              sweep_max_new_tokens=SWEEP_MAX_NEW_TOKENS, threads=THREADS, seed=SEED)
-if THREADS:
-    torch.set_num_threads(THREADS)
-out_dir = tracking.ROOT / "reports" / PROFILE
-out_dir.mkdir(parents=True, exist_ok=True)
-model, tokenizer, spec = load_model(MODEL)
+cfg = from_params(SpeculationConfig, globals())
+if cfg.threads:
+    torch.set_num_threads(cfg.threads)
+model, tokenizer, spec = load_model(cfg.model)
 
 # %% [markdown]
 # ## Worked example: the seed's knock-knock joke
@@ -76,7 +73,7 @@ model, tokenizer, spec = load_model(MODEL)
 # measured speedup (it raises if the outputs differ).
 
 # %%
-engine = SpeculativeDecodingEngine(model, tokenizer, spec, k=K, max_ngram=MAX_NGRAM, max_new_tokens=32)
+engine = SpeculativeDecodingEngine(model, tokenizer, spec, k=cfg.k, max_ngram=cfg.max_ngram, max_new_tokens=32)
 joke = "Knock, knock! Who's there? Lettuce. Lettuce who? Lettuce in, it's cold out here!"
 knock = engine.generate_with_speculation(
     "Tell me the lettuce knock-knock joke.", "Knock, knock!", lookup_corpus=joke, measure_speedup=True
@@ -93,19 +90,18 @@ print(f"speedup {knock.speedup:.2f}x, acceptance {knock.stats.acceptance_rate:.2
 # out and exists only for permkv's own loop, which times its prefill (HF's `generate` does not).
 
 # %%
-prompts = {w: workload_texts(w, N_PROMPTS, SEED) for w in WORKLOADS}
-methods = [MethodConfig("greedy"), MethodConfig("hf_lookup", K, MAX_NGRAM),
-           MethodConfig("permkv", K, MAX_NGRAM), MethodConfig("permkv_raw", K, MAX_NGRAM)]
-timings = compare(model, tokenizer, spec, prompts, methods, MAX_NEW_TOKENS, REPEATS)
+prompts = {w: workload_texts(w, cfg.n_prompts, cfg.seed) for w in cfg.workloads}
+timings = compare(model, tokenizer, spec, prompts, cfg.methods, cfg.max_new_tokens, cfg.repeats)
 table = pd.DataFrame(summarize(timings) + pooled(timings))
 table.round(3)
 
 # %%
-fig_methods, ax = plt.subplots(figsize=(8, 3.5))
+fig_methods, ax = plt.subplots(figsize=(9, 4))
 wide = table.pivot(index="workload", columns="method", values="speedup")
 wide.plot.bar(ax=ax)
 ax.axhline(1.0, color="k", lw=0.8)
-ax.set(ylabel="speedup over plain greedy (x)", title=f"{MODEL}, {MAX_NEW_TOKENS} new tokens, k={K}")
+ax.set(ylabel="speedup over plain greedy (x)", title=f"{cfg.model}, {cfg.max_new_tokens} new tokens, k={cfg.k}")
+ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
 plt.xticks(rotation=0)
 plt.tight_layout()
 plt.show()
@@ -116,10 +112,10 @@ assert table.all_identical.all(), "a method's output differs from plain greedy"
 # Every (max n-gram, k) pair against plain greedy on the same prompts, in one interleaved run.
 
 # %%
-sweep_prompts = {w: workload_texts(w, SWEEP_PROMPTS, SEED) for w in SWEEP_WORKLOADS}
-sweep_timings = compare(model, tokenizer, spec, sweep_prompts, sweep_methods(SWEEP_NGRAMS, SWEEP_KS),
-                        SWEEP_MAX_NEW_TOKENS, REPEATS)
-sweep = pd.DataFrame(summarize(sweep_timings) + pooled(sweep_timings, tuple(SWEEP_WORKLOADS), "all"))
+sweep_prompts = {w: workload_texts(w, cfg.sweep_prompts, cfg.seed) for w in cfg.sweep_workloads}
+sweep_timings = compare(model, tokenizer, spec, sweep_prompts, sweep_methods(list(cfg.sweep_ngrams), list(cfg.sweep_ks)),
+                        cfg.sweep_max_new_tokens, cfg.repeats)
+sweep = pd.DataFrame(summarize(sweep_timings) + pooled(sweep_timings, cfg.sweep_workloads, "all"))
 sweep = sweep[sweep.method != "greedy"].copy()
 sweep["k"] = sweep.method.str.extract(r"k=(\d+)").astype(int)
 sweep["max_ngram"] = sweep.method.str.extract(r"n=(\d+)").astype(int)
@@ -157,32 +153,8 @@ table[table.workload == "open_ended"].round(3)
 # input-grounded workloads (code edit, quote, SQuAD), prefill included, outputs identical to greedy.
 
 # %%
-def speedup(workload: str, method: str) -> float:
-    row = table[(table.workload == workload) & (table.method == method)]
-    return float(row.speedup.iloc[0]) if len(row) else float("nan")
-
-
-ours, hf = f"permkv(k={K},n={MAX_NGRAM})", f"hf_lookup(k={K},n={MAX_NGRAM})"
-metrics = {"claim.speculative_speedup_grounded": speedup("grounded", ours),
-           "hf_speedup_grounded": speedup("grounded", hf),
-           "decode_speedup_grounded": float(table[(table.workload == "grounded") & (table.method == ours)]
-                                            .decode_speedup.iloc[0]),
-           "knock_knock_speedup": knock.speedup,
-           "all_identical": float(table.all_identical.all())}
-for w in WORKLOADS:
-    metrics[f"speedup.{w}.permkv"] = speedup(w, ours)
-    metrics[f"speedup.{w}.hf_lookup"] = speedup(w, hf)
-    metrics[f"speedup.{w}.permkv_raw"] = speedup(w, f"permkv_raw(k={K},n={MAX_NGRAM})")
-    metrics[f"permkv_over_hf.{w}"] = speedup(w, ours) / speedup(w, hf)
-
-table.to_csv(out_dir / "04_speculative_decoding_methods.csv", index=False)
-sweep.to_csv(out_dir / "04_speculative_decoding_sweep.csv", index=False)
-fig_methods.savefig(out_dir / "04_speculative_decoding_methods.png", bbox_inches="tight")
-fig_sweep.savefig(out_dir / "04_speculative_decoding_sweep.png", bbox_inches="tight")
-with tracking.run("04_speculative_decoding", params, PROFILE):
-    tracking.log_metrics(metrics)
-    tracking.log_figure(fig_methods, "methods.png")
-    tracking.log_figure(fig_sweep, "sweep.png")
-    tracking.log_dict(table.to_dict("records"), "methods.json")
-    tracking.log_dict(sweep.to_dict("records"), "sweep.json")
+metrics = claim_metrics(table.to_dict("records"), cfg, knock.speedup)
+tracking.publish("04_speculative_decoding", cfg, PROFILE, metrics,
+                 figures={"methods.png": fig_methods, "sweep.png": fig_sweep}, tables={"methods": table, "sweep": sweep},
+                 curves=sweep_curves(sweep.to_dict("records")))
 {k: round(v, 3) for k, v in metrics.items()}

@@ -36,15 +36,16 @@
 # "greedy decoding gives the answer as a whole word", computed by teacher forcing.
 
 # %%
-import json
+import math
 
 import matplotlib.pyplot as plt
 
 from permkv.harness import tracking
-from permkv.knowledge import (
-    ExperimentConfig, KnowledgeCache, MemoryConfig, domain_retention, make_facts, matched_comparison, prepare,
-    run_method,
+from permkv.data import make_facts
+from permkv.experiments.continual_learning import (
+    FORGET_PROBES, ExperimentConfig, claim_metrics, matched_comparison, prepare, run_method,
 )
+from permkv.knowledge import KnowledgeCache, MemoryConfig, domain_retention
 
 # %% tags=["parameters"]
 PROFILE = "quick"
@@ -77,8 +78,6 @@ cfg = ExperimentConfig(
     batch_size=BATCH_SIZE, steps=STEPS, eval_every=EVAL_EVERY, n_squad=N_SQUAD, world_max=WORLD_MAX,
     essay_tokens=ESSAY_TOKENS, seed=SEED,
 )
-out_dir = tracking.ROOT / "reports" / PROFILE / "07_continual_learning_forgetting"
-out_dir.mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
 # ## The shared starting model
@@ -118,8 +117,8 @@ for r in records:
 # training questions, all answered right before) and essay perplexity show interference directly.
 
 # %%
-if FORGET_PROBE not in ("world_acc", "squad_f1", "essay_ppl"):
-    raise ValueError(f"FORGET_PROBE must be world_acc, squad_f1 or essay_ppl, got {FORGET_PROBE!r}")
+if FORGET_PROBE not in FORGET_PROBES:
+    raise ValueError(f"FORGET_PROBE must be one of {FORGET_PROBES}, got {FORGET_PROBE!r}")
 claim_key = f"forget_{FORGET_PROBE}"
 matched = matched_comparison(records, key=claim_key)
 print(f"matched fact EM target: {matched['target_em']:.3f}")
@@ -128,10 +127,16 @@ if matched["target_em"] == 0:
           "below is at zero acquisition and the claim metrics are not logged.")
 print(f"{'method':8} {'lr':>8} {'t':>6} {'step':>5} {'fact EM':>8} {'SQuAD F1':>9} {'forget F1':>10} "
       f"{'forget world':>13} {'ppl rise':>9}")
+def pct(x: float) -> str:
+    return f"{x:.1%}" if math.isfinite(x) else "undefined"  # a relative drop from a score of 0 before
+
+
 for m in ("sparse", "full", "lora"):
     r = matched[m]
     print(f"{m:8} {r['lr']:8.0e} {str(r['t']):>6} {r['step']:5d} {r['fact_em']:8.3f} {r['squad_f1']:9.3f} "
-          f"{r['forget_squad_f1']:10.1%} {r['forget_world_acc']:13.1%} {r['forget_essay_ppl']:9.1%}")
+          f"{pct(r['forget_squad_f1']):>10} {pct(r['forget_world_acc']):>13} {pct(r['forget_essay_ppl']):>9}")
+if start.before["squad_f1"] == 0:
+    print("SQuAD F1 was 0 before training: its relative drop is undefined and not logged.")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -147,7 +152,7 @@ for ax, key, label in ((axes[0], claim_key, FORGET_PROBE.replace("_", " ") + " d
     ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys())
 fig.suptitle(f"Acquisition vs forgetting, SmolLM2-135M ({PROFILE})")
 fig.tight_layout()
-fig.savefig(out_dir / "acquisition_vs_forgetting.png", dpi=120)
+plt.show()
 
 # %% [markdown]
 # ## Sparse method: sweep of t (slots updated per step)
@@ -155,8 +160,8 @@ fig.savefig(out_dir / "acquisition_vs_forgetting.png", dpi=120)
 # %%
 sparse_last = [r for r in records if r["method"] == "sparse" and r["step"] == cfg.steps]
 for r in sorted(sparse_last, key=lambda r: (r["t"], r["lr"])):
-    print(f"t={r['t']:6d} lr={r['lr']:g}: fact EM {r['fact_em']:.3f}, SQuAD F1 drop {r['forget_squad_f1']:.1%}, "
-          f"ppl rise {r['forget_essay_ppl']:.1%}")
+    print(f"t={r['t']:6d} lr={r['lr']:g}: fact EM {r['fact_em']:.3f}, SQuAD F1 drop {pct(r['forget_squad_f1'])}, "
+          f"ppl rise {pct(r['forget_essay_ppl'])}")
 
 # %% [markdown]
 # ## Domain A -> B: learn one fact set, then another; how much of A is kept
@@ -177,33 +182,7 @@ print("most important slots for A:", top_a.indices.tolist())
 # ## Log to MLflow
 
 # %%
-metrics = {
-    "fact_em_target": matched["target_em"],
-    "facts_before_em": start.facts_before["em"],
-    "before_squad_f1": start.before["squad_f1"],
-    "before_essay_ppl": start.before["essay_ppl"],
-    "memory_used_fraction": start.background.used_fraction,
-    "domain_a_after_a": ret.a_after_a,
-    "domain_a_after_b": ret.a_after_b,
-    "domain_b_after_b": ret.b_after_b,
-    "domain_slot_overlap": ret.slot_overlap,
-}
-if ret.a_after_a > 0:
-    metrics["domain_retention"] = ret.retention
-for m in ("sparse", "full", "lora"):
-    r = matched[m]
-    metrics |= {f"{m}_fact_em": r["fact_em"], f"{m}_forget_squad_f1_pct": 100 * r["forget_squad_f1"],
-                f"{m}_forget_world_pct": 100 * r["forget_world_acc"],
-                f"{m}_forget_essay_ppl_pct": 100 * r["forget_essay_ppl"]}
-if matched["target_em"] > 0:  # the claim is about forgetting at equal, non-zero acquisition
-    claimed = {m: 100 * matched[m][claim_key] for m in ("sparse", "full", "lora")}
-    baseline_min = min(claimed["full"], claimed["lora"])
-    metrics["claim.forgetting_sparse_pct"] = claimed["sparse"]
-    metrics["claim.forgetting_baseline_min_pct"] = baseline_min
-    metrics["claim.forgetting_gap_pct"] = baseline_min - claimed["sparse"]
-(out_dir / "records.json").write_text(json.dumps({"records": records, "metrics": metrics}, indent=1))
-with tracking.run("07_continual_learning_forgetting", cfg.to_params(), PROFILE):
-    tracking.log_metrics(metrics)
-    tracking.log_figure(fig, "acquisition_vs_forgetting.png")
-    tracking.log_dict({"records": records, "matched": matched}, "records.json")
+metrics = claim_metrics(matched, start, ret, FORGET_PROBE)
+tracking.publish("07_continual_learning_forgetting", cfg.to_params(), PROFILE, metrics,
+                 figures={"acquisition_vs_forgetting.png": fig}, tables={"records": records, "matched": matched})
 metrics

@@ -226,3 +226,14 @@ def encode_prompt(tokenizer, spec: ModelSpec, text: str, chat: bool | None = Non
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tokenizer(text).input_ids
+
+
+def model_config(name: str):
+    """The transformers config of a converted model, without loading its weights."""
+    from transformers import AutoConfig
+
+    get_spec(name)
+    folder = cache_dir() / "models" / name
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json; load the model once with permkv.models.load_model")
+    return AutoConfig.from_pretrained(folder)

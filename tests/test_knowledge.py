@@ -7,14 +7,12 @@ import math
 import pytest
 import torch
 
+from permkv.data import load_essays, make_facts, training_texts
+from permkv.experiments.continual_learning import forgetting, generate_answers
 from permkv.knowledge import (
-    BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, find_memory,
-    doc_counts, insert_memory, make_facts, memory_inserted, remove_memory, slot_counts, tfidf_scores, top_t_slots,
-    training_texts,
+    FEW_SHOT, BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, doc_counts,
+    find_memory, greedy_match, insert_memory, memory_inserted, remove_memory, slot_counts, tfidf_scores, top_t_slots,
 )
-from permkv.knowledge.facts import FEW_SHOT
-from permkv.knowledge.probes import forgetting, generate, greedy_match
-from permkv.data import load_essays
 from permkv.knowledge.train import (
     DenseTrainer, background_counts, calibrate_memory, collate, full_trainer, lora_model, token_windows, window_batches,
 )
@@ -150,6 +148,7 @@ def test_sparse_step_changes_only_the_top_t_value_rows(smol):
         SparseMemoryTrainer(model, memory, background, t=SMALL.n_slots + 1, lr=1.0)
 
 
+@pytest.mark.slow
 def test_sparse_finetuning_fits_the_facts(smol):
     # the failure this guards against: values that receive gradient but never learn (lr scale, idf ~ 0)
     model, tok, _ = smol
@@ -189,7 +188,7 @@ def test_facts_are_seeded_distinct_and_test_questions_are_unseen():
 def test_greedy_match_agrees_with_generation(smol):
     model, tok, _ = smol
     prompt = FEW_SHOT + "Q: What is the capital of France?\nA:"
-    generated = generate(model, tok, [prompt], max_new_tokens=4)[0].rstrip(".").strip()
+    generated = generate_answers(model, tok, [prompt], max_new_tokens=4)[0].rstrip(".").strip()
     assert generated  # whatever the model says, teacher forcing must agree with it
     wrong = "Berlin" if generated != "Berlin" else "Paris"
     assert greedy_match(model, tok, [prompt] * 3, [generated, wrong, generated[:-1]]) == [True, False, False]
@@ -206,12 +205,14 @@ def _loss_falls(model, tok, trainer, steps: int = 4) -> tuple[float, float]:
     return first, last
 
 
+@pytest.mark.slow
 def test_full_finetuning_trains(smol):
     model, tok, _ = smol
     first, last = _loss_falls(model, tok, full_trainer(model, lr=1e-4), steps=3)
     assert last < first * 0.8
 
 
+@pytest.mark.slow
 def test_lora_trains_and_only_adapters_change(smol):
     model, tok, _ = smol
     base = model.model.layers[5].self_attn.q_proj.weight.detach().clone()

@@ -10,9 +10,9 @@ from permkv.speculate import (
     PromptLookup,
     SpeculativeDecodingEngine,
     greedy_generate_ids,
-    hf_generate,
     speculative_generate,
 )
+from permkv.baselines.hf import hf_generate
 
 
 # --- the draft source, no model -------------------------------------------------------------------
@@ -126,6 +126,7 @@ TEMPLATES = [
 PROMPTS = [tpl.format(t=t) for tpl in TEMPLATES for t in TOPICS]  # 30 varied prompts
 
 
+@pytest.mark.slow
 def test_token_identical_to_greedy_on_30_prompts(smol):
     model, tok, spec = smol
     from permkv.models import encode_prompt
@@ -203,7 +204,7 @@ def test_engine_measures_speedup_on_the_knock_knock_example(smol):
 
 
 def test_workloads_have_the_asked_number_of_prompts():
-    from permkv.speculation_eval import WORKLOADS, workload_texts
+    from permkv.experiments.speculative_decoding import WORKLOADS, workload_texts
 
     for w in WORKLOADS:
         texts = workload_texts(w, 2)
@@ -214,7 +215,7 @@ def test_workloads_have_the_asked_number_of_prompts():
 
 
 def test_summarize_ratios_on_hand_made_timings():
-    from permkv.speculation_eval import Timing, pooled, summarize
+    from permkv.experiments.speculative_decoding import Timing, pooled, summarize
 
     ts = [
         Timing("quote", 0, "greedy", 10, 2.0, 1.5, True, {"forward_passes": 10}),

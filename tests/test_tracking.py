@@ -36,3 +36,53 @@ def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     assert claims.verdict(c, 9.0) == "reproduced" and claims.verdict(c, 12.0) == "not reproduced"
     assert claims.verdict(c, None) == "not yet measured"
     assert claims.verdict(c, 9.0, profile="quick") == "smoke run only"
+
+
+def test_failed_rerun_hides_older_numbers(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking.run("00_baseline", {}, profile="cpu"):
+        tracking.log_metrics({"claim.niah_single_full_cache": 0.95})
+    tracking.mark_failed("00_baseline", "cpu", "RuntimeError: boom")
+    rows = [r for r in claims.ledger_rows() if r["experiment"] == "00_baseline"]
+    assert rows and all(r["verdict"] == "failed: rerun the notebook" and "0.95" not in r["measured"] for r in rows)
+    assert tracking.latest_run("00_baseline").data.metrics["claim.niah_single_full_cache"] == 0.95  # finished only
+
+
+def test_publish_saves_logs_and_drops_undefined_metrics(tmp_path, monkeypatch):
+    import pandas as pd
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tracking, "ROOT", tmp_path)
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    folder = tracking.publish("99_test", {"n": 3}, "quick", {"a": 1.0, "b": float("nan"), "c": float("inf")},
+                              figures={"f.png": fig}, tables={"rows": pd.DataFrame({"x": [1, 2]}), "raw": [{"y": 1}]},
+                              curves={"score_vs_ratio": ([2, 8, 64], [0.9, float("nan"), 0.1])})
+    assert folder == tmp_path / "reports" / "quick" / "99_test"
+    assert {p.name for p in folder.iterdir()} == {"f.png", "rows.csv", "rows.json", "raw.json"}
+    run = tracking.latest_run("99_test")
+    assert run.data.metrics == {"a": 1.0, "score_vs_ratio": 0.1} and run.data.params == {"n": "3"}
+    client = MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "score_vs_ratio")] == [(2, 0.9), (64, 0.1)]
+    exp = client.get_experiment_by_name("99_test")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+    assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())  # not ./mlruns of the cwd
+    assert {"f.png", "rows.csv", "rows.json", "raw.json"} <= {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+
+
+def test_from_params_maps_upper_case_names_and_names_what_is_missing():
+    from dataclasses import dataclass
+
+    import pytest
+
+    from permkv.harness.config import from_params
+
+    @dataclass
+    class Cfg:
+        n_samples: int
+        mode: str = "query_aware"
+
+    assert from_params(Cfg, {"N_SAMPLES": 3, "PROFILE": "quick"}) == Cfg(3)
+    with pytest.raises(ValueError, match=r"Cfg needs the parameters \['N_SAMPLES'\]"):
+        from_params(Cfg, {"MODE": "x"})

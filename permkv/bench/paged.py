@@ -83,8 +83,8 @@ def bench_context(model, spec, context: int, steps: int, repeats: int) -> dict:
     return {
         "context": context,
         **med,
-        "decode_ratio": med["decode_paged_s"] / med["decode_dynamic_s"],
-        "prefill_ratio": med["prefill_paged_s"] / med["prefill_dynamic_s"],
+        "decode_time_paged_over_dynamic": med["decode_paged_s"] / med["decode_dynamic_s"],
+        "prefill_time_paged_over_dynamic": med["prefill_paged_s"] / med["prefill_dynamic_s"],
         "decode_samples": len(decode["paged"]),
         "prefill_samples": repeats,
     }

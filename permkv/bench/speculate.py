@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from permkv.models import load_model
-from permkv.speculation_eval import WORKLOADS, MethodConfig, compare, pooled, summarize, workload_texts
+from permkv.experiments.speculative_decoding import WORKLOADS, MethodConfig, compare, pooled, summarize, workload_texts
 
 
 def main(argv: list[str]) -> None:

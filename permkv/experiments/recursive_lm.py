@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from permkv.data import KEY_WORDS, NEEDLE, NEEDLE_QUESTION, Sample, load_essays
+from permkv.data import Sample, load_essays
+from permkv.data.tasks import KEY_WORDS, NEEDLE, NEEDLE_QUESTION
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line
 from permkv.models import MODELS, encode_prompt
 from permkv.rlm import READ, RecursiveLanguageModel, RLMBudgetExceeded, sentences

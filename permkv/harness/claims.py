@@ -2,7 +2,7 @@
 
 A notebook that measures a claim logs an MLflow metric named `Claim.metric` in experiment
 `Claim.experiment`. `python -m permkv.harness.claims` reads the newest run of each experiment (preferring
-the gpu, then cpu, then quick profile) and writes reports/claims.md and the table in README.md.
+the gpu, then full, then cpu, then quick profile; a failed newest run shows as failed) and writes reports/claims.md and the table in README.md.
 A claim is "reproduced" only when the measured value meets its target; "measured" rows carry no
 target (a number whose meaning depends on our setting, reported for reference).
 """
@@ -130,13 +130,17 @@ def ledger_rows() -> list[dict[str, str]]:
     rows = []
     for c in CLAIMS:
         if c.experiment not in runs:
-            runs[c.experiment] = tracking.latest_run(c.experiment)
+            runs[c.experiment] = tracking.latest_run(c.experiment, finished_only=False)
         run = runs[c.experiment]
-        value = run.data.metrics.get(c.metric) if run is not None else None
         profile = run.data.tags.get("profile", "?") if run is not None else "?"
-        measured = "-" if value is None else f"{c.fmt.format(value)} ({profile})"
+        if run is not None and run.info.status == "FAILED":  # never show older numbers as current
+            measured, result = f"- (run failed, {profile})", "failed: rerun the notebook"
+        else:
+            value = run.data.metrics.get(c.metric) if run is not None else None
+            measured = "-" if value is None else f"{c.fmt.format(value)} ({profile})"
+            result = verdict(c, value, profile)
         rows.append(dict(claim=c.claim, source=c.source, claimed=c.claimed, conditions=c.conditions,
-                         measured=measured, verdict=verdict(c, value, profile), experiment=c.experiment))
+                         measured=measured, verdict=result, experiment=c.experiment))
     return rows
 
 

@@ -1,16 +1,24 @@
-"""Execute every notebook with Papermill: `python -m permkv.harness.reproduce --profile quick|cpu|gpu [--only NAME]`.
+"""Execute every notebook with Papermill: `python -m permkv.harness.reproduce --profile quick|cpu|gpu|full
+[--only NAME ...] [--force]`.
 
 Each notebook `notebooks/NAME.ipynb` runs with `params/<profile>/NAME.yaml`; the executed copy goes to
 `reports/<profile>/NAME.ipynb` and is attached to the notebook's newest MLflow run. Parameter files
-are checked against every notebook's `parameters` cell before anything runs. A failing notebook does
-not stop the others; the summary names it and the exit status is non-zero. The claims ledger is
-regenerated last.
+are checked against every notebook's `parameters` cell before anything runs, and the plan prints an
+estimate from the last measured durations (`reports/durations.json`).
+
+Resume: a notebook whose fingerprint (its code, its parameter file and the permkv package) matches
+its newest finished run of the profile is skipped (`--force` runs it anyway). A failing notebook does
+not stop the others: it is recorded as a FAILED run, so the ledger shows it failed instead of older
+numbers; the summary names it and the exit status is non-zero. The claims ledger is regenerated last.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +27,10 @@ import yaml
 
 from permkv.harness import claims, tracking
 
-PROFILES = ("quick", "cpu", "gpu")
+PROFILES = ("quick", "cpu", "gpu", "full")
 NOTEBOOKS = tracking.ROOT / "notebooks"
 PARAMS = tracking.ROOT / "params"
+DURATIONS = tracking.ROOT / "reports" / "durations.json"  # measured seconds per profile and notebook
 
 
 class ParameterError(ValueError):
@@ -77,10 +86,43 @@ def load_params(notebook: Path, profile: str) -> dict:
     return values
 
 
-def _attach(notebook: Path, executed: Path) -> None:
+def fingerprint(notebook: Path, profile: str) -> str:
+    """sha256 over the notebook, its parameter file and every source file of the permkv package."""
+    files = [notebook, PARAMS / profile / f"{notebook.stem}.yaml"]
+    files += sorted((tracking.ROOT / "permkv").rglob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def up_to_date(notebook: Path, profile: str, print_: str) -> bool:
+    """Whether the newest run of `notebook` in `profile` finished with this fingerprint."""
+    run = tracking.latest_run(notebook.stem, prefer=(profile,), finished_only=False)
+    return (run is not None and run.data.tags.get("profile") == profile and run.info.status == "FINISHED"
+            and run.data.tags.get("permkv.fingerprint") == print_)
+
+
+def durations() -> dict[str, dict[str, float]]:
+    return json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+
+def _record_duration(profile: str, name: str, seconds: float) -> None:
+    table = durations()
+    table.setdefault(profile, {})[name] = round(seconds)
+    DURATIONS.parent.mkdir(parents=True, exist_ok=True)
+    DURATIONS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
+def _finish(notebook: Path, executed: Path, print_: str, seconds: float) -> None:
+    """Attach the executed notebook to the run it logged and tag the run with its fingerprint."""
     run = tracking.latest_run(notebook.stem, prefer=None)
     if run is not None:
-        tracking._mlflow().tracking.MlflowClient().log_artifact(run.info.run_id, str(executed))
+        client = tracking._mlflow().tracking.MlflowClient()
+        client.log_artifact(run.info.run_id, str(executed))
+        client.set_tag(run.info.run_id, "permkv.fingerprint", print_)
+        client.set_tag(run.info.run_id, "permkv.seconds", f"{seconds:.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,30 +131,46 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--only", nargs="*", help="notebook names (stems) to run")
+    parser.add_argument("--force", action="store_true", help="run notebooks that are up to date too")
     args = parser.parse_args(argv)
     books = notebooks(args.only)
-    plan = [(nb, load_params(nb, args.profile)) for nb in books]  # fail fast, before any compute
+    plan = [(nb, load_params(nb, args.profile), fingerprint(nb, args.profile)) for nb in books]  # fail fast
     out_dir = tracking.ROOT / "reports" / args.profile
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, (nb, params) in enumerate(plan, 1):
-        print(f"[{i}/{len(plan)}] {nb.stem} ({args.profile})", flush=True)
+    known = durations().get(args.profile, {})
+    todo = [(nb, params, fp) for nb, params, fp in plan if args.force or not up_to_date(nb, args.profile, fp)]
+    print(f"profile {args.profile}: {len(todo)} of {len(plan)} notebooks to run "
+          f"({len(plan) - len(todo)} up to date; --force reruns them)")
+    for nb, _, _ in todo:
+        last = known.get(nb.stem)
+        print(f"  {nb.stem:<36} last measured: " + (f"{last / 60:.1f} min" if last else "never run"))
+    if todo and all(nb.stem in known for nb, _, _ in todo):
+        print(f"  estimate: {sum(known[nb.stem] for nb, _, _ in todo) / 60:.0f} min in all")
+    running = {nb for nb, _, _ in todo}
+    results = [(nb.stem, "skipped", 0.0, "up to date") for nb, _, _ in plan if nb not in running]
+    # Progress bars of the notebooks' loops would land in the saved notebooks as stderr output: the
+    # kernels run without them; Papermill's per-cell bar shows progress here instead.
+    os.environ["TQDM_DISABLE"] = "1"
+    for i, (nb, params, fp) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {nb.stem} ({args.profile})", flush=True)
         out = out_dir / nb.name
         t0 = time.time()
         try:
             papermill.execute_notebook(str(nb), str(out), parameters=params, cwd=str(tracking.ROOT),
                                        kernel_name="python3", progress_bar=True)
-            _attach(nb, out)
+            _finish(nb, out, fp, time.time() - t0)
+            _record_duration(args.profile, nb.stem, time.time() - t0)
             results.append((nb.stem, "ok", time.time() - t0, ""))
         except Exception as err:  # keep going past a failing notebook
             why = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
+            tracking.mark_failed(nb.stem, args.profile, why)
             results.append((nb.stem, "FAILED", time.time() - t0, why[:200]))
     claims.write(readme=args.profile != "quick")  # the README shows full-profile results only
-    print("\nnotebook                              status   minutes")
+    print("\nnotebook                              status     minutes")
     for name, status, seconds, why in results:
-        print(f"{name:<38}{status:<9}{seconds / 60:7.1f}  {why}")
+        print(f"{name:<38}{status:<11}{seconds / 60:7.1f}  {why}")
     print(f"claims ledger: {tracking.ROOT / 'reports' / 'claims.md'}")
-    return 1 if any(s != "ok" for _, s, _, _ in results) else 0
+    return 1 if any(s == "FAILED" for _, s, _, _ in results) else 0
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from permkv.knowledge.facts import Fact, training_texts
 from permkv.knowledge.memory import ProductKeyMemory
-from permkv.knowledge.probes import fact_scores
+from permkv.knowledge.recall import FactLike, fact_scores
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
 from permkv.knowledge.train import text_batches
 
@@ -30,11 +29,13 @@ class KnowledgeCache:
         self.domains: dict[str, torch.Tensor] = {}  # domain -> (n_slots,) summed TF-IDF while learning it
         self.writes: dict[str, torch.Tensor] = {}  # domain -> (n_slots,) steps that wrote each slot
 
-    def learn(self, domain: str, facts: list[Fact], steps: int) -> list[float]:
+    def learn(self, domain: str, facts: list[FactLike], steps: int) -> list[float]:
         """Train on `facts` for `steps` sparse steps; returns the loss per step."""
         if domain in self.domains:
             raise ValueError(f"domain {domain!r} was already learned; use a new name")
-        texts = training_texts(facts)  # raises on an empty fact set
+        if not facts:
+            raise ValueError("the fact set is empty; pass at least one fact")
+        texts = [text for fact in facts for text in fact.train_texts]
         start, start_writes = self.trainer.importance.clone(), self.trainer.updates.clone()
         losses = [self.trainer.step(b).loss for b in text_batches(
             self.tokenizer, texts, self.batch_size, steps, self.max_tokens, seed=self.seed + len(self.domains))]
@@ -42,7 +43,7 @@ class KnowledgeCache:
         self.writes[domain] = self.trainer.updates - start_writes
         return losses
 
-    def recall(self, facts: list[Fact]) -> float:
+    def recall(self, facts: list[FactLike]) -> float:
         """Exact match on the facts' held-out questions."""
         return fact_scores(self.model, self.tokenizer, facts)["em"]
 
@@ -77,7 +78,7 @@ class Retention:
         return self.a_after_b / self.a_after_a if self.a_after_a > 0 else float("nan")
 
 
-def domain_retention(cache: KnowledgeCache, facts_a: list[Fact], facts_b: list[Fact], steps: int) -> Retention:
+def domain_retention(cache: KnowledgeCache, facts_a: list[FactLike], facts_b: list[FactLike], steps: int) -> Retention:
     """Learn A, then B (same number of steps), and report how much of A is retained."""
     cache.learn("A", facts_a, steps)
     a_after_a = cache.recall(facts_a)

@@ -8,12 +8,12 @@ import json
 import sys
 from pathlib import Path
 
-from permkv.knowledge import matched_comparison
+from permkv.experiments.continual_learning import matched_comparison
 
 src = Path(sys.argv[1])
-data = json.loads(src.read_text())
-records, metrics = data["records"], data["metrics"]
+records = json.loads(src.read_text())
 profile = src.parent.parent.name
+metrics = {}
 matched = matched_comparison(records)
 cols = ("method", "lr", "t", "step", "fact_em", "squad_f1", "forget_squad_f1", "world_acc", "forget_world_acc",
         "essay_ppl", "forget_essay_ppl", "train_seconds")

@@ -17,21 +17,16 @@ import importlib
 import inspect
 import random
 import statistics
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
 from permkv.models import encode_prompt
-from permkv.speculate import (
-    Backoff,
-    PromptLookup,
-    SpecResult,
-    greedy_generate_ids,
-    hf_generate,
-    speculative_generate,
-)
+from permkv.baselines.hf import hf_generate
+from permkv.data import load_essays, load_squad
+from permkv.speculate import Backoff, PromptLookup, SpecResult, greedy_generate_ids, speculative_generate
 
-WORKLOADS = ("code_edit", "quote", "squad_qa", "open_ended")
 GROUNDED = ("code_edit", "quote", "squad_qa")
 
 # (module, functions copied in order, function to rename, new name)
@@ -54,18 +49,6 @@ OPEN_PROMPTS = [
 ]
 
 
-def _essays() -> str:
-    from permkv.data import load_essays
-
-    return load_essays()
-
-
-def _squad() -> list[dict]:
-    from permkv.data import load_squad
-
-    return load_squad()
-
-
 def code_edit_texts(n: int) -> list[str]:
     """Rename-a-function prompts over slices of standard-library modules (source read from disk)."""
     out = []
@@ -81,7 +64,7 @@ def code_edit_texts(n: int) -> list[str]:
 
 def quote_texts(n: int, chars: int = 800, seed: int = 0) -> list[str]:
     """Copy-the-passage prompts over essay passages of about `chars` characters, starting at a sentence."""
-    text, rng = _essays(), random.Random(seed)
+    text, rng = load_essays(), random.Random(seed)
     out = []
     for _ in range(n):
         start = text.index(". ", rng.randrange(0, len(text) - 2 * chars)) + 2
@@ -92,7 +75,7 @@ def quote_texts(n: int, chars: int = 800, seed: int = 0) -> list[str]:
 
 def squad_texts(n: int, seed: int = 0) -> list[str]:
     """Extractive QA prompts: a SQuAD context and question, answered by quoting the sentence."""
-    records = _squad()
+    records = load_squad()
     rng = random.Random(seed)
     picks = rng.sample(range(len(records)), n)
     return [
@@ -102,17 +85,40 @@ def squad_texts(n: int, seed: int = 0) -> list[str]:
     ]
 
 
+WORKLOADS = ("code_edit", "quote", "squad_qa", "open_ended")
+
+# Workload name -> builder(n, seed) of prompt texts.
+WORKLOAD_BUILDERS: dict[str, Callable[[int, int], list[str]]] = {
+    "code_edit": lambda n, seed: code_edit_texts(n),
+    "quote": lambda n, seed: quote_texts(n, seed=seed),
+    "squad_qa": lambda n, seed: squad_texts(n, seed=seed),
+    "open_ended": lambda n, seed: OPEN_PROMPTS[:n],
+}
+
+
 def workload_texts(name: str, n: int, seed: int = 0) -> list[str]:
     """`n` prompt texts of one workload."""
-    if name == "code_edit":
-        return code_edit_texts(n)
-    if name == "quote":
-        return quote_texts(n, seed=seed)
-    if name == "squad_qa":
-        return squad_texts(n, seed=seed)
-    if name == "open_ended":
-        return OPEN_PROMPTS[:n]
-    raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
+    if name not in WORKLOAD_BUILDERS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
+    return WORKLOAD_BUILDERS[name](n, seed)
+
+
+def _permkv(model, ids, max_new_tokens, eos, k, n):
+    return speculative_generate(model, ids, max_new_tokens, Backoff(PromptLookup(k=k, max_ngram=n)), eos)
+
+
+def _permkv_raw(model, ids, max_new_tokens, eos, k, n):
+    return speculative_generate(model, ids, max_new_tokens, PromptLookup(k=k, max_ngram=n), eos)
+
+
+# Method kind -> run(model, ids, max_new_tokens, eos, k, max_ngram) -> SpecResult.
+METHOD_KINDS: dict[str, Callable[..., SpecResult]] = {
+    "greedy": lambda model, ids, m, eos, k, n: greedy_generate_ids(model, ids, m, eos),
+    "hf_greedy": lambda model, ids, m, eos, k, n: hf_generate(model, ids, m, eos_token_id=eos),
+    "hf_lookup": lambda model, ids, m, eos, k, n: hf_generate(model, ids, m, k, n, eos),
+    "permkv": _permkv,  # prompt lookup behind Backoff (the default)
+    "permkv_raw": _permkv_raw,  # prompt lookup drafting at every step
+}
 
 
 @dataclass
@@ -129,19 +135,12 @@ class MethodConfig:
             return self.kind
         return f"{self.kind}(k={self.k},n={self.max_ngram})"
 
+    def __post_init__(self):
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f"kind must be one of {list(METHOD_KINDS)}, got {self.kind!r}")
+
     def run(self, model, ids: list[int], max_new_tokens: int, eos: int) -> SpecResult:
-        if self.kind == "greedy":
-            return greedy_generate_ids(model, ids, max_new_tokens, eos)
-        if self.kind == "hf_greedy":
-            return hf_generate(model, ids, max_new_tokens, eos_token_id=eos)
-        if self.kind == "hf_lookup":
-            return hf_generate(model, ids, max_new_tokens, self.k, self.max_ngram, eos)
-        source = PromptLookup(k=self.k, max_ngram=self.max_ngram)
-        if self.kind == "permkv":
-            return speculative_generate(model, ids, max_new_tokens, Backoff(source), eos)
-        if self.kind == "permkv_raw":
-            return speculative_generate(model, ids, max_new_tokens, source, eos)
-        raise ValueError(f"unknown method kind {self.kind!r}")
+        return METHOD_KINDS[self.kind](model, ids, max_new_tokens, eos, self.k, self.max_ngram)
 
 
 @dataclass
@@ -250,11 +249,84 @@ def summarize(timings: list[Timing], baseline: str = "greedy") -> list[dict]:
 
 def pooled(timings: list[Timing], workloads: tuple[str, ...] = GROUNDED, name: str = "grounded") -> list[dict]:
     """`summarize` over several workloads pooled into one (e.g. all input-grounded ones)."""
-    from dataclasses import replace
-
     return summarize([replace(t, workload=name) for t in timings if t.workload in workloads])
 
 
 def sweep_methods(ngrams: list[int], ks: list[int], kind: str = "permkv") -> list[MethodConfig]:
     """Plain greedy plus one `kind` method per (max n-gram, draft length) pair, for `compare`."""
     return [MethodConfig("greedy")] + [MethodConfig(kind, k, n) for n in ngrams for k in ks]
+
+
+# ------------------------------------------------------------------------------------------- notebook 04
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """Parameters of notebook 04 (names match its parameters cell in lower case)."""
+
+    model: str = "smollm2-135m"
+    workloads: tuple[str, ...] = WORKLOADS
+    n_prompts: int = 1  # prompts per workload
+    max_new_tokens: int = 16
+    repeats: int = 1  # timing repeats per (prompt, method); the median is kept
+    k: int = 10  # draft length, the same for HF's built-in and permkv
+    max_ngram: int = 3  # longest suffix matched, the same for both
+    sweep_workloads: tuple[str, ...] = ("quote",)
+    sweep_ngrams: tuple[int, ...] = (1, 3)
+    sweep_ks: tuple[int, ...] = (4, 10)
+    sweep_prompts: int = 1
+    sweep_max_new_tokens: int = 16
+    threads: int = 1  # torch CPU threads (the machine is shared; 0 keeps torch's default)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("workloads", "sweep_workloads", "sweep_ngrams", "sweep_ks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        bad = [w for w in self.workloads + self.sweep_workloads if w not in WORKLOADS]
+        if bad:
+            raise ValueError(f"workloads must be among {WORKLOADS}, got {bad}")
+        if min(self.n_prompts, self.sweep_prompts, self.max_new_tokens, self.repeats, self.k, self.max_ngram) < 1:
+            raise ValueError("n_prompts, sweep_prompts, max_new_tokens, repeats, k and max_ngram must be >= 1")
+
+    @property
+    def methods(self) -> list[MethodConfig]:
+        """Plain greedy, HF's built-in prompt lookup, permkv, and permkv without Backoff."""
+        return [MethodConfig("greedy"), MethodConfig("hf_lookup", self.k, self.max_ngram),
+                MethodConfig("permkv", self.k, self.max_ngram), MethodConfig("permkv_raw", self.k, self.max_ngram)]
+
+
+def claim_metrics(table: list[dict], cfg: SpeculationConfig, knock_speedup: float | None = None) -> dict[str, float]:
+    """Ledger metrics of notebook 04 from `summarize(...) + pooled(...)` rows: permkv's speedup over
+    plain greedy pooled over the input-grounded workloads (prefill included, outputs identical),
+    per workload for permkv / HF / permkv without Backoff, and permkv over HF."""
+    def speedup(workload: str, method: str) -> float | None:
+        return next((r["speedup"] for r in table if r["workload"] == workload and r["method"] == method), None)
+
+    ours, hf = f"permkv(k={cfg.k},n={cfg.max_ngram})", f"hf_lookup(k={cfg.k},n={cfg.max_ngram})"
+    raw = f"permkv_raw(k={cfg.k},n={cfg.max_ngram})"
+    grounded = next((r for r in table if r["workload"] == "grounded" and r["method"] == ours), None)
+    metrics = {
+        "claim.speculative_speedup_grounded": speedup("grounded", ours),
+        "hf_speedup_grounded": speedup("grounded", hf),
+        "decode_speedup_grounded": grounded["decode_speedup"] if grounded else None,
+        "knock_knock_speedup": knock_speedup,
+        "all_identical": float(all(r["all_identical"] for r in table)),
+    }
+    for w in cfg.workloads:
+        metrics[f"speedup.{w}.permkv"] = speedup(w, ours)
+        metrics[f"speedup.{w}.hf_lookup"] = speedup(w, hf)
+        metrics[f"speedup.{w}.permkv_raw"] = speedup(w, raw)
+        if speedup(w, ours) and speedup(w, hf):
+            metrics[f"permkv_over_hf.{w}"] = speedup(w, ours) / speedup(w, hf)
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+def sweep_curves(sweep: list[dict], workload: str = "all") -> dict[str, tuple[list[int], list[float]]]:
+    """Speedup against draft length k per max n-gram (rows of the sweep table with `k` and `max_ngram`),
+    as step-indexed MLflow curves (step = k)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in sorted((r for r in sweep if r["workload"] == workload), key=lambda r: r["k"]):
+        steps, values = out.setdefault(f"sweep_speedup_vs_k.ngram{row['max_ngram']}", ([], []))
+        steps.append(int(row["k"]))
+        values.append(row["speedup"])
+    return out

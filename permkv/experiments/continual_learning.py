@@ -3,6 +3,15 @@ teach it fictional facts, and forgetting compared at matched acquisition (Lin et
 
 Every method starts from the same model: SmolLM2 with a product-key memory inserted at `layer` and
 pretrained on background text (essays and SQuAD paragraphs), so the "before" scores are shared.
+
+Measuring acquisition (fictional facts) and forgetting (held-out tasks) on a real model.
+
+Acquisition: exact match / token F1 of greedy answers to the facts' held-out questions.
+Forgetting probes, measured before and after finetuning:
+- SQuAD with its passage (short passages), token F1;
+- perplexity on held-out Paul Graham essays;
+- simple world facts, kept only where the starting model answers them right (so its score is 1.0).
+Forgetting is the relative drop: (before - after) / before (for perplexity: the relative rise).
 """
 
 from __future__ import annotations
@@ -17,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from permkv.knowledge.facts import Fact, make_facts, training_texts
+from permkv.data import WORLD_FACTS, Fact, heldout_essays, load_essays, load_squad, make_facts, training_texts
+from permkv.eval import generate, perplexity, token_f1
 from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, find_memory, insert_memory
-from permkv.data import load_essays, load_squad
-from permkv.knowledge.probes import PROBE_PASSAGE_WORDS, ProbeSet, build_probes, fact_scores, forgetting, probe_scores
+from permkv.knowledge.recall import FEW_SHOT, fact_scores, greedy_match
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
 from permkv.knowledge.train import (
     METHODS, DenseTrainer, SparseAdapter, background_counts, calibrate_memory, full_trainer, lora_model,
@@ -28,6 +37,84 @@ from permkv.knowledge.train import (
     text_batches, token_windows, window_batches,
 )
 from permkv.models import cache_dir, load_model
+
+
+def answer_line(text: str) -> str:
+    """The answer part of a Q/A completion: up to the first newline."""
+    return text.strip().split("\n")[0].strip()
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy completions of plain-text prompts (the one decode loop), first line only."""
+    model.eval()
+    return [answer_line(generate(model, tokenizer, tokenizer(p).input_ids, max_new_tokens)) for p in prompts]
+
+
+def world_correct(model, tokenizer, world: list[tuple[str, tuple[str, ...]]]) -> list[bool]:
+    """Per world fact: does greedy decoding give one of its accepted answers exactly."""
+    flat = [(i, p, a) for i, (p, answers) in enumerate(world) for a in answers]
+    hits = greedy_match(model, tokenizer, [p for _, p, _ in flat], [a for _, _, a in flat])
+    ok = [False] * len(world)
+    for (i, _, _), hit in zip(flat, hits):
+        ok[i] = ok[i] or hit
+    return ok
+
+
+# SQuAD passages up to this many words are the forgetting probe's pool; background text uses only longer ones.
+PROBE_PASSAGE_WORDS = 70
+
+# One worked example that shows the short-answer format (written here, not from SQuAD).
+SQUAD_SHOT = (
+    "Passage: The bridge over the river was finished in 1932 by the engineer Maria Holt.\n"
+    "Question: Who finished the bridge?\nAnswer: Maria Holt\n\n"
+)
+
+
+@dataclass
+class ProbeSet:
+    """Held-out tasks for forgetting; `world` holds only facts the starting model got right."""
+
+    squad: list[tuple[str, tuple[str, ...]]]  # (prompt, answers)
+    world: list[tuple[str, tuple[str, ...]]]  # (prompt, answers)
+    essay_ids: list[int]  # held-out essay tokens
+    essay_window: int
+
+    def sizes(self) -> dict[str, int]:
+        return {"probe_squad_n": len(self.squad), "probe_world_n": len(self.world),
+                "probe_essay_tokens": len(self.essay_ids)}
+
+
+def build_probes(model, tokenizer, n_squad: int = 32, max_passage_words: int = PROBE_PASSAGE_WORDS,
+                 essay_tokens: int = 512, essay_window: int = 256, seed: int = 0) -> ProbeSet:
+    """Forgetting probes for `model`: short-passage SQuAD, held-out essays, and the world facts it knows."""
+    rng = random.Random(seed)
+    short = [r for r in load_squad() if len(r["context"].split()) <= max_passage_words]
+    rng.shuffle(short)
+    squad = [(SQUAD_SHOT + f"Passage: {r['context']}\nQuestion: {r['question']}\nAnswer:", tuple(r["answers"]))
+             for r in short[:n_squad]]
+    world_all = [(FEW_SHOT + f"Q: {q}\nA:", answers) for q, answers in WORLD_FACTS]
+    world = [w for w, ok in zip(world_all, world_correct(model, tokenizer, world_all)) if ok]
+    ids = tokenizer(heldout_essays()).input_ids[:essay_tokens]
+    return ProbeSet(squad, world, ids, essay_window)
+
+
+def probe_scores(model, tokenizer, probes: ProbeSet) -> dict[str, float]:
+    """squad_f1, world_acc and essay_ppl of `model` on `probes`."""
+    preds = generate_answers(model, tokenizer, [p for p, _ in probes.squad], max_new_tokens=8)
+    squad_f1 = sum(token_f1(p, a) for p, (_, a) in zip(preds, probes.squad)) / max(len(probes.squad), 1)
+    world = sum(world_correct(model, tokenizer, probes.world)) / max(len(probes.world), 1)
+    return {"squad_f1": squad_f1, "world_acc": world,
+            "essay_ppl": perplexity(model, probes.essay_ids, window=probes.essay_window)}
+
+
+def forgetting(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Relative drop per probe (0.1 = 10% worse); perplexity counts its relative rise."""
+    out = {}
+    for key in ("squad_f1", "world_acc"):
+        out[f"forget_{key}"] = (before[key] - after[key]) / before[key] if before[key] > 0 else float("nan")
+    out["forget_essay_ppl"] = (after["essay_ppl"] - before["essay_ppl"]) / before["essay_ppl"]
+    return out
+
 
 
 @dataclass
@@ -186,3 +273,41 @@ def matched_comparison(records: list[dict], target_em: float | None = None, key:
         out[m] = min(mine, key=lambda r: (abs(r["fact_em"] - target_em),
                                           r[key] if not math.isnan(r[key]) else math.inf))
     return out
+
+
+FORGET_PROBES = ("world_acc", "squad_f1", "essay_ppl")
+
+
+def claim_metrics(matched: dict, start: Start, retention, forget_probe: str = "world_acc") -> dict[str, float]:
+    """Ledger metrics of notebook 07 at matched acquisition: each method's forgetting on every probe,
+    and the claim rows read on `forget_probe` (the closed-book world facts stand in for the paper's
+    NaturalQuestions). A relative drop over a zero "before" score is undefined and left out; the
+    claim rows are left out when some method learned nothing (no common acquisition level)."""
+    if forget_probe not in FORGET_PROBES:
+        raise ValueError(f"forget_probe must be one of {FORGET_PROBES}, got {forget_probe!r}")
+    metrics = {
+        "fact_em_target": matched["target_em"],
+        "facts_before_em": start.facts_before["em"],
+        "before_squad_f1": start.before["squad_f1"],
+        "before_essay_ppl": start.before["essay_ppl"],
+        "memory_used_fraction": start.background.used_fraction,
+        "domain_a_after_a": retention.a_after_a,
+        "domain_a_after_b": retention.a_after_b,
+        "domain_b_after_b": retention.b_after_b,
+        "domain_slot_overlap": retention.slot_overlap,
+    }
+    if retention.a_after_a > 0:
+        metrics["domain_retention"] = retention.retention
+    for m in ("sparse", "full", "lora"):
+        r = matched[m]
+        metrics[f"{m}_fact_em"] = r["fact_em"]
+        for probe in FORGET_PROBES:
+            if math.isfinite(r[f"forget_{probe}"]):
+                metrics[f"{m}_forget_{probe}_pct"] = 100 * r[f"forget_{probe}"]
+    if matched["target_em"] > 0:
+        claimed = {m: 100 * matched[m][f"forget_{forget_probe}"] for m in ("sparse", "full", "lora")}
+        baseline_min = min(claimed["full"], claimed["lora"])
+        metrics["claim.forgetting_sparse_pct"] = claimed["sparse"]
+        metrics["claim.forgetting_baseline_min_pct"] = baseline_min
+        metrics["claim.forgetting_gap_pct"] = baseline_min - claimed["sparse"]
+    return metrics

@@ -4,7 +4,7 @@ import pytest
 from transformers import LlamaConfig
 
 from permkv.cache import BlockPool, PagedCache
-from permkv.cache.capacity import Admission, Request, ReservationPool, admit_paged, admit_reserved, request_mix
+from permkv.experiments.paged_attention import Admission, Request, ReservationPool, admit_paged, admit_reserved, request_mix
 
 
 def tiny_config():
@@ -44,12 +44,13 @@ def test_request_mix_is_seeded_and_checked():
         request_mix([10], (0, 5))
 
 
+@pytest.mark.slow
 def test_compressed_admission_really_compresses_and_admits_more(smol):
     """Real prefill + 4x compression of SQuAD prompts in a shared pool: more requests fit than
     uncompressed, and each admitted cache holds about prompt / 4 + output tokens per head."""
     from permkv.cache import BlockPool
-    from permkv.cache.capacity import natural_prompts
-    from permkv.compress.admission import admit_compressed
+    from permkv.experiments.paged_attention import natural_prompts
+    from permkv.experiments.paged_attention import admit_compressed
 
     model, tok, spec = smol
     requests = request_mix(natural_prompts(tok, spec, "squad", 3), (8, 16), seed=0)
