@@ -16,7 +16,8 @@ from permkv.rlm import (
     sentences,
     split_pieces,
 )
-from permkv.serve import Generation, SequentialBackend, create_app, running
+from permkv.rlm import Generation, SequentialBackend
+from permkv.serve import create_app, running
 
 QUESTION = "What is the special magic number for amber-delta mentioned in the provided text?"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from permkv.models import encode_prompt
-from permkv.serve import Generation, SequentialBackend
+from permkv.rlm.backend import Generation, SequentialBackend
 
 
 @dataclass

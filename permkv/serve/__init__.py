@@ -6,7 +6,7 @@
 """
 
 from permkv.serve.app import APIError, create_app, free_port, running
-from permkv.serve.backend import Backend, ContextTooLong, Generation, SequentialBackend, check_request
+from permkv.rlm.backend import Backend, ContextTooLong, Generation, SequentialBackend, check_request
 
 __all__ = [
     "APIError", "Backend", "ContextTooLong", "Generation", "SequentialBackend", "check_request", "create_app",

@@ -2,7 +2,7 @@
 
 import sys
 
-from permkv.cli import main
+from permkv.serve.cli import main
 
 if __name__ == "__main__":
     main(["serve", *sys.argv[1:]])

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from permkv.models import encode_prompt
-from permkv.serve.backend import Backend, ContextTooLong, check_request
+from permkv.rlm.backend import Backend, ContextTooLong, check_request
 
 DEFAULT_MAX_TOKENS = 256  # new tokens when a request names no max_tokens
 

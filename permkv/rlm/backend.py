@@ -1,4 +1,4 @@
-"""What the server and the RLM call to generate: `Backend.generate(prompt_ids, max_new_tokens, ratio)`.
+"""What the RLM and `permkv serve` call to generate: `Backend.generate(prompt_ids, max_new_tokens, ratio)`.
 
 `SequentialBackend` answers one request at a time on one model: ratio 1 reads the prompt into a full
 `DynamicCache`; ratio > 1 reads it through chunked prefill with compression into a `PagedCache`
