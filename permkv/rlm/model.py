@@ -116,6 +116,11 @@ class RLMResult:
                     speculative_speedup=self.speculative_speedup, position_limited=self.position_limited)
 
 
+def first_line(text: str) -> str:
+    """The answer proper: the first non-empty line (base models run on into a next "Question:")."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def is_none(answer: str) -> bool:
     """An answer that says the piece held nothing (NONE, empty)."""
     words = normalize(answer).split()
@@ -262,7 +267,7 @@ class RecursiveLanguageModel:
             raise RLMBudgetExceeded(f"level {level} of {len(pieces)} pieces is not the last level, but max_depth={self.max_depth}")
         prompts = [(template.format(context=p.strip(), query=query), self.lm.count(p)) for p in pieces]
         role = "read" if level == 1 else "aggregate"
-        answers = self._many(prompts, level, role, calls)
+        answers = [first_line(a) for a in self._many(prompts, level, role, calls)]
         if len(pieces) == 1:
             return answers[0]
         if level == 1:  # pass up the evidence sentence of each grounded answer
