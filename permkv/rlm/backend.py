@@ -68,6 +68,13 @@ class Backend(Protocol):
         """Greedy continuation of `prompt_ids` with the KV cache compressed `ratio` times."""
 
 
+def check_ratio(ratio) -> float:
+    """A KV compression ratio: a finite number >= 1 (x times smaller)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
+        raise ValueError(f"ratio must be a finite number >= 1 (8 = 8x smaller KV), got {ratio!r}")
+    return float(ratio)
+
+
 def check_request(n_prompt: int, max_new_tokens: int, ratio, chunk_tokens: int, max_kv_tokens: int,
                   max_positions: int) -> float:
     """Validate one request's sizes; returns the ratio as a float.
@@ -76,8 +83,7 @@ def check_request(n_prompt: int, max_new_tokens: int, ratio, chunk_tokens: int, 
     while it is read (r > 1) and the answer; that must fit `max_kv_tokens`. Positions must stay within
     the model's trained window (`max_positions`): compression saves memory, not positions.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
-        raise ValueError(f"ratio must be a finite number >= 1 (8 = 8x smaller KV), got {ratio!r}")
+    ratio = check_ratio(ratio)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if n_prompt < 1:
@@ -90,7 +96,7 @@ def check_request(n_prompt: int, max_new_tokens: int, ratio, chunk_tokens: int, 
         raise ContextTooLong(f"prompt of {n_prompt} tokens at ratio {ratio:g} holds {held} tokens per head "
                              f"(with the chunk being read and {max_new_tokens} new tokens), over the per-request "
                              f"KV budget of {max_kv_tokens} tokens: raise the ratio or shorten the prompt")
-    return float(ratio)
+    return ratio
 
 
 def _dense_bytes(cache) -> int:

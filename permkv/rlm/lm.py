@@ -7,6 +7,7 @@ bytes, seconds). `LM.count(text)` counts tokens, so that the RLM can size pieces
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -104,8 +105,6 @@ class ClientLM:
         return sum(self.count(str(m.get("content") or "")) + 4 for m in _messages(prompt))
 
     def complete(self, prompt, max_new_tokens: int, ratio: float = 1.0, speculate: bool = False) -> Reply:
-        import time
-
         if speculate:
             raise ValueError("speculate is not available through a client: the server decodes")
         extra = {} if ratio == 1 else {"kv_cache_compression_ratio": ratio}
@@ -115,6 +114,7 @@ class ClientLM:
         seconds = time.perf_counter() - t0
         stats = (out.model_extra or {}).get("permkv") or {}
         n = out.usage.prompt_tokens if out.usage else 0
+        # token ids do not travel over HTTP, only their count
         gen = Generation([0] * (out.usage.completion_tokens if out.usage else 0), n, float(ratio),
                          float(stats.get("kv_tokens", float("nan"))), int(stats.get("kv_bytes", 0)),
                          int(stats.get("kv_pool_bytes", 0)), seconds, out.choices[0].finish_reason or "stop")

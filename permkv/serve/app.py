@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from permkv.models import encode_prompt
-from permkv.rlm.backend import Backend, ContextTooLong, check_request
+from permkv.rlm.backend import Backend, ContextTooLong, check_ratio
 
 DEFAULT_MAX_TOKENS = 256  # new tokens when a request names no max_tokens
 
@@ -88,7 +88,7 @@ def _cut_at_stop(text: str, stop) -> tuple[str, bool]:
 
 def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
     """The FastAPI app serving `backend` with default compression `ratio`."""
-    check_request(1, 1, ratio, 1, 10**9, 10**9)  # validates the default ratio
+    ratio = check_ratio(ratio)
     app = FastAPI(title="permkv", version="0.1.0")
     created = int(time.time())
 
