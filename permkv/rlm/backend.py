@@ -35,7 +35,7 @@ class Generation:
     tokens: list[int]  # generated ids, stop token excluded
     prompt_tokens: int  # tokens read
     ratio: float  # requested compression ratio (1 = none)
-    kv_tokens: float  # prompt tokens held per (full-attention layer, KV head) after reading, mean
+    kv_tokens: float | None  # prompt tokens held per (full-attention layer, KV head) after reading, mean; None: not measured
     kv_bytes: int  # KV bytes held after reading the prompt (allocated blocks, or tensor bytes at ratio 1)
     kv_pool_bytes: int  # bytes of the KV store the call ran in: the most it could hold at any time
     seconds: float  # wall time of the call
@@ -43,9 +43,9 @@ class Generation:
     decode_s: float | None = None  # wall time after the prompt was read
 
     @property
-    def achieved_ratio(self) -> float:
-        """Prompt tokens read / prompt tokens held (per head, mean)."""
-        return self.prompt_tokens / self.kv_tokens if self.kv_tokens else math.inf
+    def achieved_ratio(self) -> float | None:
+        """Prompt tokens read / prompt tokens held (per head, mean); None when not measured."""
+        return self.prompt_tokens / self.kv_tokens if self.kv_tokens else None
 
     def as_dict(self) -> dict:
         return dict(prompt_tokens=self.prompt_tokens, ratio=self.ratio, kv_tokens=self.kv_tokens,

@@ -85,7 +85,7 @@ class ClientLM:
     `tokenizer` counts tokens (needed to size pieces; `permkv serve` reports the server's own counts).
     The compression ratio travels as the extra field `kv_cache_compression_ratio`, which `permkv serve`
     understands; other servers get no extra field at ratio 1. Measured KV numbers come from the
-    response's `permkv` object when the server is `permkv serve`, else they are unknown (NaN / 0).
+    response's `permkv` object when the server is `permkv serve`, else they are unknown (None / 0).
     """
 
     client: object  # openai.OpenAI
@@ -116,7 +116,7 @@ class ClientLM:
         n = out.usage.prompt_tokens if out.usage else 0
         # token ids do not travel over HTTP, only their count
         gen = Generation([0] * (out.usage.completion_tokens if out.usage else 0), n, float(ratio),
-                         float(stats.get("kv_tokens", float("nan"))), int(stats.get("kv_bytes", 0)),
+                         stats.get("kv_tokens"), int(stats.get("kv_bytes", 0)),
                          int(stats.get("kv_pool_bytes", 0)), seconds, out.choices[0].finish_reason or "stop")
         return Reply(out.choices[0].message.content or "", gen)
 

@@ -46,7 +46,7 @@ class Call:
     prompt_tokens: int  # tokens the call read (template included)
     context_tokens: int  # tokens of context (a piece or the notes) in it
     ratio: float  # KV compression ratio used (1 when the prompt fits the budget uncompressed)
-    kv_tokens: float  # prompt tokens held per (layer, head) after reading, mean
+    kv_tokens: float | None  # prompt tokens held per (layer, head) after reading, mean (None: not measured)
     kv_bytes: int  # KV bytes held after reading
     kv_pool_bytes: int  # bytes of the KV store the call ran in (the most it could hold at any time)
     seconds: float
@@ -85,12 +85,12 @@ class RLMResult:
     @property
     def max_kv_tokens(self) -> float:
         """Most prompt tokens any call held per (layer, head)."""
-        return max((c.kv_tokens for c in self.calls), default=0.0)
+        return max((c.kv_tokens for c in self.calls if c.kv_tokens is not None), default=0.0)
 
     @property
     def achieved_ratio(self) -> float:
         """Prompt tokens read / tokens held, over the calls that compressed (1.0 if none did)."""
-        compressed = [c for c in self.calls if c.ratio > 1]
+        compressed = [c for c in self.calls if c.ratio > 1 and c.kv_tokens]
         if not compressed:
             return 1.0
         return sum(c.prompt_tokens for c in compressed) / sum(c.kv_tokens for c in compressed)
