@@ -243,3 +243,13 @@ def test_tests_leave_the_tree_clean(quick_store):
         pytest.skip("not a git checkout")
     if os.environ.get("CI"):
         assert status.stdout == "", f"tests changed the tree:\n{status.stdout}"
+
+
+def test_recursive_lm_quick_metrics(quick_store):
+    _, client, _ = quick_store
+    exp = client.get_experiment_by_name("05_recursive_lm")
+    (run,) = client.search_runs([exp.experiment_id])
+    m = run.data.metrics
+    assert m["claim.rlm_read_calls_1x"] >= 4 and m["claim.rlm_read_calls_8x"] == 1  # 800 tokens, 200 per call
+    assert m["permkv_rlm.1x.n"] == 1 and m["truncated.1x.n"] == 1 and m["official_rlm.1x.n"] == 1
+    assert 0 <= m["official_rlm.1x.score"] <= 1
