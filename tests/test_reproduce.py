@@ -90,3 +90,13 @@ def test_paged_attention_quick_metrics(quick_store):
     assert 0 <= m["claim.paged_waste_pct"] < m["claim.reservation_waste_pct"] <= 100
     assert m["concurrent_requests.reserve_max_context"] <= m["claim.concurrent_requests_1x"]
     assert 0 <= m["demo_paged_waste_pct"] < 100
+
+
+def test_recursive_verification_quick_metrics(quick_store):
+    _, client = quick_store
+    exp = client.get_experiment_by_name("06_recursive_verification")
+    (run,) = client.search_runs([exp.experiment_id])
+    m = run.data.metrics
+    assert m["claim.rvs_tokens_reasoned_ratio_8x"] >= 1  # 8x never reasons fewer tokens than 1x
+    assert 0 <= m["rvs_full_accuracy"] <= 1 and 0 <= m["rvs_accuracy_8x"] <= 1 and m["rvs_budget"] >= 16
+    assert "claim.rvs_verification_gain_ci_low" in m and m["n.6.verify.8x"] == 1

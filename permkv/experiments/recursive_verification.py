@@ -48,11 +48,11 @@ class RVSConfig:
     min_full_accuracy: float = 0.5  # keep sizes whose full-cache exact accuracy reaches this
     n_samples: int = 30  # instances per kept size (every cell answers the same ones)
     ratios: list[float] = field(default_factory=lambda: [1, 2, 4, 8])  # tokens reasoned / tokens held
-    budget: int | None = None  # trace tokens held per head; None: longest full trace / max(ratios)
-    buffer: int = 4  # generated tokens between compressions (R-KV's 128, scaled to these traces)
-    window: int = 8  # recent tokens never evicted (R-KV's 8 observation tokens)
+    budget: int = 0  # trace tokens held per (layer, KV head); 0: median full trace of the longest size / max(ratios)
+    buffer: int = 4  # generated tokens between compressions (R-KV's 128, scaled to these ~20-70-token traces)
+    window: int = 4  # recent tokens never evicted (R-KV keeps its 8 observation tokens; scaled likewise)
     scorer: str = "rkv"  # "rkv" or one of permkv.compress SCORERS
-    subcall_tokens: int = 64  # KV tokens a verification sub-call may take; larger inputs are halved
+    subcall_tokens: int = 80  # KV tokens a verification sub-call may take; larger inputs are halved
     max_depth: int = 3  # most halvings of the input for a sub-call
     sc_votes: int = 3  # self-consistency: traces voted per instance (one per phrasing)
     sc_ratios: list[float] = field(default_factory=lambda: [8])  # ratios that also run self-consistency
@@ -73,8 +73,9 @@ class RVSConfig:
             raise ValueError(f"sc_votes must be in [1, {len(PHRASINGS)}], got {self.sc_votes!r}")
         if self.scorer != "rkv" and self.scorer not in SCORERS:
             raise ValueError(f"scorer must be 'rkv' or one of {sorted(SCORERS)}, got {self.scorer!r}")
-        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < self.window + self.buffer):
-            raise ValueError(f"budget must be None or an int >= window + buffer, got {self.budget!r}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or 0 < self.budget < self.window + self.buffer \
+                or self.budget < 0:
+            raise ValueError(f"budget must be 0 (picked) or an int >= window + buffer, got {self.budget!r}")
         if not 0 <= self.min_full_accuracy <= 1:
             raise ValueError(f"min_full_accuracy must be in [0, 1], got {self.min_full_accuracy!r}")
 
@@ -125,6 +126,16 @@ def pick_sizes(probe: Sequence[dict], min_accuracy: float) -> list[int]:
     acc = {k: np.mean([r["exact"] for r in probe if r["size"] == k]) for k in sizes}
     kept = [k for k in sizes if acc[k] >= min_accuracy]
     return kept or sizes[:1]
+
+
+def choose(model, tokenizer, cfg: RVSConfig) -> tuple[list[dict], list[int], int]:
+    """Probe the candidate sizes at full cache, keep the ones the model does, size the budget:
+    (probe rows, kept sizes, budget). The budget's floor leaves 8 scored slots beyond the
+    protected window and the buffer."""
+    probe = probe_sizes(model, tokenizer, cfg)
+    sizes = pick_sizes(probe, cfg.min_full_accuracy)
+    budget = cfg.budget or pick_budget(probe, sizes, max(cfg.ratios), cfg.window + cfg.buffer + 8)
+    return probe, sizes, budget
 
 
 def pick_budget(probe: Sequence[dict], sizes: Sequence[int], ratio: float, floor: int) -> int:

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from permkv.experiments.recursive_verification import (
-    RVSConfig, claim_metrics, paired_table, pick_budget, pick_sizes, probe_sizes, run_grid, summary,
+    RVSConfig, choose, claim_metrics, paired_table, run_grid, summary,
 )
 from permkv.models import load_model
 
@@ -26,9 +26,7 @@ t0 = time.time()
 cfg = RVSConfig(sizes=[int(s) for s in args.sizes.split(",")], n_size_probe=args.probe, n_samples=1,
                 window=4, buffer=4, subcall_tokens=80)
 model, tok, spec = load_model(cfg.model, device="cpu")
-probe = probe_sizes(model, tok, cfg)
-sizes = pick_sizes(probe, cfg.min_full_accuracy)
-budget = cfg.budget or pick_budget(probe, sizes, max(cfg.ratios), cfg.window + cfg.buffer + 8)
+probe, sizes, budget = choose(model, tok, cfg)
 print("probe", [(r["size"], r["exact"], r["tokens"]) for r in probe], "sizes", sizes, "budget", budget, flush=True)
 rows, out = [], Path(args.out)
 out.parent.mkdir(parents=True, exist_ok=True)
