@@ -121,6 +121,8 @@ def test_pieces_split_in_halves_sharing_an_item(smol):
 
 def test_parse_items():
     assert parse_items("The words are: Apple, river\n- stone.\n3. cloud") == ["apple", "river", "stone", "cloud"]
+    assert parse_items("The words are:\n\n* cloud\n* zebra\n\nIn order:\n* cloud") == ["cloud", "zebra"]
+    assert parse_items("") == []
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -149,7 +151,7 @@ def test_rvs_bad_input(smol):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sizes=[1]), "sizes"), (dict(ratios=[2, 8]), "ratios"), (dict(sc_ratios=[16]), "sc_ratios"),
-    (dict(scorer="nope"), "scorer"), (dict(n_samples=0), "n_samples"), (dict(budget=3), "budget"), (dict(budget=-1), "budget"),
+    (dict(scorer="nope"), "scorer"), (dict(metric="f1"), "metric"), (dict(n_samples=0), "n_samples"), (dict(budget=3), "budget"), (dict(budget=-1), "budget"),
 ])
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -162,8 +164,8 @@ def test_scoring_helpers():
     assert vote([["a", "b"], ["a", "c"], ["x", "c", "d"]]) == ["a", "c"]
     probe = [dict(size=4, exact=1.0, tokens=10), dict(size=8, exact=1.0, tokens=20), dict(size=8, exact=0.0, tokens=24),
              dict(size=16, exact=0.0, tokens=40)]
-    assert pick_sizes(probe, 0.5) == [4, 8]
-    assert pick_sizes(probe, 1.1) == [4]  # none reaches it: the smallest, reported as failing
+    assert pick_sizes(probe, 0.5, "exact") == [4, 8]
+    assert pick_sizes(probe, 1.1, "exact") == [4]  # none reaches it: the smallest, reported as failing
     assert pick_budget(probe, [4, 8], 8, 5) == 5 and pick_budget(probe, [4, 8], 2, 5) == 11
 
 
@@ -176,7 +178,7 @@ def test_claim_metrics_on_hand_rows():
         rows.append(dict(size=8, sample=s, method="verify", ratio=8.0, exact=float(s < 3), tokens_generated=40))
         rows.append(dict(size=8, sample=s, method="verify", ratio=1.0, exact=0.0, tokens_generated=10))
         rows.append(dict(size=4, sample=s, method="full", ratio=0.0, exact=0.0, tokens_generated=20))
-    m = claim_metrics(rows)
+    m = claim_metrics(rows, "exact")
     assert m["claim.rvs_tokens_reasoned_ratio_8x"] == 4.0
     assert m["claim.rvs_quality_retention_8x"] == 0.5 and m["claim.rvs_accuracy_gap_8x"] == 0.5
     assert m["rvs_verification_gain_best"] == 0.25 and m["claim.rvs_verification_gain_ci_low"] <= 0.25

@@ -45,11 +45,12 @@ class RVSConfig:
     model: str = "smollm2-135m"  # permkv.models name (an instruct model: the task uses its chat template)
     sizes: list[int] = field(default_factory=lambda: [8, 16, 32])  # candidate list lengths (words)
     n_size_probe: int = 4  # instances per size for the full-cache accuracy that picks the sizes
-    min_full_accuracy: float = 0.5  # keep sizes whose full-cache exact accuracy reaches this
+    metric: str = "recall"  # headline score: "recall" (in-order fraction of the list) or "exact" (whole list)
+    min_full_accuracy: float = 0.8  # keep sizes whose full-cache `metric` reaches this
     n_samples: int = 30  # instances per kept size (every cell answers the same ones)
     ratios: list[float] = field(default_factory=lambda: [1, 2, 4, 8])  # tokens reasoned / tokens held
     budget: int = 0  # trace tokens held per (layer, KV head); 0: median full trace of the longest size / max(ratios)
-    buffer: int = 4  # generated tokens between compressions (R-KV's 128, scaled to these ~20-70-token traces)
+    buffer: int = 2  # generated tokens between compressions (R-KV's 128, scaled to these ~20-70-token traces)
     window: int = 4  # recent tokens never evicted (R-KV keeps its 8 observation tokens; scaled likewise)
     scorer: str = "rkv"  # "rkv" or one of permkv.compress SCORERS
     subcall_tokens: int = 80  # KV tokens a verification sub-call may take; larger inputs are halved
@@ -76,6 +77,8 @@ class RVSConfig:
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or 0 < self.budget < self.window + self.buffer \
                 or self.budget < 0:
             raise ValueError(f"budget must be 0 (picked) or an int >= window + buffer, got {self.budget!r}")
+        if self.metric not in ("recall", "exact"):
+            raise ValueError(f"metric must be 'recall' or 'exact', got {self.metric!r}")
         if not 0 <= self.min_full_accuracy <= 1:
             raise ValueError(f"min_full_accuracy must be in [0, 1], got {self.min_full_accuracy!r}")
 
@@ -119,22 +122,22 @@ def probe_sizes(model, tokenizer, cfg: RVSConfig) -> list[dict]:
     return rows
 
 
-def pick_sizes(probe: Sequence[dict], min_accuracy: float) -> list[int]:
-    """Sizes whose full-cache exact accuracy reaches `min_accuracy` (the smallest size if none does:
+def pick_sizes(probe: Sequence[dict], min_accuracy: float, metric: str = "recall") -> list[int]:
+    """Sizes whose full-cache `metric` reaches `min_accuracy` (the smallest size if none does:
     then the grid measures a failing model, which the report says)."""
     sizes = sorted({r["size"] for r in probe})
-    acc = {k: np.mean([r["exact"] for r in probe if r["size"] == k]) for k in sizes}
+    acc = {k: np.mean([r[metric] for r in probe if r["size"] == k]) for k in sizes}
     kept = [k for k in sizes if acc[k] >= min_accuracy]
     return kept or sizes[:1]
 
 
 def choose(model, tokenizer, cfg: RVSConfig) -> tuple[list[dict], list[int], int]:
     """Probe the candidate sizes at full cache, keep the ones the model does, size the budget:
-    (probe rows, kept sizes, budget). The budget's floor leaves 8 scored slots beyond the
+    (probe rows, kept sizes, budget). The budget's floor leaves 2 scored slots beyond the
     protected window and the buffer."""
     probe = probe_sizes(model, tokenizer, cfg)
-    sizes = pick_sizes(probe, cfg.min_full_accuracy)
-    budget = cfg.budget or pick_budget(probe, sizes, max(cfg.ratios), cfg.window + cfg.buffer + 8)
+    sizes = pick_sizes(probe, cfg.min_full_accuracy, cfg.metric)
+    budget = cfg.budget or pick_budget(probe, sizes, max(cfg.ratios), cfg.window + cfg.buffer + 2)
     return probe, sizes, budget
 
 
@@ -193,7 +196,7 @@ def run_grid(model, tokenizer, cfg: RVSConfig, sizes: Sequence[int], budget: int
     return rows
 
 
-def summary(rows: Sequence[dict], metric: str = "exact") -> list[dict]:
+def summary(rows: Sequence[dict], metric: str = "recall") -> list[dict]:
     """Mean, 95% bootstrap CI and n per (size, method, ratio)."""
     out = []
     keys = sorted({(r["size"], r["method"], r["ratio"]) for r in rows})
@@ -220,7 +223,7 @@ def _paired(rows, size, a: tuple[str, float], b: tuple[str, float], metric: str)
     return dict(diff=float(np.mean(d)), ci_low=lo, ci_high=hi, n=len(d))
 
 
-def paired_table(rows: Sequence[dict], metric: str = "exact") -> list[dict]:
+def paired_table(rows: Sequence[dict], metric: str = "recall") -> list[dict]:
     """Per size and ratio: verify - no_verify, and verify - self_consistency (where run), paired."""
     out = []
     for size in sorted({r["size"] for r in rows}):
@@ -235,7 +238,7 @@ def paired_table(rows: Sequence[dict], metric: str = "exact") -> list[dict]:
     return out
 
 
-def claim_metrics(rows: Sequence[dict], metric: str = "exact") -> dict[str, float]:
+def claim_metrics(rows: Sequence[dict], metric: str = "recall") -> dict[str, float]:
     """Ledger metrics, on the largest size (the longest traces):
     - rvs_tokens_reasoned_ratio_8x: mean tokens generated at 8x / at 1x, same KV budget;
     - rvs_quality_retention_8x: accuracy at 8x (no verification) / full-cache accuracy, same instances;

@@ -38,13 +38,17 @@ def next_prompt(items: Sequence[str], item: str) -> str:
 
 
 def parse_items(text: str) -> list[str]:
-    """Items of a trace: one per line or comma-separated piece, the piece's last word, lower case."""
-    items = []
-    for piece in re.split(r"[,\n;]", text):
-        words = re.findall(r"[A-Za-z]+", piece)
-        if words:
-            items.append(words[-1].lower())
-    return items
+    """Items of a trace: its first paragraph that holds any, one per line or comma-separated piece
+    (the piece's last word, lower case); pieces ending in ":" are headings ("The words are:")."""
+    for paragraph in re.split(r"\n\s*\n", text):
+        items = []
+        for piece in re.split(r"[,\n;]", paragraph):
+            words = re.findall(r"[A-Za-z]+", piece)
+            if words and not piece.strip().endswith(":"):
+                items.append(words[-1].lower())
+        if items:
+            return items
+    return []
 
 
 def answer_item(text: str, items: Sequence[str]) -> str | None:

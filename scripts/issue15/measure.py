@@ -23,8 +23,7 @@ p.add_argument("--probe", type=int, default=4)
 args = p.parse_args()
 
 t0 = time.time()
-cfg = RVSConfig(sizes=[int(s) for s in args.sizes.split(",")], n_size_probe=args.probe, n_samples=1,
-                window=4, buffer=4, subcall_tokens=80)
+cfg = RVSConfig(sizes=[int(s) for s in args.sizes.split(",")], n_size_probe=args.probe, n_samples=1, subcall_tokens=80)
 model, tok, spec = load_model(cfg.model, device="cpu")
 probe, sizes, budget = choose(model, tok, cfg)
 print("probe", [(r["size"], r["exact"], r["tokens"]) for r in probe], "sizes", sizes, "budget", budget, flush=True)
@@ -38,7 +37,8 @@ while time.time() - t0 < args.minutes * 60:
     rows += new
     rnd += 1
     doc = dict(config=asdict(cfg), sizes=sizes, budget=budget, probe=probe, rounds=rnd, minutes=(time.time() - t0) / 60,
-               summary=summary(rows), summary_recall=summary(rows, "recall"), paired=paired_table(rows),
-               paired_recall=paired_table(rows, "recall"), metrics=claim_metrics(rows), rows=rows)
+               summary=summary(rows, "recall"), summary_exact=summary(rows, "exact"), paired=paired_table(rows, "recall"),
+               paired_exact=paired_table(rows, "exact"), metrics=claim_metrics(rows, cfg.metric),
+               metrics_exact=claim_metrics(rows, "exact"), rows=rows)
     out.write_text(json.dumps(doc, indent=1, default=float))
     print(f"round {rnd} done at {(time.time() - t0) / 60:.1f} min", flush=True)
