@@ -108,7 +108,8 @@ class BudgetedDecoder:
                 stats.max_held = max(stats.max_held, held)
                 if held >= cap and self.ratio > 1:
                     target = cap - self.buffer
-                    compressor.compress(cache, held / target, recorder.queries)
+                    # ratio = tokens seen / tokens kept (what the compressor measures against)
+                    compressor.compress(cache, cache.seen[0] / target, recorder.queries)
                     stats.compressions += 1
                     stats.evicted += held - held_tokens(cache)
                 if on_step is not None:
