@@ -133,14 +133,14 @@ def test_ratio_means_tokens_seen_over_kept(smol, prefix):
     assert sum(map(sum, compression.compress_auto(cache, 8, recorder.queries).kept)) == round(heads * len(prefix) / 8)
 
 
-def test_observer_leaves_no_state_and_refuses_nesting(smol, prefix):
+def test_observer_nests_and_leaves_no_state(smol, prefix):
     model, _, _ = smol
     cache = paged_cache_for(model, 64)
     with observing(model, window=4) as recorder, torch.no_grad():
-        with pytest.raises(ValueError, match="already being observed"):
-            with observing(model):
-                pass
-        model(torch.tensor([prefix[:32]]), past_key_values=cache)
+        with observing(model, window=2) as inner:  # the inner block records alone
+            model(torch.tensor([prefix[:16]]), past_key_values=cache)
+        assert inner.queries[0].shape[2] == 2 and not recorder.queries
+        model(torch.tensor([prefix[16:32]]), past_key_values=cache, position_ids=torch.arange(16, 32)[None])
     assert recorder.queries[0].shape[2] == 4
     assert all(getattr(m, "_permkv_recorder", None) is None for m in model.modules())
     assert model.config._attn_implementation not in ("permkv_paged_observed",)

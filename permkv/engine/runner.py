@@ -59,5 +59,5 @@ class ModelRunner:
         target = max(seen * heads / ratio, heads)
         if not full or cached <= math.ceil(target):
             return False
-        self.compressor.compress(cache, cached / target, queries)
+        self.compressor.compress(cache, cache.seen[0] * heads / target, queries)  # tokens seen / tokens kept
         return True
