@@ -10,11 +10,22 @@ from permkv.compress.estimate import QualityEstimate, QualityTable
 from permkv.compress.observe import QueryRecorder, observing
 from permkv.compress.kvzip import kvzip_scores
 from permkv.compress.prefill import chunked_prefill_and_compress, fork_sequence, paged_cache_for, prefill_and_compress
-from permkv.compress.scorers import SCORERS, KeyNormScore, KVCompressScore, RandomScore, RecentScore, SnapKVScore, get_scorer
+from permkv.compress.scorers import (
+    SCORERS,
+    KeyNormScore,
+    KVCompressScore,
+    Pooled,
+    RandomScore,
+    RecencyMix,
+    RecentScore,
+    SnapKVScore,
+    get_scorer,
+)
 
 __all__ = [
     "ALLOCATORS", "SCORERS", "CompressionReport", "Compressor", "GlobalAdaptiveAllocator", "InferenceKVCacheCompression",
-    "KVCompressScore", "KeyNormScore", "LayerAdaptiveAllocator", "QualityEstimate", "QualityTable", "QueryRecorder", "RandomScore", "RecentScore",
+    "KVCompressScore", "KeyNormScore", "LayerAdaptiveAllocator", "Pooled", "QualityEstimate", "QualityTable", "QueryRecorder",
+    "RandomScore", "RecencyMix", "RecentScore",
     "SnapKVScore", "UniformAllocator", "check_ratio", "chunked_prefill_and_compress", "fork_sequence", "get_scorer", "kvzip_scores",
     "observing", "paged_cache_for", "prefill_and_compress", "report_of",
 ]

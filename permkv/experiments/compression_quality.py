@@ -182,6 +182,8 @@ METHODS: dict[str, object] = {
     "permkv_layer": Permkv("kvcompress", "layer", 64),
     "permkv_uniform_w8": Permkv("kvcompress", "uniform", 8),
     "permkv_snapkv": Permkv("snapkv", "uniform", 64),
+    "permkv_pooled": Permkv("kvcompress_pooled", "uniform", 64),  # SnapKV's pooling on KV-Compress's score
+    "permkv_recency": Permkv("kvcompress_recency", "uniform", 64),  # half score, half recency
     "permkv_snapkv_global_w8": Permkv("snapkv", "global", 8),
     "permkv_streaming": Permkv("streaming"),
     "permkv_knorm": Permkv("knorm"),
