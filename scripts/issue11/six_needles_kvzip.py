@@ -16,7 +16,7 @@ from permkv.experiments.compression_quality import answer_sample
 from permkv.models import load_model
 
 METHODS = ["permkv_kvzip", "permkv_kvzip_global", "kvpress_kvzip"]
-RATIOS = [1.01, 2, 8]
+RATIOS = [2, 8]
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

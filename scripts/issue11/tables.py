@@ -78,13 +78,13 @@ def long_table(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    six = load("reports/issue11/six_needles_*.json")
+    six = load("reports/issue11/six_needles_[0-9]*.json")
     if six:
         needle_table(six, "6 needles (niah_single, SmolLM2, 1,024 tokens, seed 1)")
         heatmap(six, "permkv_adaptive", "reports/issue11/heatmap_global_allocator.png")
-    kz = load("reports/issue11/six_needles_kvzip*.json")
+    kz = load("reports/issue11/six_needles_kvzip*.json") + load("reports/issue11/six_needles_mix*.json")
     if kz:
-        needle_table(kz, "KVzip-style scorers on the same needles (query-agnostic)")
+        needle_table(kz, "Scorer variants on the same needles (KVzip-style, pooling, recency mix)")
     long = load("reports/issue11/long_*.json")
     if long:
         long_table(long)
