@@ -210,3 +210,25 @@ def test_gemma_compresses_global_layers_only(gemma):
 
     with pytest.raises(ValueError, match="sliding-window"):
         kvpress_answer(model, tok, "snapkv", 8)
+
+
+def test_pooling_and_recency_wrappers():
+    """Pooled spreads a lone peak to its neighbours; RecencyMix at weight 1 is recency, at 0 the base
+    scaled to [0, 1]; both need queries exactly when their base does."""
+    from permkv.compress import KeyNormScore, Pooled, RecencyMix
+
+    keys, queries = torch.zeros(1, 1, 9, 4), torch.zeros(1, 1, 2, 4)
+
+    class Peak:
+        needs_queries = True
+
+        def score(self, keys, values, queries):
+            s = torch.zeros(keys.shape[:3])
+            s[..., 4] = 5.0
+            return s
+
+    pooled = Pooled(Peak(), 5).score(keys, None, queries)[0, 0]
+    assert pooled.tolist() == pytest.approx([0, 0, 1, 1, 1, 1, 1, 0, 0])
+    assert RecencyMix(Peak(), 1.0).score(keys, None, queries)[0, 0].tolist() == pytest.approx([i / 8 for i in range(9)])
+    assert RecencyMix(Peak(), 0.0).score(keys, None, queries)[0, 0].tolist() == pytest.approx([0, 0, 0, 0, 1, 0, 0, 0, 0])
+    assert Pooled(Peak()).needs_queries and not RecencyMix(KeyNormScore()).needs_queries
