@@ -93,6 +93,13 @@ class EngineStats:
         return sum(self.used_blocks) / len(self.used_blocks) / self.capacity_blocks if self.used_blocks else 0.0
 
     @property
+    def blocks_per_sequence(self) -> float:
+        """Mean pool blocks one running sequence holds during decoding (generated tokens included):
+        `capacity_blocks / blocks_per_sequence` sequences fit in the pool at once."""
+        per = [u / b for u, b in zip(self.used_blocks, self.batch_sizes)]
+        return sum(per) / len(per) if per else 0.0
+
+    @property
     def prefill_share(self) -> float:
         return self.prefill_seconds / self.wall if self.wall else 0.0
 
@@ -101,7 +108,8 @@ class EngineStats:
                     max_batch=self.max_batch, preemptions=self.preemptions, recomputed_tokens=self.recomputed_tokens,
                     compressions=self.compressions, prefill_share=self.prefill_share,
                     decode_seconds=self.decode_seconds, compress_seconds=self.compress_seconds,
-                    mean_occupancy=self.mean_occupancy, output_tokens=self.output_tokens,
+                    mean_occupancy=self.mean_occupancy, blocks_per_sequence=self.blocks_per_sequence,
+                    output_tokens=self.output_tokens,
                     prompt_tokens=self.prompt_tokens)
 
 
