@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from permkv.experiments.baseline import BaselineConfig, claim_metrics, score_grid, timing_grid
+from permkv.experiments.baseline import BaselineConfig, claim_metrics, curves, score_grid, timing_grid
 from permkv.harness import tracking
 from permkv.harness.config import from_params
 from permkv.models import load_model
@@ -97,5 +97,5 @@ plt.show()
 # %%
 metrics = claim_metrics(scores.to_dict("records"), timings.to_dict("records"))
 tracking.publish("00_baseline", cfg, PROFILE, metrics, figures={"scores.png": fig_scores, "timings.png": fig_time},
-                 tables={"scores": scores, "timings": timings})
+                 tables={"scores": scores, "timings": timings}, curves=curves(scores.to_dict("records")))
 {k: round(v, 4) for k, v in metrics.items() if k.startswith("claim.")}

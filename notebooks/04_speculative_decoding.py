@@ -34,6 +34,7 @@ from permkv.experiments.speculative_decoding import (
     compare,
     pooled,
     summarize,
+    sweep_curves,
     sweep_methods,
     workload_texts,
 )
@@ -154,5 +155,6 @@ table[table.workload == "open_ended"].round(3)
 # %%
 metrics = claim_metrics(table.to_dict("records"), cfg, knock.speedup)
 tracking.publish("04_speculative_decoding", cfg, PROFILE, metrics,
-                 figures={"methods.png": fig_methods, "sweep.png": fig_sweep}, tables={"methods": table, "sweep": sweep})
+                 figures={"methods.png": fig_methods, "sweep.png": fig_sweep}, tables={"methods": table, "sweep": sweep},
+                 curves=sweep_curves(sweep.to_dict("records")))
 {k: round(v, 3) for k, v in metrics.items()}

@@ -86,7 +86,7 @@ def test_admission_waits_for_free_blocks(setup):
 @pytest.mark.parametrize("ratio", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_small_pool_preempts_without_losing_a_request(setup, ratio):
     # at ratio 2 a sequence outgrows its prefill only when it generates more than it read
-    new, config = (NEW, CONFIG) if ratio == 1 else (64, EngineConfig(chunk_tokens=36, compress_every=32))
+    new, config = (NEW, CONFIG) if ratio == 1 else (64, EngineConfig(chunk_tokens=64, compress_every=32))
     requests = [Request(ids, new, ratio) for ids in setup[2]]
     admit = blocks(setup, requests, config, "prefill_tokens")
     pool = admit[0] + admit[1] + 2 * math.ceil(config.watermark * 3000)  # two are admitted, then they grow

@@ -46,23 +46,26 @@ def test_every_profile_has_valid_parameters():
 
 @pytest.fixture(scope="module")
 def quick_store(tmp_path_factory):
-    """Run every notebook's quick profile once, into a throwaway MLflow store."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
+    """Run every notebook's quick profile once, into a throwaway MLflow store (and durations file)."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI"), reproduce.DURATIONS
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    reproduce.DURATIONS = tmp / "durations.json"
     try:
-        status = reproduce.main(["--profile", "quick"])
+        status = reproduce.main(["--profile", "quick", "--force"])
     finally:
-        if old is None:
+        if old[0] is None:
             del os.environ["MLFLOW_TRACKING_URI"]
         else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
-    return status, MlflowClient(uri)
+            os.environ["MLFLOW_TRACKING_URI"] = old[0]
+        reproduce.DURATIONS = old[1]
+    return status, MlflowClient(uri), uri
 
 
 @pytest.mark.parametrize("notebook", [p.stem for p in reproduce.notebooks()])
 def test_quick_notebook_runs_and_logs(quick_store, notebook):
-    status, client = quick_store
+    status, client, _ = quick_store
     exp = client.get_experiment_by_name(notebook)
     assert exp is not None, f"{notebook} logged no MLflow experiment"
     (run,) = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
@@ -73,7 +76,7 @@ def test_quick_notebook_runs_and_logs(quick_store, notebook):
 
 
 def test_baseline_quick_metrics(quick_store):
-    _, client = quick_store
+    _, client, _ = quick_store
     exp = client.get_experiment_by_name("00_baseline")
     (run,) = client.search_runs([exp.experiment_id])
     m = run.data.metrics
@@ -84,7 +87,7 @@ def test_baseline_quick_metrics(quick_store):
 
 
 def test_paged_attention_quick_metrics(quick_store):
-    _, client = quick_store
+    _, client, _ = quick_store
     exp = client.get_experiment_by_name("01_paged_attention")
     (run,) = client.search_runs([exp.experiment_id])
     m = run.data.metrics
@@ -140,7 +143,7 @@ def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkey
 
 
 def test_throughput_quick_metrics(quick_store):
-    _, client = quick_store
+    _, client, _ = quick_store
     exp = client.get_experiment_by_name("03_throughput")
     (run,) = client.search_runs([exp.experiment_id])
     m = run.data.metrics
@@ -150,3 +153,94 @@ def test_throughput_quick_metrics(quick_store):
     assert m["throughput.engine_1x_vs_hf_sequential"] > 0
     assert {"claim.engine_concurrency_gain_8x", "throughput.batch_gain_8x", "cost.per_seq_s", "quality.8x"} <= set(m)
     assert m["claim.engine_concurrency_gain_8x"] > 1  # compressed sequences hold fewer blocks
+
+
+def test_speculative_decoding_quick_metrics(quick_store):
+    _, client, _ = quick_store
+    (run,) = client.search_runs([client.get_experiment_by_name("04_speculative_decoding").experiment_id])
+    m = run.data.metrics
+    assert m["all_identical"] == 1.0  # lossless: every method's output equals plain greedy
+    assert m["claim.speculative_speedup_grounded"] > 0 and m["speedup.open_ended.permkv"] > 0
+
+
+def test_continual_learning_quick_metrics(quick_store):
+    _, client, _ = quick_store
+    (run,) = client.search_runs([client.get_experiment_by_name("07_continual_learning_forgetting").experiment_id])
+    m = run.data.metrics
+    assert 0 <= m["fact_em_target"] <= 1 and 0 < m["memory_used_fraction"] <= 1
+    assert all(f"{k}_fact_em" in m for k in ("sparse", "full", "lora"))
+    assert all(v == v for v in m.values())  # no NaN reaches MLflow
+
+
+def test_mlflow_server_shows_what_a_person_needs(quick_store):
+    """The real MLflow server over the quick store, read through its REST API: every experiment opens on
+    its runs table (model-development kind), every run has its figures, no metric is NaN."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    _, _, uri = quick_store
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def get(path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        experiments = [e for e in get("/experiments/search", {"max_results": 100})["experiments"] if e["name"] != "Default"]
+        assert {e["name"] for e in experiments} == {p.stem for p in reproduce.notebooks()}
+        for exp in experiments:
+            tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
+            assert tags.get("mlflow.experimentKind") == "custom_model_development", exp["name"]
+            (run,) = get("/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+            metrics = run["data"]["metrics"]
+            assert metrics and not [m["key"] for m in metrics if m["value"] != m["value"]], f"NaN metric in {exp['name']}"
+            files = get(f"/artifacts/list?run_id={run['info']['run_id']}").get("files", [])
+            assert any(f["path"].endswith(".png") for f in files), f"{exp['name']} logged no figure"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_executed_notebooks_are_clean(quick_store):
+    """No error outputs, no progress bars or warnings in stderr, no `nan` printed where a number belongs."""
+    import nbformat
+
+    for nb_path in reproduce.notebooks():
+        executed = nbformat.read(tracking.ROOT / "reports" / "quick" / nb_path.name, as_version=4)
+        for cell in executed.cells:
+            for out in cell.get("outputs", []):
+                assert out["output_type"] != "error", f"{nb_path.stem}: {out.get('ename')}"
+                text = out.get("text", "") if out["output_type"] == "stream" else ""
+                if out.get("name") == "stderr":
+                    assert "it/s]" not in text and "%|" not in text and "TqdmWarning" not in text, f"{nb_path.stem}: {text[:200]}"
+                assert "nan%" not in text and " nan " not in text, f"{nb_path.stem}: {text[:200]}"
+
+
+def test_tests_leave_the_tree_clean(quick_store):
+    """Running the notebooks writes only ignored outputs (reports/<profile>/, the throwaway stores): no
+    ./mlruns, no change to tracked files. In CI (a fresh clone) `git status` must be empty."""
+    import subprocess
+
+    for folder in (tracking.ROOT, tracking.ROOT / "tests", tracking.ROOT / "notebooks"):
+        assert not (folder / "mlruns").exists(), f"an MLflow run wrote artifacts into {folder / 'mlruns'}"
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=tracking.ROOT, capture_output=True, text=True)
+    if status.returncode != 0:
+        pytest.skip("not a git checkout")
+    if os.environ.get("CI"):
+        assert status.stdout == "", f"tests changed the tree:\n{status.stdout}"

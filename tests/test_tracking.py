@@ -57,11 +57,17 @@ def test_publish_saves_logs_and_drops_undefined_metrics(tmp_path, monkeypatch):
     fig, ax = plt.subplots()
     ax.plot([1, 2], [3, 4])
     folder = tracking.publish("99_test", {"n": 3}, "quick", {"a": 1.0, "b": float("nan"), "c": float("inf")},
-                              figures={"f.png": fig}, tables={"rows": pd.DataFrame({"x": [1, 2]}), "raw": [{"y": 1}]})
+                              figures={"f.png": fig}, tables={"rows": pd.DataFrame({"x": [1, 2]}), "raw": [{"y": 1}]},
+                              curves={"score_vs_ratio": ([2, 8, 64], [0.9, float("nan"), 0.1])})
     assert folder == tmp_path / "reports" / "quick" / "99_test"
     assert {p.name for p in folder.iterdir()} == {"f.png", "rows.csv", "rows.json", "raw.json"}
     run = tracking.latest_run("99_test")
-    assert run.data.metrics == {"a": 1.0} and run.data.params == {"n": "3"}
+    assert run.data.metrics == {"a": 1.0, "score_vs_ratio": 0.1} and run.data.params == {"n": "3"}
+    client = MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "score_vs_ratio")] == [(2, 0.9), (64, 0.1)]
+    exp = client.get_experiment_by_name("99_test")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+    assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())  # not ./mlruns of the cwd
     assert {"f.png", "rows.csv", "rows.json", "raw.json"} <= {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
 
 

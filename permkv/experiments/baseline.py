@@ -95,3 +95,13 @@ def claim_metrics(scores: Sequence[dict], timings: Sequence[dict]) -> dict[str, 
     if ppl:
         metrics["claim.gemma_perplexity"] = sum(ppl) / len(ppl)
     return metrics
+
+
+def curves(scores: Sequence[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """Score against context length per (model, task), as step-indexed MLflow curves (step = tokens)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in sorted(scores, key=lambda r: r["context_tokens"]):
+        steps, values = out.setdefault(f"score_vs_length.{row['model']}.{row['task']}", ([], []))
+        steps.append(int(row["context_tokens"]))
+        values.append(row["score"])
+    return out

@@ -319,3 +319,14 @@ def claim_metrics(table: list[dict], cfg: SpeculationConfig, knock_speedup: floa
         if speedup(w, ours) and speedup(w, hf):
             metrics[f"permkv_over_hf.{w}"] = speedup(w, ours) / speedup(w, hf)
     return {k: v for k, v in metrics.items() if v is not None}
+
+
+def sweep_curves(sweep: list[dict], workload: str = "all") -> dict[str, tuple[list[int], list[float]]]:
+    """Speedup against draft length k per max n-gram (rows of the sweep table with `k` and `max_ngram`),
+    as step-indexed MLflow curves (step = k)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in sorted((r for r in sweep if r["workload"] == workload), key=lambda r: r["k"]):
+        steps, values = out.setdefault(f"sweep_speedup_vs_k.ngram{row['max_ngram']}", ([], []))
+        steps.append(int(row["k"]))
+        values.append(row["speedup"])
+    return out

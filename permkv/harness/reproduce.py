@@ -18,6 +18,7 @@ import argparse
 import ast
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  estimate: {sum(known[nb.stem] for nb, _, _ in todo) / 60:.0f} min in all")
     running = {nb for nb, _, _ in todo}
     results = [(nb.stem, "skipped", 0.0, "up to date") for nb, _, _ in plan if nb not in running]
+    # Progress bars of the notebooks' loops would land in the saved notebooks as stderr output: the
+    # kernels run without them; Papermill's per-cell bar shows progress here instead.
+    os.environ["TQDM_DISABLE"] = "1"
     for i, (nb, params, fp) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.stem} ({args.profile})", flush=True)
         out = out_dir / nb.name

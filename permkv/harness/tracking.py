@@ -45,11 +45,32 @@ def flatten(params: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def artifact_root() -> str | None:
+    """Where a new experiment keeps its artifacts: `mlartifacts/` beside a sqlite store (MLflow's default,
+    `./mlruns` under the current folder, would litter whatever folder a test or notebook runs in)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides
+
+
+def set_experiment(experiment: str) -> str:
+    """Create `experiment` if needed (artifacts beside the store) and make it active; tagged as model
+    development so that the MLflow UI opens it on its runs table, not on the GenAI traces view."""
+    mlflow = _mlflow()
+    client = mlflow.tracking.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root())
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
 @contextmanager
 def run(experiment: str, params: dict, profile: str) -> Iterator[object]:
     """Start an MLflow run in `experiment`, log `params` and tag the profile; ends it on exit."""
     mlflow = _mlflow()
-    mlflow.set_experiment(experiment)
+    set_experiment(experiment)
     with mlflow.start_run(tags={"profile": profile}) as active:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
         yield active
@@ -58,6 +79,15 @@ def run(experiment: str, params: dict, profile: str) -> Iterator[object]:
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log numeric metrics; names may hold letters, digits, '_', '-', '.', '/' and spaces."""
     _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_curve(name: str, steps, values) -> None:
+    """A sweep as one step-indexed metric (score vs ratio, tokens/s vs batch), drawn as a curve by the UI.
+    Steps must be integers (ratios 2, 4, 8, ...; lengths in tokens); undefined values are skipped."""
+    mlflow = _mlflow()
+    for step, value in zip(steps, values):
+        if value is not None and math.isfinite(float(value)):
+            mlflow.log_metric(name, float(value), step=int(step))
 
 
 def log_figure(fig, name: str) -> None:
@@ -101,7 +131,7 @@ def mark_failed(experiment: str, profile: str, why: str) -> None:
     """Record a failed notebook as a FAILED run of its profile (so the ledger does not show older numbers
     as current)."""
     mlflow = _mlflow()
-    mlflow.set_experiment(experiment)
+    set_experiment(experiment)
     mlflow.start_run(tags={"profile": profile, "permkv.error": why[:5000]})
     mlflow.end_run(status="FAILED")
 
@@ -119,13 +149,16 @@ def defined(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 def publish(experiment: str, config, profile: str, metrics: Mapping[str, float], figures: Mapping[str, object] = {},
-            tables: Mapping[str, object] = {}) -> Path:
+            tables: Mapping[str, object] = {}, curves: Mapping[str, tuple] = {}) -> Path:
     """A notebook's last cell: save figures (PNG, tight box) and tables (JSON; CSV too for DataFrames)
-    under reports/<profile>/<experiment>/ and log all of it, with `config` as parameters and the
-    defined metrics, to one MLflow run. Returns the output folder."""
+    under reports/<profile>/<experiment>/ and log all of it, with `config` as parameters, the defined
+    metrics and `curves` ({name: (steps, values)}, see `log_curve`), to one MLflow run; DataFrames are
+    also logged as MLflow tables. Returns the output folder."""
     folder = out_dir(profile, experiment)
     with run(experiment, asdict(config) if is_dataclass(config) else dict(config), profile):
         log_metrics(defined(metrics))
+        for name, (steps, values) in curves.items():
+            log_curve(name, steps, values)
         for name, fig in figures.items():
             fig.savefig(folder / name, bbox_inches="tight", dpi=120)
             log_artifact(folder / name)
@@ -133,6 +166,7 @@ def publish(experiment: str, config, profile: str, metrics: Mapping[str, float],
             if hasattr(table, "to_csv"):
                 table.to_csv(folder / f"{name}.csv", index=False)
                 log_artifact(folder / f"{name}.csv")
+                _mlflow().log_table(table, artifact_file=f"tables/{name}.json")
                 table = table.to_dict("records")
             (folder / f"{name}.json").write_text(json.dumps(table, indent=1, default=str))
             log_artifact(folder / f"{name}.json")

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from permkv.knowledge.train import right_pad
+
 FEW_SHOT = "Q: What color is grass?\nA: green\n\n"
 
 
@@ -30,7 +32,6 @@ def greedy_match(model, tokenizer, prompts: list[str], answers: list[str], batch
     spells the answer with other tokens counts as a miss (rare, conservative).
     """
     out = []
-    pad = tokenizer.pad_token_id
     model.eval()
     for i in range(0, len(prompts), batch_size):
         rows, spans = [], []
@@ -41,12 +42,7 @@ def greedy_match(model, tokenizer, prompts: list[str], answers: list[str], batch
                 head = head[:-1]
             rows.append(full)
             spans.append((len(head), len(full)))
-        seq = max(len(r) for r in rows)
-        ids = torch.full((len(rows), seq), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
+        ids, mask = right_pad(rows, tokenizer.pad_token_id)
         pred = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1).cpu()
         for j, (start, end) in enumerate(spans):
             following = tokenizer.decode([int(pred[j, end - 1])])

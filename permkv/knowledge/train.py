@@ -17,16 +17,20 @@ METHODS = ("sparse", "full", "lora")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def collate(tokenizer, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask (batch, seq) and labels (-100 on padding)."""
-    rows = [tokenizer(t).input_ids[:max_tokens] for t in texts]
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> input_ids and attention_mask `(batch, longest)`, padded right."""
     seq = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), seq), pad, dtype=torch.long)
+    ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), seq), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def collate(tokenizer, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask (batch, seq) and labels (-100 on padding)."""
+    ids, mask = right_pad([tokenizer(t).input_ids[:max_tokens] for t in texts], tokenizer.pad_token_id)
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
