@@ -153,8 +153,10 @@ plt.show()
 # %% [markdown]
 # ## Log to MLflow
 # Ledger rows (permkv/harness/claims.py): `claim.throughput_gain_8x` / `_64x` (total tokens/s vs the
-# ratio-1 engine; KV-Compress: 3.44x / 5.18x) and `claim.engine_concurrency_gain_8x` / `_64x` (largest
-# decode batch vs ratio 1; seed: 10 -> 80 -> 640 requests, capped here by the number of requests).
+# ratio-1 engine; KV-Compress: 3.44x / 5.18x) and `claim.engine_concurrency_gain_8x` / `_64x`: pool
+# blocks one decoding sequence holds at 1x over those at the ratio (generated tokens included), i.e.
+# how many more sequences the pool holds at once (seed: 10 -> 80 -> 640 requests).
+# `throughput.batch_gain_*` is the largest batch reached, capped by the number of requests.
 
 # %%
 metrics = claim_metrics(summary.to_dict("records"), quality_rows)

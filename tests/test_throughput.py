@@ -26,7 +26,7 @@ def test_config_is_checked():
 def _row(system, ratio, repeat, out, total, batch, prefill=0.5):
     return dict(system=system, ratio=ratio, repeat=repeat, output_tps=out, total_tps=total, wall=1.0,
                 mean_batch=batch, max_batch=batch, preemptions=0, prefill_share=prefill, compressions=0,
-                mean_occupancy=0.5, mean_ttft=0.1, mean_latency=1.0)
+                mean_occupancy=0.5, blocks_per_sequence=900 / ratio, pool_blocks=1800, mean_ttft=0.1, mean_latency=1.0)
 
 
 def test_summary_and_claim_metrics_use_same_repeat_ratios():
@@ -42,7 +42,9 @@ def test_summary_and_claim_metrics_use_same_repeat_ratios():
     m = claim_metrics(summary, [dict(system="engine 8x", score=0.5, ci_low=0, ci_high=1, n=2)])
     assert m["claim.throughput_gain_8x"] == pytest.approx(2.5)
     assert m["claim.throughput_gain_64x"] == pytest.approx(median := (3 + 6) / 2) and median == 4.5
-    assert m["claim.engine_concurrency_gain_8x"] == pytest.approx(6.0)  # median max batch 12 vs 2
+    assert m["throughput.batch_gain_8x"] == pytest.approx(6.0)  # median max batch 12 vs 2
+    assert m["claim.engine_concurrency_gain_8x"] == pytest.approx(8.0)  # 900 blocks per sequence vs 112.5
+    assert m["throughput.concurrent_1x"] == pytest.approx(2.0)
     assert m["throughput.amdahl_bound"] == pytest.approx(2.0)
     assert m["throughput.engine_1x_vs_hf_sequential"] == pytest.approx(7.5 / 5)
     assert m["quality.8x"] == 0.5

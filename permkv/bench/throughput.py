@@ -1,7 +1,7 @@
 """Engine throughput at a fixed KV memory vs compression ratio, against its peers (notebook 03's run).
 
-`python -m permkv.bench throughput [--requests 16] [--prompt-range 128 512] [--output-tokens 128]
-[--pool-requests 2] [--ratios 1 2 4 8 16 32 64] [--repeats 1] [--no-peers]`
+`python -m permkv.bench throughput [--requests 10] [--prompt-range 128 320] [--output-tokens 64]
+[--pool-requests 2] [--ratios 1 2 8 16 64] [--repeats 2] [--no-peers]` (defaults: notebook 03's cpu profile)
 Every ratio of `permkv.engine` and the peers (transformers' continuous batching with the same KV
 blocks, sequential `model.generate`) run on the same SQuAD requests in one process; gains are ratios
 to the ratio-1 engine of the same repeat (medians over repeats). Also the decode-step cost model.
@@ -29,12 +29,12 @@ def main(argv: list[str]) -> None:
     d = ThroughputConfig()
     ap = argparse.ArgumentParser(prog="python -m permkv.bench throughput")
     ap.add_argument("--model", default=d.model)
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--prompt-range", type=int, nargs=2, default=[128, 512])
-    ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=10)
+    ap.add_argument("--prompt-range", type=int, nargs=2, default=[128, 320])
+    ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--pool-requests", type=float, default=2.0, help="KV pool in average uncompressed requests")
-    ap.add_argument("--ratios", type=float, nargs="+", default=d.ratios)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[1, 2, 8, 16, 64])
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--cost-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--cost-tokens", type=int, nargs="+", default=[64, 256, 1024])

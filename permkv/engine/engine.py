@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
-from permkv.compress import InferenceKVCacheCompression, observing
+from permkv.compress import InferenceKVCacheCompression
 from permkv.engine.runner import ModelRunner
 from permkv.engine.scheduler import Scheduler
-from permkv.engine.sequence import Request, Result, Sequence, Status, stack_queries
+from permkv.engine.sequence import Request, Result, Sequence, Status
 from permkv.eval import stop_ids
 
 
@@ -93,6 +93,13 @@ class EngineStats:
         return sum(self.used_blocks) / len(self.used_blocks) / self.capacity_blocks if self.used_blocks else 0.0
 
     @property
+    def blocks_per_sequence(self) -> float:
+        """Mean pool blocks one running sequence holds during decoding (generated tokens included):
+        `capacity_blocks / blocks_per_sequence` sequences fit in the pool at once."""
+        per = [u / b for u, b in zip(self.used_blocks, self.batch_sizes)]
+        return sum(per) / len(per) if per else 0.0
+
+    @property
     def prefill_share(self) -> float:
         return self.prefill_seconds / self.wall if self.wall else 0.0
 
@@ -101,7 +108,8 @@ class EngineStats:
                     max_batch=self.max_batch, preemptions=self.preemptions, recomputed_tokens=self.recomputed_tokens,
                     compressions=self.compressions, prefill_share=self.prefill_share,
                     decode_seconds=self.decode_seconds, compress_seconds=self.compress_seconds,
-                    mean_occupancy=self.mean_occupancy, output_tokens=self.output_tokens,
+                    mean_occupancy=self.mean_occupancy, blocks_per_sequence=self.blocks_per_sequence,
+                    output_tokens=self.output_tokens,
                     prompt_tokens=self.prompt_tokens)
 
 
@@ -130,6 +138,9 @@ class Engine:
         if seq.prompt_len + request.max_new_tokens > self.max_positions:
             raise ValueError(f"prompt ({seq.prompt_len} tokens) + max_new_tokens ({request.max_new_tokens}) must fit "
                              f"the model's context of {self.max_positions} tokens")
+        if request.ratio > min(self.config.chunk_tokens, seq.prompt_len):
+            raise ValueError(f"ratio must be <= the prompt's length ({seq.prompt_len}) and chunk_tokens "
+                             f"({self.config.chunk_tokens}): every head keeps at least one token, got {request.ratio:g}")
         needed = self.cache.blocks_needed(self.scheduler.peak_tokens(seq))
         if needed > self.pool.num_blocks:
             raise ValueError(f"request needs up to {needed} KV blocks at ratio {request.ratio:g} (prompt {seq.prompt_len} "
@@ -152,10 +163,9 @@ class Engine:
         results: list[Result] = []
         bar = tqdm(total=len(sched.waiting), desc="engine", disable=not progress)
         start = time.perf_counter()
-        context = observing(self.model, window=1) if compressing else paged_attention(self.model)
-        with context as recorder:
+        with paged_attention(self.model):
             while sched.waiting or sched.running:
-                finished = self._admit() + self._decode(recorder if compressing else None)
+                finished = self._admit() + self._decode(compressing)
                 for seq in finished:
                     results.append(self._finish(seq))
                 bar.update(len(finished))
@@ -217,23 +227,21 @@ class Engine:
             self.stats.recomputed_tokens += len(seq.tokens)
             sched.requeue(seq)
 
-    def _decode(self, recorder) -> list[Sequence]:
-        """One batched decode step over all running sequences, then compression where due."""
+    def _decode(self, observe: bool) -> list[Sequence]:
+        """One batched decode step over all running sequences (recording their queries when some
+        compress), then compression where due."""
         sched = self.scheduler
         if not sched.running:
             return []
         self._make_room()
         t0 = time.perf_counter()
-        if recorder is not None:
-            recorder.queries.clear()
-        logits = self.runner.decode(self.cache, [s.tokens[-1] for s in sched.running],
-                                    [s.position for s in sched.running])
+        logits, step_queries = self.runner.decode(self.cache, [s.tokens[-1] for s in sched.running],
+                                                  [s.position for s in sched.running], observe)
         next_tokens = logits.argmax(-1).tolist()
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.batch_sizes.append(len(sched.running))
         self.stats.used_blocks.append(self.pool.num_blocks - self.pool.num_free)
-        if recorder is not None:
-            step_queries = stack_queries(recorder.queries, self.n_layers)  # (batch, q_heads, layers, head_dim)
+        if step_queries is not None:  # (batch, q_heads, layers, head_dim)
             window = self.config.compression.observe
             for b, seq in enumerate(sched.running):
                 seq.queries.append(step_queries[b])
@@ -262,10 +270,8 @@ class Engine:
         for seq in due:
             row = sched.running.index(seq)
             single = self.cache.detach(row)
-            q = torch.stack(list(seq.queries), dim=2)  # (q_heads, layers, w, head_dim)
-            queries = {i: q[:, i][None] for i in range(self.n_layers)}  # layer -> (1, q_heads, w, head_dim)
-            # the cache holds the keys of tokens[:-1]: tokens[-1] is the next input
-            if self.runner.compress(single, seq.seen - 1, seq.request.ratio, queries):
+            # the cache holds tokens[:-1] (tokens[-1] is the next input) and their queries
+            if self.runner.compress(single, seq.request.ratio, torch.stack(list(seq.queries), dim=2)):
                 seq.compressions += 1
                 self.stats.compressions += 1
             seq.compressed_at = seq.seen

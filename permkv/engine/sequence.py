@@ -7,7 +7,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
 
 
 @dataclass
@@ -87,7 +86,3 @@ class Result:
     preemptions: int
     compressions: int  # decode-time compressions of the final attempt
 
-
-def stack_queries(recorded: dict[int, torch.Tensor], n_layers: int) -> torch.Tensor:
-    """One decode step's queries `{layer: (batch, q_heads, 1, head_dim)}` as `(batch, q_heads, layers, head_dim)`."""
-    return torch.cat([recorded[i] for i in range(n_layers)], dim=2)

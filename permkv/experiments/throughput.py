@@ -175,14 +175,14 @@ def summarize(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if r["system"] == name]
         ref = {r["repeat"]: r for r in rows if r["system"] == "engine 1x"}
         rel = lambda key: statistics.median(m[key] / ref[m["repeat"]][key] for m in mine)  # noqa: E731
-        row = dict(system=name, ratio=mine[0]["ratio"], repeats=len(mine),
+        row = dict(system=name, ratio=mine[0]["ratio"], repeats=len(mine), pool_blocks=mine[0].get("pool_blocks"),
                    output_tps=statistics.median(m["output_tps"] for m in mine),
                    total_tps=statistics.median(m["total_tps"] for m in mine),
                    wall=statistics.median(m["wall"] for m in mine),
                    output_gain=rel("output_tps"), total_gain=rel("total_tps"),
                    error=mine[0].get("error"))
         for key in ("mean_batch", "max_batch", "preemptions", "prefill_share", "compressions", "mean_occupancy",
-                    "mean_ttft", "mean_latency"):
+                    "blocks_per_sequence", "mean_ttft", "mean_latency"):
             if key in mine[0]:
                 row[key] = statistics.median(m[key] for m in mine)
         out.append(row)
@@ -246,8 +246,10 @@ def fit_cost(rows: list[dict]) -> dict[str, float]:
 
 def claim_metrics(summary: list[dict], quality_rows: list[dict]) -> dict[str, float]:
     """Ledger metrics: total-throughput gain over the ratio-1 engine at 8x / 64x (the anchor's measure),
-    output gains, engine-measured concurrency gains (largest decode batch vs ratio 1), the peers, answer
-    quality, the ratio-1 prefill share and the Amdahl bound it implies."""
+    output gains, engine-measured concurrency gains (pool blocks one decoding sequence holds at ratio 1
+    over those at the ratio, i.e. how many more sequences the pool holds at once, generated tokens
+    included), largest-batch gains (capped by the number of requests), the peers, answer quality, the
+    ratio-1 prefill share and the Amdahl bound it implies."""
     by = {r["system"]: r for r in summary}
     ref = by["engine 1x"]
     m = {"throughput.prefill_share_1x": ref["prefill_share"],
@@ -262,7 +264,10 @@ def claim_metrics(summary: list[dict], quality_rows: list[dict]) -> dict[str, fl
         m[f"throughput.mean_batch_{k}"] = r["mean_batch"]
         m[f"throughput.max_batch_{k}"] = r["max_batch"]
         m[f"throughput.preemptions_{k}"] = r["preemptions"]
-        m[f"throughput.concurrency_gain_{k}"] = r["max_batch"] / ref["max_batch"] if ref["max_batch"] else math.nan
+        m[f"throughput.batch_gain_{k}"] = r["max_batch"] / ref["max_batch"] if ref["max_batch"] else math.nan
+        # sequences the pool holds at once, from the measured footprint (not capped by the number of requests)
+        m[f"throughput.concurrency_gain_{k}"] = ref["blocks_per_sequence"] / r["blocks_per_sequence"]
+        m[f"throughput.concurrent_{k}"] = r["pool_blocks"] / r["blocks_per_sequence"]
     for k in ("8x", "64x"):
         m[f"claim.throughput_gain_{k}"] = m.get(f"throughput.total_gain_{k}", math.nan)
         m[f"claim.engine_concurrency_gain_{k}"] = m.get(f"throughput.concurrency_gain_{k}", math.nan)
