@@ -39,12 +39,13 @@
 import math
 
 import matplotlib.pyplot as plt
+import pandas as pd
 
-from permkv.harness import tracking
 from permkv.data import make_facts
 from permkv.experiments.continual_learning import (
     FORGET_PROBES, ExperimentConfig, claim_metrics, matched_comparison, prepare, run_method,
 )
+from permkv.harness import tracking
 from permkv.knowledge import KnowledgeCache, MemoryConfig, domain_retention
 
 # %% tags=["parameters"]
@@ -106,8 +107,7 @@ for lr in FULL_LRS:
     records += run_method(start, "full", lr)
 for lr in LORA_LRS:
     records += run_method(start, "lora", lr)
-for r in records:
-    print({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in r.items()})
+pd.DataFrame(records).round(3)  # NaN: a relative drop from a score of 0 before (undefined)
 
 # %% [markdown]
 # ## Forgetting at matched acquisition
@@ -173,8 +173,9 @@ cache = KnowledgeCache(model, tokenizer, memory, start.background, t=best_sparse
                        batch_size=BATCH_SIZE, max_tokens=cfg.seq_len, seed=SEED)
 facts_a, facts_b = make_facts(DOMAIN_FACTS, seed=SEED + 100), make_facts(DOMAIN_FACTS, seed=SEED + 200)
 ret = domain_retention(cache, facts_a, facts_b, DOMAIN_STEPS)
+retention = f"{ret.retention:.3f}" if ret.a_after_a > 0 else "undefined (A was not learned)"
 print(f"A after A {ret.a_after_a:.3f}, A after B {ret.a_after_b:.3f}, B after B {ret.b_after_b:.3f}, "
-      f"retention {ret.retention:.3f}; {ret.slot_overlap:.1%} of A's slots also written by B")
+      f"retention {retention}; {ret.slot_overlap:.1%} of A's slots also written by B")
 top_a = cache.importance("A").topk(5)
 print("most important slots for A:", top_a.indices.tolist())
 

@@ -1,1 +1,1 @@
-"""Peers permkv is measured against: kvpress presses, Hugging Face generate / prompt lookup / continuous batching."""
+"""Peers permkv is measured against: kvpress presses (`kvpress`), Hugging Face generate / prompt lookup / continuous batching (`hf`)."""

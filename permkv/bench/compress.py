@@ -24,8 +24,8 @@ import torch
 from transformers import DynamicCache
 
 from permkv.cache import paged_attention
-from permkv.compress import InferenceKVCacheCompression, observing
-from permkv.compress.answer import make_press, paged_cache_for, prefill_and_compress
+from permkv.baselines.kvpress import make_press
+from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress, observing, paged_cache_for
 from permkv.bench import peak_rss as bench_peak_rss
 from permkv.models import load_model
 
@@ -39,7 +39,7 @@ def _timed(fn) -> tuple[float, object]:
 @torch.no_grad()
 def bench_context(model, context: int, ratio: float, chunk: int, steps: int, repeats: int) -> dict:
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
-    press = make_press("kvpress_snapkv", ratio)
+    press = make_press("snapkv", ratio)
     compression = InferenceKVCacheCompression()
     t = {k: [] for k in ("permkv_prefill", "permkv_compress", "permkv_chunked", "plain_prefill", "kvpress_prefill",
                          "decode_full", "decode_compressed")}
@@ -56,7 +56,7 @@ def bench_context(model, context: int, ratio: float, chunk: int, steps: int, rep
                 s, _ = _timed(lambda: compression.compress_auto(cache, ratio, rec.queries))
                 t["permkv_compress"].append(s)
                 caches = dict(full=full, compressed=cache)
-                s, _ = _timed(lambda: prefill_and_compress(model, ids[0].tolist(), ratio, compression, steps + 16, chunk))
+                s, _ = _timed(lambda: chunked_prefill_and_compress(model, ids[0].tolist(), ratio, compression, chunk, steps + 16))
                 t["permkv_chunked"].append(s)
             else:
                 s, _ = _timed(lambda: model(ids, past_key_values=DynamicCache(config=model.config)))
@@ -91,16 +91,16 @@ def peak_rss(method: str, context: int, ratio: float, chunk: int) -> int:
     """Peak resident bytes of a fresh CPU process while it prefills `context` tokens and compresses
     them with `method` (one of RSS_METHODS)."""
     setup = ("import torch; from transformers import DynamicCache; from permkv.models import load_model\n"
-             "from permkv.compress import InferenceKVCacheCompression\n"
-             "from permkv.compress.answer import make_press, prefill_and_compress\n"
+             "from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress, prefill_and_compress\n"
+             "from permkv.baselines.kvpress import make_press\n"
              "m, _, _ = load_model(device='cpu'); torch.set_num_threads(1)\n"
              f"ids = torch.randint(100, 40000, (1, {context}), generator=torch.Generator().manual_seed({context}))")
     work = ("with torch.no_grad():\n"
             f"    if '{method}' == 'plain': m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
             f"    elif '{method}' == 'kvpress_snapkv':\n"
-            f"        with make_press('kvpress_snapkv', {ratio})(m): m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
-            f"    else: prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(), 16, "
-            f"{chunk if method == 'permkv_chunked' else None})")
+            f"        with make_press('snapkv', {ratio})(m): m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
+            f"    elif '{method}' == 'permkv': prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(), 16)\n"
+            f"    else: chunked_prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(), {chunk}, 16)")
     return bench_peak_rss(setup, work)
 
 

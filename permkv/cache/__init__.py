@@ -9,8 +9,9 @@
 """
 
 from permkv.cache.attention import NAME, paged_attention
-from permkv.cache.paged import CacheStats, HeadTable, PagedCache
+from permkv.cache.paged import PagedCache
 from permkv.cache.pool import BlockPool, CacheFull, PoolStats
+from permkv.cache.tables import CacheStats, HeadTable, PagedLayer
 
 __all__ = [
     "NAME",
@@ -18,6 +19,7 @@ __all__ = [
     "CacheFull",
     "CacheStats",
     "HeadTable",
+    "PagedLayer",
     "PagedCache",
     "PoolStats",
     "paged_attention",

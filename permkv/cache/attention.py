@@ -102,10 +102,7 @@ def paged_attend(
             mask = mask[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
         q = query.reshape(B, Hkv, G * T, D)  # query head h*G + g -> KV head h
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).view(B, Hq, T, D)
-    cache.trim(layer_idx)
-    layer.columns += T
-    if layer_idx == 0:
-        cache.seen = [s + n for s, n in zip(cache.seen, counts)]
+    cache.advance(layer_idx, T, counts)
     return out
 
 

@@ -13,103 +13,16 @@ tokens into blocks and reads each head's own tokens back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from transformers.cache_utils import Cache
 
 from permkv.cache.pool import BlockPool, CacheFull
+from permkv.cache.tables import CacheStats, HeadTable, PagedLayer
 
 # Attribute set on the key tensor that `update()` returns, read by the paged attention function.
 # transformers passes attention only the tensors that `Cache.update` returns, so this is the channel
 # that tells the attention function which cache and layer the keys belong to.
 TAG = "_permkv_paged"
-
-
-@dataclass
-class HeadTable:
-    """Blocks of one (sequence, layer, KV head): tokens `start .. start + length` of the blocks laid
-    end to end. `start` > 0 only on sliding-window layers, whose oldest tokens drop off the front."""
-
-    blocks: list[int] = field(default_factory=list)
-    start: int = 0
-    length: int = 0
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """Occupancy of a paged cache; shared (forked) blocks count once."""
-
-    allocated_blocks: int
-    used_tokens: int  # token slots holding a cached token, over the allocated blocks
-    block_size: int
-    bytes_per_block: int
-    lengths: list[list[list[int]]]  # [seq][layer][kv_head] tokens cached
-
-    @property
-    def allocated_bytes(self) -> int:
-        return self.allocated_blocks * self.bytes_per_block
-
-    @property
-    def used_bytes(self) -> int:
-        return self.used_tokens * self.bytes_per_block // self.block_size
-
-    @property
-    def waste_pct(self) -> float:
-        """Percent of allocated token slots that hold no token (only last blocks are partly empty)."""
-        slots = self.allocated_blocks * self.block_size
-        return 100.0 * (slots - self.used_tokens) / slots if slots else 0.0
-
-
-class PagedLayer:
-    """Block tables of one model layer: `tables[seq][kv_head]`."""
-
-    is_compileable = False
-
-    def __init__(self, index: int, n_kv_heads: int, sliding_window: int | None):
-        self.index = index
-        self.n_kv_heads = n_kv_heads
-        self.sliding_window = sliding_window
-        self.is_sliding = sliding_window is not None
-        self.tables: list[list[HeadTable]] = []
-        self.columns = 0  # input columns processed, padding included (transformers' seq length)
-        self._index: torch.Tensor | None = None  # cached (batch, kv_heads, n_blocks) block ids
-        self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # cached starts, lengths
-
-    def changed(self) -> None:
-        """Forget the cached tensors after the tables changed shape or contents."""
-        self._index = None
-        self._bounds = None
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.columns > 0
-
-    def keep_limit(self) -> int | None:
-        """Most tokens a head keeps between steps: the window minus the next query (as transformers)."""
-        return None if self.sliding_window is None else self.sliding_window - 1
-
-    def block_index(self, device: torch.device) -> torch.Tensor:
-        """Block ids as `(batch, kv_heads, n_blocks)`, padded with block 0 (masked out by the caller)."""
-        if self._index is None:
-            width = max((len(t.blocks) for row in self.tables for t in row), default=0)
-            rows = [[t.blocks + [0] * (width - len(t.blocks)) for t in row] for row in self.tables]
-            self._index = torch.tensor(rows, dtype=torch.long, device=device).view(
-                len(self.tables), self.n_kv_heads, width
-            )
-        return self._index
-
-    def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """`starts`, `lengths` as `(batch, kv_heads)` tensors (cached; decode steps bump lengths)."""
-        if self._bounds is None:
-            B, H = len(self.tables), self.n_kv_heads
-            starts = [t.start for row in self.tables for t in row]
-            lengths = [t.length for row in self.tables for t in row]
-            self._bounds = (
-                torch.tensor(starts, dtype=torch.long, device=device).view(B, H),
-                torch.tensor(lengths, dtype=torch.long, device=device).view(B, H),
-            )
-        return self._bounds
 
 
 class PagedCache(Cache):
@@ -132,6 +45,7 @@ class PagedCache(Cache):
         ]
         super().__init__(layers=layers)
         self.pool = pool
+        self.config = config
         self.n_kv_heads = text.num_key_value_heads
         self.seen: list[int] = []  # real tokens processed per sequence (positions)
         self._pending: int | None = None
@@ -221,6 +135,32 @@ class PagedCache(Cache):
                 self.pool.free(t.blocks)
             layer.changed()
         self.seen.pop(seq)
+
+    def adopt(self, other: "PagedCache") -> None:
+        """Move every sequence of `other` (same pool) to the end of this cache, blocks and all (no
+        copy); `other` is left empty. How a batch engine joins a separately prefilled sequence."""
+        if other is self or other.pool is not self.pool or len(other.layers) != len(self.layers):
+            raise ValueError("other must be another PagedCache of the same model on the same pool")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.tables.extend(theirs.tables)
+            mine.columns = max(mine.columns, theirs.columns)
+            theirs.tables, theirs.columns = [], 0
+            mine.changed()
+            theirs.changed()
+        self.seen.extend(other.seen)
+        other.seen = []
+
+    def detach(self, seq: int) -> "PagedCache":
+        """Move sequence `seq` out into a new one-sequence PagedCache on the same pool (no copy);
+        later sequences move down one index. `adopt` puts it back (at the end)."""
+        self._seq(seq)
+        single = PagedCache(self.pool, self.config)
+        for mine, theirs in zip(self.layers, single.layers):
+            theirs.tables = [mine.tables.pop(seq)]
+            theirs.columns = mine.columns
+            mine.changed()
+        single.seen = [self.seen.pop(seq)]
+        return single
 
     def _select(self, indices: list[int]) -> None:
         """Keep sequences `indices` in that order (repeats allowed), freeing the rest."""
@@ -374,6 +314,14 @@ class PagedCache(Cache):
                     del t.blocks[:n_drop]
                     t.start -= n_drop * bs
                     layer.changed()
+
+    def advance(self, layer_idx: int, columns: int, counts: list[int]) -> None:
+        """After a layer stored its new tokens: drop what slid out of a window, count the input columns
+        (padding included) and, once per forward pass (layer 0), the real tokens each sequence has seen."""
+        self.trim(layer_idx)
+        self.layers[layer_idx].columns += columns
+        if layer_idx == 0:
+            self.seen = [s + n for s, n in zip(self.seen, counts)]
 
     def gather(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each head's tokens in a padded compute view (padding exists only here, not in the pool).

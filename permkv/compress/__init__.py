@@ -1,13 +1,19 @@
-"""Per-(layer, KV head) KV-cache compression that gives blocks back to the pool (KV-Compress style)."""
+"""Per-(layer, KV head) KV-cache compression that gives blocks back to the pool (KV-Compress style).
+
+    from permkv.compress import InferenceKVCacheCompression, prefill_and_compress
+    cache, logits, report = prefill_and_compress(model, prompt_ids, 8, InferenceKVCacheCompression())
+"""
 
 from permkv.compress.allocators import ALLOCATORS, GlobalAdaptiveAllocator, LayerAdaptiveAllocator, UniformAllocator
-from permkv.compress.compressor import CompressionReport, Compressor, InferenceKVCacheCompression
+from permkv.compress.compressor import CompressionReport, Compressor, InferenceKVCacheCompression, check_ratio, report_of
+from permkv.compress.estimate import QualityEstimate, QualityTable
 from permkv.compress.observe import QueryRecorder, observing
-from permkv.compress.answer import paged_cache_for, prefill_and_compress
+from permkv.compress.prefill import chunked_prefill_and_compress, fork_sequence, paged_cache_for, prefill_and_compress
 from permkv.compress.scorers import SCORERS, KeyNormScore, KVCompressScore, RandomScore, RecentScore, SnapKVScore, get_scorer
 
 __all__ = [
     "ALLOCATORS", "SCORERS", "CompressionReport", "Compressor", "GlobalAdaptiveAllocator", "InferenceKVCacheCompression",
-    "KVCompressScore", "KeyNormScore", "LayerAdaptiveAllocator", "QueryRecorder", "RandomScore", "RecentScore",
-    "SnapKVScore", "UniformAllocator", "get_scorer", "observing",
+    "KVCompressScore", "KeyNormScore", "LayerAdaptiveAllocator", "QualityEstimate", "QualityTable", "QueryRecorder", "RandomScore", "RecentScore",
+    "SnapKVScore", "UniformAllocator", "check_ratio", "chunked_prefill_and_compress", "fork_sequence", "get_scorer",
+    "observing", "paged_cache_for", "prefill_and_compress", "report_of",
 ]

@@ -1,11 +1,14 @@
 """Apply (scorer, allocator, ratio) to a PagedCache and give the evicted blocks back to its pool.
 
-Per sequence: every full-attention (layer, KV head) is scored, the sink tokens and the last
-`window` tokens are protected, the allocator splits the remaining budget among heads, and
-`PagedCache.evict` compacts each head into the fewest blocks. The budget is round(cached / ratio)
-tokens over all those heads, protected tokens included, so the cache's allocated bytes drop to
-about 1/ratio (each head rounds up to a whole block). Sliding-window layers (Gemma-3) are left
-whole: they are bounded by their window and the cache cannot evict from them.
+`ratio` means one thing everywhere: tokens the uncompressed cache would hold / tokens kept, where the
+uncompressed cache holds every token the sequence has seen (`cache.seen[seq]`). Per sequence, every
+full-attention (layer, KV head) is scored, the sink tokens and the last `window` tokens are
+protected, the allocator splits the remaining budget among heads, and `PagedCache.evict` compacts
+each head into the fewest blocks. The budget is round(seen * heads / ratio) tokens over all those
+heads, protected tokens included, so the cache's allocated bytes drop to about 1/ratio of the
+uncompressed cache's (each head rounds up to a whole block). Compressing an already compressed cache
+(chunked prefill) again targets seen / ratio. Sliding-window layers (Gemma-3) are left whole: they
+are bounded by their window and the cache cannot evict from them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from permkv.cache import PagedCache
-from permkv.compress.allocators import ALLOCATORS, GlobalAdaptiveAllocator
+from permkv.compress.allocators import ALLOCATORS, UniformAllocator
+from permkv.compress.estimate import QualityEstimate, QualityTable
 from permkv.compress.scorers import KVCompressScore, get_scorer
 
 
@@ -24,14 +28,16 @@ from permkv.compress.scorers import KVCompressScore, get_scorer
 class CompressionReport:
     """What one compression did, measured on the cache (bytes are allocated blocks x block bytes)."""
 
-    target_ratio: float
-    original_bytes: int
-    compressed_bytes: int
-    kept: list[list[int]]  # [layer][kv_head] tokens kept (sequence 0; whole layer for sliding ones)
-    per_head_rates: list[list[float]]  # [layer][kv_head] tokens before / tokens after (sequence 0)
+    ratio: float  # the ratio asked for: tokens seen / tokens kept
+    original_bytes: int  # what the uncompressed cache of the tokens seen takes (sliding layers: their window)
+    compressed_bytes: int  # blocks the cache holds now
+    kept: list[list[int]]  # [layer][kv_head] tokens kept (sequence 0; whole window for sliding layers)
+    per_head_ratios: list[list[float]]  # [layer][kv_head] tokens seen / tokens kept (sequence 0)
+    quality: QualityEstimate | None = None  # retention measured by notebook 02 for this setting, or None
 
     @property
     def achieved_ratio(self) -> float:
+        """original_bytes / compressed_bytes: the ratio in memory (heads round up to whole blocks)."""
         return self.original_bytes / self.compressed_bytes if self.compressed_bytes else math.inf
 
     @property
@@ -39,9 +45,9 @@ class CompressionReport:
         return self.original_bytes - self.compressed_bytes
 
     def as_dict(self) -> dict:
-        return dict(target_ratio=self.target_ratio, original_bytes=self.original_bytes,
-                    compressed_bytes=self.compressed_bytes, achieved_ratio=self.achieved_ratio,
-                    bytes_freed=self.bytes_freed, kept=self.kept, per_head_rates=self.per_head_rates)
+        return dict(ratio=self.ratio, original_bytes=self.original_bytes, compressed_bytes=self.compressed_bytes,
+                    achieved_ratio=self.achieved_ratio, bytes_freed=self.bytes_freed, kept=self.kept,
+                    per_head_ratios=self.per_head_ratios, quality=self.quality)
 
 
 def check_ratio(ratio) -> float:
@@ -55,18 +61,30 @@ def protected_indices(n: int, sinks: int, window: int) -> torch.Tensor:
     return torch.cat([torch.arange(min(sinks, n)), torch.arange(max(n - window, 0), n)]).unique(sorted=True)
 
 
+def report_of(cache: PagedCache, ratio: float) -> CompressionReport:
+    """The report of `cache` as it is now, against the uncompressed cache of the tokens it has seen."""
+    stats = cache.stats()
+    original = sum(cache.blocks_needed(n) for n in cache.seen) * cache.pool.bytes_per_block
+    kept = stats.lengths[0] if stats.lengths else []
+    seen = cache.seen[0] if cache.seen else 0
+    ratios = [[min(seen, layer.keep_limit() or seen) / max(k, 1) for k in row] for layer, row in zip(cache.layers, kept)]
+    return CompressionReport(ratio, original, stats.allocated_bytes, kept, ratios)
+
+
 @dataclass
 class Compressor:
-    """Evicts per (layer, KV head) from a PagedCache so that it holds about 1/ratio of its tokens."""
+    """Evicts per (layer, KV head) from a PagedCache so that it holds about seen / ratio tokens."""
 
     scorer: object = field(default_factory=KVCompressScore)
-    allocator: object = field(default_factory=GlobalAdaptiveAllocator)
+    allocator: object = field(default_factory=UniformAllocator)
     sinks: int = 4  # first tokens never evicted (attention sinks, StreamingLLM)
     window: int = 32  # last tokens never evicted (KV-Compress's protected_window_size)
+    observe: int = 64  # attention scorers read the last `observe` recorded queries (measured in notebook 02)
 
     def compress(self, cache: PagedCache, ratio: float, queries: dict[int, torch.Tensor] | None = None) -> CompressionReport:
-        """Compress every sequence of `cache`; `queries[layer]` `(batch, q_heads, w, head_dim)` are the
-        last queries of each layer (from `permkv.compress.observing`), needed by attention scorers.
+        """Compress every sequence of `cache` to seen / ratio tokens; `queries[layer]`
+        `(batch, q_heads, w, head_dim)` are the last queries of each layer (from
+        `permkv.compress.observing`, w >= 1; the last `observe` are used), needed by attention scorers.
 
         If the budget is smaller than the protected tokens, each head keeps its sinks and then its
         most recent tokens, up to an equal share of the budget.
@@ -76,32 +94,29 @@ class Compressor:
             raise ValueError(f"{type(self.scorer).__name__} needs queries: prefill inside `permkv.compress.observing(model)`")
         if cache.num_sequences == 0:
             raise ValueError("cache holds no sequence: prefill it before compressing")
-        before_bytes = cache.stats().allocated_bytes
-        before = [self._compress_sequence(cache, seq, ratio, queries) for seq in range(cache.num_sequences)]
-        after = cache.stats().lengths[0]
-        rates = [[b / max(a, 1) for b, a in zip(rb, ra)] for rb, ra in zip(before[0], after)]
-        return CompressionReport(ratio, before_bytes, cache.stats().allocated_bytes, after, rates)
+        for seq in range(cache.num_sequences):
+            self._compress_sequence(cache, seq, ratio, queries)
+        return report_of(cache, ratio)
 
     @torch.no_grad()
-    def _compress_sequence(self, cache: PagedCache, seq: int, ratio: float, queries) -> list[list[int]]:
-        """Compress one sequence; returns its token counts `[layer][kv_head]` before."""
+    def _compress_sequence(self, cache: PagedCache, seq: int, ratio: float, queries) -> None:
         layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
         n_heads = cache.n_kv_heads
-        lengths = torch.tensor([[cache.cached_tokens(seq, i, h) for h in range(n_heads)] for i in range(len(cache.layers))])
-        sub = lengths[layers]  # (n_layers, kv_heads)
-        total = round(int(sub.sum()) / ratio)
+        sub = torch.tensor([[cache.cached_tokens(seq, i, h) for h in range(n_heads)] for i in layers])  # (n_layers, kv_heads)
+        total = round(cache.seen[seq] * sub.numel() / ratio)
         if total < sub.numel():
             raise ValueError(
                 f"ratio {ratio} leaves {total} tokens for {sub.numel()} (layer, head) pairs of "
-                f"{int(sub.min())}-{int(sub.max())} tokens: at least one token per head is needed"
+                f"{cache.seen[seq]} tokens seen: at least one token per head is needed"
             )
+        if int(sub.sum()) <= total:  # already at or below seen / ratio
+            return
         quota = total // sub.numel()
-        L = int(sub.max())
-        scores = torch.full((len(layers), n_heads, L), float("-inf"))
+        scores = torch.full((len(layers), n_heads, int(sub.max())), float("-inf"))
         protected: list[list[torch.Tensor]] = []
         for row, i in enumerate(layers):
             keys, values, _, _ = cache.gather(i)  # (batch, kv_heads, longest, head_dim), padded
-            q = queries[i][seq : seq + 1] if queries else None  # (1, q_heads, w, head_dim)
+            q = queries[i][seq : seq + 1, :, -self.observe :] if queries else None  # (1, q_heads, w, head_dim)
             group = q.shape[1] // n_heads if q is not None else 0
             prot_row = []
             for h in range(n_heads):  # one head at a time: after an earlier eviction lengths differ
@@ -122,24 +137,27 @@ class Compressor:
             for h in range(n_heads):
                 chosen = scores[row, h].topk(int(counts[row, h])).indices
                 cache.evict(seq, i, h, torch.cat([protected[row][h], chosen]))
-        return lengths.tolist()
 
 
 @dataclass
 class InferenceKVCacheCompression:
     """The one-call API: `InferenceKVCacheCompression().compress_auto(cache, 8, queries)`.
 
-    Defaults are KV-Compress's: L2-sum attention score, one global top-k over layers and heads,
-    4 sinks and a 32-token protected window. Quality is not estimated here: only an evaluation
-    (`permkv.compress.answer`) measures it.
+    Defaults are the ones notebook 02 measured best on needles (see its 6-needle table): KV-Compress's
+    L2-sum attention score read from the last 64 queries, the same budget for every head (the global
+    top-k of KV-Compress drained heads and lost needles at 1.01x), 4 sinks and a 32-token protected
+    window.
     """
 
     scorer: str = "kvcompress"  # one of permkv.compress.scorers.SCORERS
-    allocator: str = "global"  # "uniform", "layer" or "global"
+    allocator: str = "uniform"  # one of permkv.compress.allocators.ALLOCATORS
     min_share: float = 0.2  # adaptive allocators: each head's floor, as a fraction of an equal share
     sinks: int = 4
     window: int = 32
-    observe: int = 8  # queries that score the cache: the last `observe` positions (KV-Compress: 8)
+    observe: int = 64  # queries that score the cache: the last `observe` positions (KV-Compress used 8)
+    quality_table: str | None = None  # notebook 02's measured-quality JSON; None: reports carry no estimate
+    model: str | None = None  # the model's name in that table (permkv.models name, e.g. "smollm2-135m")
+    mode: str = "query_aware"  # how the cache is used: question inside the prefix, or asked after compression
 
     def compressor(self) -> Compressor:
         for name in ("sinks", "window", "observe"):
@@ -148,8 +166,41 @@ class InferenceKVCacheCompression:
                 raise ValueError(f"{name} must be an int >= {1 if name == 'observe' else 0}, got {value!r}")
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {sorted(ALLOCATORS)}, got {self.allocator!r}")
-        return Compressor(get_scorer(self.scorer), ALLOCATORS[self.allocator](self.min_share), self.sinks, self.window)
+        return Compressor(get_scorer(self.scorer), ALLOCATORS[self.allocator](self.min_share), self.sinks, self.window,
+                          self.observe)
 
-    def compress_auto(self, cache: PagedCache, target_ratio: float, queries: dict | None = None) -> CompressionReport:
-        """Compress `cache` to about 1/target_ratio of its bytes; returns the measured report."""
-        return self.compressor().compress(cache, target_ratio, queries)
+    def table(self) -> QualityTable | None:
+        return None if self.quality_table is None else QualityTable.load(self.quality_table)
+
+    def estimate(self, ratio: float) -> QualityEstimate | None:
+        """Retention notebook 02 measured for this model, mode, ratio and setting, or None."""
+        table = self.table()
+        if table is None or self.model is None:
+            return None
+        return table.estimate(self.model, self.mode, check_ratio(ratio), self.scorer, self.allocator, self.observe)
+
+    def ratio_for(self, quality_floor: float) -> float | None:
+        """The largest measured ratio whose retention CI's lower end is >= `quality_floor`, or None."""
+        table = self.table()
+        if table is None or self.model is None:
+            raise ValueError("ratio_for needs quality_table and model (notebook 02's measurements)")
+        return table.ratio_for(self.model, self.mode, quality_floor, self.scorer, self.allocator, self.observe)
+
+    def compress_auto(self, cache: PagedCache, ratio: float | None = None, queries: dict | None = None,
+                      quality_floor: float | None = None) -> CompressionReport:
+        """Compress `cache` to about seen / ratio tokens; returns the measured report, whose `quality` is
+        the retention measured for this setting (None where nothing was measured).
+
+        Give `quality_floor` instead of `ratio` to pick the largest measured ratio that kept at least
+        that retention (CI lower end); ValueError if none did.
+        """
+        if (ratio is None) == (quality_floor is None):
+            raise ValueError(f"give exactly one of ratio and quality_floor, got ratio={ratio!r}, quality_floor={quality_floor!r}")
+        if ratio is None:
+            ratio = self.ratio_for(quality_floor)
+            if ratio is None:
+                raise ValueError(f"no measured ratio keeps retention >= {quality_floor} for {self.model} {self.mode} "
+                                 f"({self.scorer}, {self.allocator}, observe {self.observe}) in {self.quality_table}")
+        report = self.compressor().compress(cache, ratio, queries)
+        report.quality = self.estimate(ratio)
+        return report

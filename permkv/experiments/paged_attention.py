@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
-from permkv.compress import InferenceKVCacheCompression, prefill_and_compress
+from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress
 from permkv.data import Sample, encode_sample, load_hotpot, load_squad
 from permkv.models import model_config
 
@@ -162,7 +162,7 @@ def admit_compressed(model, pool: BlockPool, requests: list[Request], ratio: flo
     for r in itertools.islice(itertools.cycle(requests), limit):
         cache = PagedCache(pool, model.config)
         try:
-            prefill_and_compress(model, list(r.prompt_ids), ratio, compression, chunk_tokens=chunk_tokens, cache=cache)
+            chunked_prefill_and_compress(model, list(r.prompt_ids), ratio, compression, chunk_tokens, cache=cache)
             for i, layer in enumerate(cache.layers):  # the output tokens' slots, uncompressed
                 zeros = torch.zeros(1, cache.n_kv_heads, r.output_tokens, pool.head_dim, dtype=pool.keys.dtype, device=pool.keys.device)
                 cache.append(i, zeros, zeros)

@@ -2,7 +2,7 @@
 
 `SequentialBackend` answers one request at a time on one model: ratio 1 reads the prompt into a full
 `DynamicCache`; ratio > 1 reads it through chunked prefill with compression into a `PagedCache`
-(`permkv.compress.prefill_and_compress`), so a call holds about len(prompt) / ratio + one chunk of
+(`permkv.compress.chunked_prefill_and_compress`), so a call holds about len(prompt) / ratio + one chunk of
 tokens. Both decode with `permkv.eval.greedy_decode`, the one decode loop. A batched backend over
 the engine has the same `generate` shape.
 """
@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from permkv.cache import paged_attention
-from permkv.compress import InferenceKVCacheCompression, prefill_and_compress
+from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress, prefill_and_compress
 from permkv.eval import greedy_decode, prefill, stop_ids
 from permkv.models import ModelSpec
 
@@ -156,9 +156,12 @@ class SequentialBackend:
                                     stop=self._stop)
                 pool = max(kv_bytes, _dense_bytes(cache))
             else:
-                chunk = self.chunk_tokens if len(ids) > self.chunk_tokens else None
-                cache, logits, report = prefill_and_compress(self.model, ids, ratio, self.compression,
-                                                             extra_tokens=max_new_tokens + 16, chunk_tokens=chunk)
+                if len(ids) > self.chunk_tokens:
+                    cache, logits, report = chunked_prefill_and_compress(
+                        self.model, ids, ratio, self.compression, self.chunk_tokens, extra_tokens=max_new_tokens + 16)
+                else:
+                    cache, logits, report = prefill_and_compress(self.model, ids, ratio, self.compression,
+                                                                 extra_tokens=max_new_tokens + 16)
                 full = [row for row, layer in zip(report.kept, cache.layers) if not layer.is_sliding]
                 kv_tokens = sum(map(sum, full)) / max(sum(map(len, full)), 1)
                 kv_bytes = report.compressed_bytes

@@ -1,0 +1,275 @@
+"""Throughput of the continuous-batching engine at a fixed KV memory vs compression ratio (notebook 03,
+`python -m permkv.bench throughput`).
+
+KV-Compress (ANCHORS.md s1) measured total throughput against vanilla vLLM with 256 prompts of 500-6000
+tokens and 500 output tokens on one L4: 3.44x at 8x, 5.18x at 64x, because the memory compression frees
+admits larger decode batches. Here the same shape, scaled to this CPU: SQuAD questions among distractor
+paragraphs (so answers can be scored) with prompt lengths drawn uniformly from `prompt_range`, a fixed
+number of output tokens with EOS ignored (as vLLM's benchmark_throughput), and one KV pool sized so that
+ratio 1 is memory-bound (`pool_requests` average requests). Every ratio and the peers run on the same
+requests in one process, in alternating order per repeat; speed is reported as ratios within a repeat.
+
+The decode-step cost model (step time vs batch size and cached tokens, measured on this machine) and
+the prefill share of the ratio-1 run bound what a larger batch can buy (Amdahl): prefill does not get
+cheaper with compression, so the gain is at most 1 / prefill share.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from permkv.baselines.hf import continuous_batching, sequential_generate
+from permkv.cache import BlockPool, PagedCache, paged_attention
+from permkv.data import build_task, encode_sample
+from permkv.engine import Engine, EngineConfig, Request
+from permkv.engine.runner import ModelRunner
+from permkv.eval import TASK_METRIC, bootstrap_ci, first_line, stop_ids
+from permkv.models import get_spec
+
+
+@dataclass
+class ThroughputConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "float32"  # model and KV pool dtype: "float32" (CPU) or "bfloat16" (GPU)
+    n_requests: int = 24  # SQuAD questions among distractor paragraphs (anchor: 256 prompts)
+    prompt_range: list[int] = field(default_factory=lambda: [256, 1024])  # prompt tokens, uniform (anchor: 500-6000)
+    output_tokens: int = 64  # generated per request, EOS ignored (anchor: 500)
+    pool_requests: float = 3.0  # KV pool = this many average requests (prompt + output) uncompressed
+    ratios: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])  # x times smaller; 1 must be in
+    repeats: int = 1  # every system once per repeat, order reversed on odd repeats; medians reported
+    peers: bool = True  # also run transformers' continuous batching and sequential generate
+    block_size: int = 16  # tokens per KV block (ours and transformers')
+    chunk_tokens: int = 512  # prompt tokens per prefill forward (ours and transformers' max_batch_tokens)
+    compress_every: int = 32  # generated tokens between two compressions of a sequence
+    cost_batches: list[int] = field(default_factory=lambda: [1, 4, 16, 32])  # decode cost model: batch sizes
+    cost_tokens: list[int] = field(default_factory=lambda: [128, 512])  # ... and cached tokens per sequence
+    cost_max_tokens: int = 16384  # skip cost points holding more cached tokens in all (memory)
+    seed: int = 0
+
+    def __post_init__(self):
+        get_spec(self.model)
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        lo, hi = self.prompt_range
+        if not 128 <= lo <= hi:
+            raise ValueError(f"prompt_range must be [low, high] with 128 <= low <= high, got {self.prompt_range}")
+        for name in ("n_requests", "output_tokens", "repeats", "block_size", "chunk_tokens", "compress_every", "cost_max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.pool_requests > 0:
+            raise ValueError(f"pool_requests must be > 0, got {self.pool_requests}")
+        if 1 not in self.ratios or any(r < 1 for r in self.ratios):
+            raise ValueError(f"ratios must be >= 1 and include 1 (the reference), got {self.ratios}")
+        if not self.cost_batches or not self.cost_tokens or min(self.cost_batches + self.cost_tokens) < 1:
+            raise ValueError(f"cost_batches and cost_tokens must be non-empty positive ints, got "
+                             f"{self.cost_batches}, {self.cost_tokens}")
+
+
+@dataclass(frozen=True)
+class QARequest:
+    prompt_ids: list[int]
+    answers: list[str]
+
+
+def make_requests(tokenizer, spec, cfg: ThroughputConfig) -> list[QARequest]:
+    """`n_requests` seeded SQuAD samples, each among distractors up to a length drawn from `prompt_range`."""
+    rng = random.Random(cfg.seed)
+    out = []
+    for i in range(cfg.n_requests):
+        length = rng.randint(*cfg.prompt_range)
+        (sample,) = build_task("squad", tokenizer, spec, 1, length, seed=cfg.seed * 100_003 + i,
+                               max_new_tokens=cfg.output_tokens)
+        prefix, suffix = encode_sample(tokenizer, spec, sample, "query_aware")
+        out.append(QARequest(prefix + suffix, list(sample.answers)))
+    return out
+
+
+def pool_blocks(model, requests: list[QARequest], cfg: ThroughputConfig) -> int:
+    """Blocks of a pool holding `pool_requests` average requests (prompt + output) uncompressed."""
+    mean = statistics.mean(len(r.prompt_ids) for r in requests) + cfg.output_tokens
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    probe = PagedCache(BlockPool(1, cfg.block_size, head_dim), model.config)
+    return math.ceil(cfg.pool_requests * probe.blocks_needed(math.ceil(mean)))
+
+
+def score(tokenizer, tokens: list[int], answers: list[str], stop: set[int]) -> float:
+    """SQuAD score of the answer's first line (generation after a stop token is ignored)."""
+    end = next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
+    return TASK_METRIC["squad"](first_line(tokenizer.decode(tokens[:end], skip_special_tokens=True)), answers)
+
+
+def run_engine(model, requests: list[QARequest], ratio: float, blocks: int, cfg: ThroughputConfig,
+               progress: bool = False) -> tuple[dict, list[list[int]]]:
+    """All requests through a fresh engine on a pool of `blocks` blocks; (row of stats, tokens per request)."""
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    pool = BlockPool(blocks, cfg.block_size, head_dim, dtype=model.dtype, device=model.device)
+    engine = Engine(model, pool, EngineConfig(chunk_tokens=cfg.chunk_tokens, compress_every=cfg.compress_every), stop=set())
+    results = engine.generate([Request(r.prompt_ids, cfg.output_tokens, ratio) for r in requests], progress=progress)
+    s = engine.stats
+    row = dict(system=f"engine {ratio:g}x", ratio=ratio, **s.summary(),
+               mean_ttft=statistics.mean(r.ttft for r in results), mean_latency=statistics.mean(r.latency for r in results),
+               batch_sizes=list(s.batch_sizes))
+    return row, [r.tokens for r in results]
+
+
+def run_grid(model, tokenizer, requests: list[QARequest], cfg: ThroughputConfig, progress: bool = True) -> tuple[list[dict], dict]:
+    """Every ratio of the engine (and the peers) on the same requests and pool, `repeats` times.
+
+    Returns rows (one per system and repeat, with `output_tps`, `total_tps`, `wall`, ...) and the
+    tokens of the last repeat per system (for answer quality)."""
+    blocks = pool_blocks(model, requests, cfg)
+    prompts = [r.prompt_ids for r in requests]
+    n_prompt = sum(map(len, prompts))
+    systems = [("engine", r) for r in cfg.ratios] + ([("hf_continuous_batching", 1), ("hf_sequential", 1)] if cfg.peers else [])
+    rows, tokens = [], {}
+    bar = tqdm(total=len(systems) * cfg.repeats, desc="throughput grid", disable=not progress)
+    for rep in range(cfg.repeats):
+        for kind, ratio in (systems if rep % 2 == 0 else systems[::-1]):
+            if kind == "engine":
+                row, toks = run_engine(model, requests, ratio, blocks, cfg)
+            else:
+                if kind == "hf_continuous_batching":
+                    peer = continuous_batching(model, prompts, cfg.output_tokens, set(), blocks, cfg.block_size, cfg.chunk_tokens)
+                else:
+                    peer = sequential_generate(model, prompts, cfg.output_tokens, set())
+                toks = peer.tokens
+                row = dict(system=kind, ratio=1.0, wall=peer.wall, output_tps=peer.output_tps, total_tps=peer.total_tps,
+                           output_tokens=peer.output_tokens, prompt_tokens=n_prompt if not peer.error else 0,
+                           error=peer.error)
+            rows.append(dict(repeat=rep, pool_blocks=blocks, **row))
+            tokens[row["system"]] = toks
+            bar.update()
+    bar.close()
+    return rows, tokens
+
+
+def quality(tokenizer, requests: list[QARequest], tokens: dict, stop: set[int]) -> list[dict]:
+    """Mean SQuAD score per system with a 95% bootstrap CI (n = requests)."""
+    out = []
+    for system, toks in tokens.items():
+        if not toks:
+            continue
+        scores = [score(tokenizer, t, r.answers, stop) for t, r in zip(toks, requests)]
+        low, high = bootstrap_ci(scores)
+        out.append(dict(system=system, score=float(np.mean(scores)), ci_low=low, ci_high=high, n=len(scores)))
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per system: medians over repeats of its speed, and of its speed relative to the ratio-1 engine of
+    the same repeat (ratios measured side by side)."""
+    out = []
+    names = list(dict.fromkeys(r["system"] for r in rows))
+    for name in names:
+        mine = [r for r in rows if r["system"] == name]
+        ref = {r["repeat"]: r for r in rows if r["system"] == "engine 1x"}
+        rel = lambda key: statistics.median(m[key] / ref[m["repeat"]][key] for m in mine)  # noqa: E731
+        row = dict(system=name, ratio=mine[0]["ratio"], repeats=len(mine),
+                   output_tps=statistics.median(m["output_tps"] for m in mine),
+                   total_tps=statistics.median(m["total_tps"] for m in mine),
+                   wall=statistics.median(m["wall"] for m in mine),
+                   output_gain=rel("output_tps"), total_gain=rel("total_tps"),
+                   error=mine[0].get("error"))
+        for key in ("mean_batch", "max_batch", "preemptions", "prefill_share", "compressions", "mean_occupancy",
+                    "mean_ttft", "mean_latency"):
+            if key in mine[0]:
+                row[key] = statistics.median(m[key] for m in mine)
+        out.append(row)
+    return out
+
+
+# ----- the decode-step cost model ------------------------------------------------------------------
+
+def _copy_row(cache: PagedCache, seq: int) -> None:
+    """Append a copy of sequence `seq` with blocks of its own (a fork, then every block made writable)."""
+    row = cache.fork(seq)
+    for layer in cache.layers:
+        for table in layer.tables[row]:
+            table.blocks = [cache.pool.writable(b) for b in table.blocks]
+        layer.changed()
+
+
+@torch.no_grad()
+def decode_cost(model, requests: list[QARequest], cfg: ThroughputConfig, steps: int = 3, progress: bool = True) -> list[dict]:
+    """Median seconds of one batched decode step for each (batch, cached tokens per sequence) of the grid.
+
+    A real prompt (the requests' token ids laid end to end) is prefilled once to each length and
+    copied into `batch` sequences with their own blocks; then `steps` decode steps are timed."""
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    stream = [t for r in requests for t in r.prompt_ids]
+    runner = ModelRunner(model, EngineConfig().compression, cfg.chunk_tokens)
+    points = [(b, n) for n in cfg.cost_tokens for b in cfg.cost_batches if b * n <= cfg.cost_max_tokens]
+    rows = []
+    for n in tqdm(sorted({n for _, n in points}), desc="decode cost", disable=not progress):
+        ids = (stream * (n // max(len(stream), 1) + 1))[:n]
+        batches = sorted(b for b, m in points if m == n)
+        probe = PagedCache(BlockPool(1, cfg.block_size, head_dim), model.config)
+        pool = BlockPool(max(batches) * probe.blocks_needed(n + steps + cfg.block_size) + 1, cfg.block_size, head_dim,
+                         dtype=model.dtype, device=model.device)
+        with paged_attention(model):
+            for batch in batches:
+                cache = PagedCache(pool, model.config)
+                runner.prefill(cache, ids, 1.0)
+                for _ in range(batch - 1):
+                    _copy_row(cache, 0)
+                times = []
+                for step in range(steps):
+                    start = time.perf_counter()
+                    runner.decode(cache, [ids[-1]] * batch, [n + step] * batch)
+                    times.append(time.perf_counter() - start)
+                cache.reset()
+                rows.append(dict(batch=batch, cached_tokens=n, step_s=statistics.median(times)))
+    return rows
+
+
+def fit_cost(rows: list[dict]) -> dict[str, float]:
+    """Least-squares step_s = fixed + per_seq * batch + per_token * batch * cached_tokens."""
+    X = np.array([[1.0, r["batch"], r["batch"] * r["cached_tokens"]] for r in rows])
+    y = np.array([r["step_s"] for r in rows])
+    coef = np.linalg.lstsq(X, y, rcond=None)[0]
+    return dict(fixed_s=float(coef[0]), per_seq_s=float(coef[1]), per_token_s=float(coef[2]))
+
+
+# ----- ledger ----------------------------------------------------------------------------------------
+
+def claim_metrics(summary: list[dict], quality_rows: list[dict]) -> dict[str, float]:
+    """Ledger metrics: total-throughput gain over the ratio-1 engine at 8x / 64x (the anchor's measure),
+    output gains, engine-measured concurrency gains (largest decode batch vs ratio 1), the peers, answer
+    quality, the ratio-1 prefill share and the Amdahl bound it implies."""
+    by = {r["system"]: r for r in summary}
+    ref = by["engine 1x"]
+    m = {"throughput.prefill_share_1x": ref["prefill_share"],
+         "throughput.amdahl_bound": 1 / ref["prefill_share"] if ref["prefill_share"] else math.inf,
+         "throughput.output_tps_1x": ref["output_tps"], "throughput.total_tps_1x": ref["total_tps"]}
+    for r in summary:
+        if not r["system"].startswith("engine"):
+            continue
+        k = f"{r['ratio']:g}x"
+        m[f"throughput.total_gain_{k}"] = r["total_gain"]
+        m[f"throughput.output_gain_{k}"] = r["output_gain"]
+        m[f"throughput.mean_batch_{k}"] = r["mean_batch"]
+        m[f"throughput.max_batch_{k}"] = r["max_batch"]
+        m[f"throughput.preemptions_{k}"] = r["preemptions"]
+        m[f"throughput.concurrency_gain_{k}"] = r["max_batch"] / ref["max_batch"] if ref["max_batch"] else math.nan
+    for k in ("8x", "64x"):
+        m[f"claim.throughput_gain_{k}"] = m.get(f"throughput.total_gain_{k}", math.nan)
+        m[f"claim.engine_concurrency_gain_{k}"] = m.get(f"throughput.concurrency_gain_{k}", math.nan)
+    for peer in ("hf_continuous_batching", "hf_sequential"):
+        if peer in by and not by[peer].get("error"):
+            m[f"throughput.engine_1x_vs_{peer}"] = ref["output_tps"] / by[peer]["output_tps"]
+    for q in quality_rows:
+        name = q["system"].replace("engine ", "").replace(" ", "_")
+        m[f"quality.{name}"] = q["score"]
+    return m

@@ -1,0 +1,105 @@
+"""Notebook 02's experiment module: one prefill per sample serves every method, the full-cache answer
+is notebook 00's, statistics and claim metrics on small inputs, the measured-quality table that
+compress_auto reads."""
+
+import json
+
+import pytest
+import torch
+
+from permkv.compress import InferenceKVCacheCompression, QualityTable, observing, paged_cache_for
+from permkv.data import build_task
+from permkv.experiments import compression_quality as cq
+from permkv.experiments.scoring import evaluate
+
+
+def test_full_answer_is_notebook_00s_and_one_prefill_serves_all(smol):
+    """02's "full" rows are exactly 00's answers on the same samples; a permkv method at 1x answers
+    from the fork of the one prefill like the full cache."""
+    model, tok, spec = smol
+    samples = build_task("niah_single", tok, spec, 2, 400, seed=1)
+    want = [r.output for r in evaluate(model, tok, spec, samples, "query_agnostic", max_new_tokens=12)]
+    for sample, text in zip(samples, want):
+        rows = cq.answer_sample(model, tok, sample, spec, "query_agnostic", ["permkv", "kvpress_knorm"], [1, 4], 12)
+        by = {(r["method"], r["ratio"]): r for r in rows}
+        assert by["full", 1.0]["output"] == text and text
+        assert by["permkv", 1.0]["output"] == text
+        assert by["permkv", 4.0]["achieved_ratio"] == pytest.approx(4, rel=0.1)
+        assert by["kvpress_knorm", 4.0]["achieved_ratio"] == pytest.approx(4, rel=0.05)
+        assert all(r["full_score"] == by["full", 1.0]["score"] for r in rows)
+
+
+def per_sample_rows():
+    """Two tasks x 3 samples: full 1 everywhere but one; a beats b on 2 of 6."""
+    rows = []
+    for t in ("a", "b"):
+        for i, (sa, sb, full) in enumerate(((1, 0, 1), (1, 1, 1), (0, 0, 0))):
+            for m, s in (("permkv", sa), ("kvpress_snapkv", sb), ("permkv_random", 0)):
+                rows.append(dict(model="m", task=t, context_tokens=512, sample=i, mode="query_aware", method=m, ratio=8.0,
+                                 score=float(s), full_score=float(full)))
+    return rows
+
+
+def test_paired_difference_and_pooled_retention():
+    rows = per_sample_rows()
+    d = cq.paired_difference(rows, "permkv", "kvpress_snapkv", 8, "query_aware")
+    assert d["n"] == 6 and d["diff"] == pytest.approx(2 / 6)
+    assert 0 <= d["ci_low"] <= d["diff"] <= d["ci_high"]
+    r = cq.pooled_retention(rows, "permkv", 8, "query_aware")
+    assert r["retention"] == pytest.approx(1.0) and r["n"] == 6 and r["tasks"] == ["a", "b"]
+    assert r["ci_low"] <= 1.0 <= r["ci_high"]
+    assert cq.pooled_retention(rows, "permkv", 64, "query_aware")["n"] == 0
+    with pytest.raises(ValueError, match="same samples"):
+        cq.paired_difference(rows, "permkv", "nope", 8, "query_aware")
+
+
+def test_claim_metrics_on_a_small_input():
+    m = cq.claim_metrics(per_sample_rows(), "permkv", [8], ["query_aware"])
+    assert m["claim.retention_8x_query_aware"] == pytest.approx(1.0)
+    assert m["diff_vs_kvpress_8x_query_aware"] == pytest.approx(2 / 6)
+    assert m["diff_vs_random_8x_query_aware"] == pytest.approx(4 / 6)
+    assert m["claim.vs_random_8x_query_aware"] > 0
+    assert m["n_8x_query_aware"] == 6
+
+
+def test_quality_table_feeds_compress_auto(smol, tmp_path):
+    """The table 02 writes gives compress_auto a measured estimate (n, CI, tasks) at a measured ratio,
+    None elsewhere, and picks the largest ratio whose CI stays above a floor."""
+    rows = per_sample_rows() + [dict(r, ratio=2.0, score=r["full_score"]) for r in per_sample_rows()]
+    rows = [dict(r, model="smollm2-135m") for r in rows]
+    path = cq.write_quality_table(rows, tmp_path / "quality.json")
+    table = QualityTable.load(path)
+    est = table.estimate("smollm2-135m", "query_aware", 8, "kvcompress", "uniform", 64)
+    assert est.retention == pytest.approx(1.0) and est.n == 6 and est.tasks == ("a", "b")
+    assert table.estimate("smollm2-135m", "query_aware", 4, "kvcompress", "uniform", 64) is None
+    assert table.estimate("smollm2-135m", "query_agnostic", 8, "kvcompress", "uniform", 64) is None
+    model, tok, _ = smol
+    compression = InferenceKVCacheCompression(quality_table=str(path), model="smollm2-135m")
+    assert compression.ratio_for(0.99) == 2.0  # 8x's CI reaches below 0.99, 2x's does not
+    cache = paged_cache_for(model, 300)
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 25, add_special_tokens=False).input_ids[:256]
+    with observing(model) as rec, torch.no_grad():
+        model(torch.tensor([ids]), past_key_values=cache)
+    report = compression.compress_auto(cache, queries=rec.queries, quality_floor=0.99)
+    assert report.ratio == 2.0 and report.quality.retention == pytest.approx(1.0) and report.quality.n == 6
+    with pytest.raises(ValueError, match="no measured ratio"):
+        InferenceKVCacheCompression(quality_table=str(path), model="gemma3-270m").compress_auto(
+            cache, queries=rec.queries, quality_floor=0.9)
+    with pytest.raises(ValueError, match="exactly one"):
+        compression.compress_auto(cache, 2, rec.queries, quality_floor=0.9)
+    with pytest.raises(ValueError, match="quality table"):
+        QualityTable.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps([{"model": "x"}]))
+    with pytest.raises(ValueError, match="JSON list"):
+        QualityTable.load(tmp_path / "bad.json")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="methods must be"):
+        cq.CompressionQualityConfig(methods=["nope"])
+    with pytest.raises(ValueError, match="headline must be"):
+        cq.CompressionQualityConfig(headline="permkv_random")
+    with pytest.raises(ValueError, match="ratios must be"):
+        cq.CompressionQualityConfig(ratios=[0.5])
+    with pytest.raises(ValueError, match="modes must be"):
+        cq.CompressionQualityConfig(modes=["sideways"])
