@@ -4,22 +4,25 @@
 `DynamicCache`; ratio > 1 reads it through chunked prefill with compression into a `PagedCache`
 (`permkv.compress.chunked_prefill_and_compress`), so a call holds about len(prompt) / ratio + one chunk of
 tokens. Both decode with `permkv.eval.greedy_decode`, the one decode loop. A batched backend over
-the engine has the same `generate` shape.
+the engine, `EngineBackend`, has the same `generate` shape and batches calls that arrive together.
 """
 
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from permkv.cache import paged_attention
+from permkv.cache import BlockPool, paged_attention
 from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress, prefill_and_compress
+from permkv.engine import Engine, EngineConfig, Request
 from permkv.eval import greedy_decode, prefill, stop_ids
 from permkv.models import ModelSpec
 
@@ -187,3 +190,71 @@ class SequentialBackend:
         kv = _dense_bytes(result.cache)  # the prompt and the answer but its last token
         return Generation(out, len(ids), 1.0, float(len(ids)), kv, kv,
                           time.perf_counter() - t0, reason, decode_s=result.stats.decode_s)
+
+
+class EngineBackend:
+    """Concurrent `generate` calls batched on the continuous-batching engine (`permkv.engine.Engine`).
+
+    Calls wait in a queue; a worker thread takes everything queued (after waiting `window_s` for
+    stragglers) and runs it as one engine batch, so calls that arrive together (the server's concurrent
+    requests, one RLM level's sub-calls) decode together over one paged pool of `pool_bytes`. The engine
+    keeps each sequence `ratio` times smaller during decoding too (continual compression). Per-request
+    KV numbers are not reported by the engine: `kv_tokens` is None and `kv_pool_bytes` is the shared
+    pool's size.
+    """
+
+    def __init__(self, model, tokenizer, spec: ModelSpec, name: str = "", pool_bytes: int = 2**30,
+                 max_kv_tokens: int | None = None, chunk_tokens: int = 512, window_s: float = 0.01):
+        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        self.name = name or spec.name
+        self.max_kv_tokens = max_kv_tokens or spec.max_positions
+        self.chunk_tokens = chunk_tokens
+        self.window_s = window_s
+        pool = BlockPool.from_bytes(pool_bytes, block_size=16, head_dim=spec.head_dim, dtype=model.dtype,
+                                    device=model.device)
+        self.engine = Engine(model, pool, EngineConfig(chunk_tokens=chunk_tokens), stop=stop_ids(model, tokenizer))
+        self.batches: list[int] = []  # size of every engine batch run (how much batching happened)
+        self._queue: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._work, daemon=True)
+        self._worker.start()
+
+    def check(self, n_prompt: int, max_new_tokens: int, ratio: float) -> None:
+        check_request(n_prompt, max_new_tokens, ratio, self.chunk_tokens, self.max_kv_tokens, self.spec.max_positions)
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
+                 speculate: bool = False) -> Generation:
+        if speculate:
+            raise ValueError("speculate is not available on the engine backend (batched greedy decoding)")
+        self.check(len(prompt_ids), max_new_tokens, ratio)
+        done: Future = Future()
+        self._queue.put((Request(list(prompt_ids), max_new_tokens, float(ratio)), done))
+        return done.result()
+
+    def _work(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            time.sleep(self.window_s)
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self.batches.append(len(batch))
+            waiting = {}
+            for request, done in batch:  # a request the engine refuses fails alone
+                try:
+                    waiting[self.engine.add(request)] = (request, done)
+                except ValueError as err:
+                    done.set_exception(err)
+            if not waiting:
+                continue
+            try:
+                with torch.no_grad():
+                    results = self.engine.run(progress=False)
+            except Exception as err:  # every waiting caller gets the error, the worker goes on
+                for _, done in waiting.values():
+                    done.set_exception(err)
+                continue
+            pool = self.engine.pool.stats().capacity_bytes
+            for result in results:
+                request, done = waiting[result.id]
+                reason = "length" if len(result.tokens) >= request.max_new_tokens else "stop"
+                done.set_result(Generation(list(result.tokens), result.prompt_tokens, request.ratio, None, 0, pool,
+                                           result.latency, reason))

@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 from permkv.eval import normalize
 from permkv.rlm.lm import LM, as_lm
 from permkv.rlm.pieces import sentences, split_pieces
@@ -221,7 +223,8 @@ class RecursiveLanguageModel:
         if len(calls) + len(prompts) > self.max_calls:
             raise RLMBudgetExceeded(f"level {level} needs {len(prompts)} calls; {len(calls)} made, max_calls={self.max_calls}")
         if self.concurrency == 1 or len(prompts) == 1:
-            return [self.call(p, level=level, role=role, context_tokens=n, calls=calls) for p, n in prompts]
+            bar = tqdm(prompts, desc=f"rlm level {level}", leave=False, disable=len(prompts) < 4)
+            return [self.call(p, level=level, role=role, context_tokens=n, calls=calls) for p, n in bar]
         with ThreadPoolExecutor(self.concurrency) as pool:
             level_calls: list[list[Call]] = [[] for _ in prompts]
             answers = list(pool.map(lambda i: self.call(prompts[i][0], level=level, role=role,

@@ -125,7 +125,10 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
             raise APIError(400, str(err), "context_length_exceeded", "messages") from err
         except ValueError as err:
             raise APIError(400, str(err), "invalid_value", "kv_cache_compression_ratio" if "ratio" in str(err) else None) from err
-        gen = backend.generate(ids, max_new, r)
+        try:
+            gen = backend.generate(ids, max_new, r)
+        except ValueError as err:  # e.g. the engine's pool can never hold the request
+            raise APIError(400, str(err), "invalid_request") from err
         text, stopped = _cut_at_stop(backend.tokenizer.decode(gen.tokens, skip_special_tokens=True), req.stop)
         reason = "stop" if stopped else gen.finish_reason
         usage = dict(prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.tokens),

@@ -18,6 +18,9 @@ def serve_parser(sub) -> None:
     p.add_argument("--max-kv-tokens", type=int, default=None,
                    help="per-request KV budget in tokens per head (default: the model's window)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size of the compressed prefill")
+    p.add_argument("--engine", action="store_true",
+                   help="batch concurrent requests on the continuous-batching engine (default: one at a time)")
+    p.add_argument("--pool-gib", type=float, default=1.0, help="KV pool of the engine, GiB")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU if there is one)")
 
@@ -27,12 +30,18 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from permkv.models import load_model
-    from permkv.serve import SequentialBackend, create_app
+    from permkv.rlm import EngineBackend, SequentialBackend
+    from permkv.serve import create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, spec = load_model(args.model, device=args.device)
-    backend = SequentialBackend(model, tokenizer, spec, max_kv_tokens=args.max_kv_tokens, chunk_tokens=args.chunk_tokens)
+    if args.engine:
+        backend = EngineBackend(model, tokenizer, spec, pool_bytes=int(args.pool_gib * 2**30),
+                                max_kv_tokens=args.max_kv_tokens, chunk_tokens=args.chunk_tokens)
+    else:
+        backend = SequentialBackend(model, tokenizer, spec, max_kv_tokens=args.max_kv_tokens,
+                                    chunk_tokens=args.chunk_tokens)
     print(f"permkv: serving {spec.name} on http://{args.host}:{args.port}/v1 (default ratio {args.ratio:g})", flush=True)
     uvicorn.run(create_app(backend, args.ratio), host=args.host, port=args.port, log_level="info")
 

@@ -36,6 +36,10 @@ def main() -> None:
     p.add_argument("--chunk-tokens", type=int, default=512)
     p.add_argument("--official-docs", type=int, default=1)
     p.add_argument("--minutes", type=float, default=25)
+    p.add_argument("--no-truncated", action="store_true")
+    p.add_argument("--no-mlflow", action="store_true", help="keep the rows and summary only (a partial grid must not "
+                   "become the ledger's newest run of the experiment)")
+    p.add_argument("--profile", default="cpu-reduced", help="MLflow profile tag and reports/<profile>/ folder")
     args = p.parse_args()
     cfg = RecursiveLMConfig(tasks=args.tasks, doc_tokens=args.doc_tokens, context_chunk_size=args.chunk,
                             ratios=args.ratios, n_docs=args.docs, chunk_tokens=args.chunk_tokens,
@@ -44,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(cfg.threads)
     model, tok, spec = load_model(cfg.model)
     backend = SequentialBackend(model, tok, spec, chunk_tokens=cfg.chunk_tokens)
-    folder = tracking.out_dir("cpu-reduced", "05_recursive_lm")
+    folder = tracking.out_dir(args.profile, "05_recursive_lm")
     log = folder / "rows.jsonl"
     rows, start = [], time.time()
 
@@ -59,21 +63,26 @@ def main() -> None:
         for task in cfg.tasks:
             if (time.time() - start) / 60 > args.minutes:
                 break
-            new = run_rlm(backend, [docs[task][i]], cfg.ratios, cfg) + run_truncated(backend, [docs[task][i]], cfg)
+            new = run_rlm(backend, [docs[task][i]], cfg.ratios, cfg)
+            if not args.no_truncated:
+                new += run_truncated(backend, [docs[task][i]], cfg)
             for r in new:
                 r["doc"] = i
             keep(new)
             print(f"{task} doc {i}: {[(r['method'], r['ratio'], r['score'], r.get('read_calls')) for r in new]} "
                   f"at {(time.time() - start) / 60:.1f} min", flush=True)
-    for task in cfg.tasks:  # the official client last, on each task's first document
+    for task in cfg.tasks if cfg.official_docs else ():  # the official client last, on each task's first document
         official = run_official(backend, docs[task][: cfg.official_docs], cfg)
         keep(official)
         print(f"{task} official: {[(r['score'], r['calls'], r['error']) for r in official]}", flush=True)
     table = pd.DataFrame(summarize(rows))
     print(table.drop(columns=["achieved_ratio"]).round(3).to_string(), flush=True)
     metrics = claim_metrics(rows)
-    tracking.publish("05_recursive_lm", cfg, "cpu-reduced", metrics,
-                     tables={"summary": table, "rows": pd.DataFrame(rows).drop(columns=["trace"], errors="ignore")})
+    if args.no_mlflow:
+        table.to_csv(folder / "summary.csv", index=False)
+    else:
+        tracking.publish("05_recursive_lm", cfg, args.profile, metrics,
+                         tables={"summary": table, "rows": pd.DataFrame(rows).drop(columns=["trace"], errors="ignore")})
     print({k: v for k, v in metrics.items() if k.startswith("claim.")}, f"{(time.time() - start) / 60:.1f} min", flush=True)
 
 
