@@ -53,7 +53,7 @@ class RVSConfig:
     buffer: int = 2  # generated tokens between compressions (R-KV's 128, scaled to these ~20-70-token traces)
     window: int = 4  # recent tokens never evicted (R-KV keeps its 8 observation tokens; scaled likewise)
     scorer: str = "rkv"  # "rkv" or one of permkv.compress SCORERS
-    subcall_tokens: int = 80  # KV tokens a verification sub-call may take; larger inputs are halved
+    subcall_tokens: int = 48  # KV tokens a verification sub-call may take; larger inputs are halved
     max_depth: int = 3  # most halvings of the input for a sub-call
     sc_votes: int = 3  # self-consistency: traces voted per instance (one per phrasing)
     sc_ratios: list[float] = field(default_factory=lambda: [8])  # ratios that also run self-consistency

@@ -23,7 +23,7 @@ p.add_argument("--probe", type=int, default=4)
 args = p.parse_args()
 
 t0 = time.time()
-cfg = RVSConfig(sizes=[int(s) for s in args.sizes.split(",")], n_size_probe=args.probe, n_samples=1, subcall_tokens=80)
+cfg = RVSConfig(sizes=[int(s) for s in args.sizes.split(",")], n_size_probe=args.probe, n_samples=1, subcall_tokens=48)
 model, tok, spec = load_model(cfg.model, device="cpu")
 probe, sizes, budget = choose(model, tok, cfg)
 print("probe", [(r["size"], r["exact"], r["tokens"]) for r in probe], "sizes", sizes, "budget", budget, flush=True)
