@@ -55,9 +55,10 @@ def parse_items(text: str) -> list[str]:
     return []
 
 
-def answer_item(text: str, items: Sequence[str]) -> str | None:
-    """The first word of a sub-call's answer that is one of `items` (skips "The answer is"), else None."""
-    allowed = set(items)
+def answer_item(text: str, items: Sequence[str], asked: str) -> str | None:
+    """The first word of a sub-call's answer that is one of `items` other than the `asked` one
+    (a copy of the question's own item is no answer), else None."""
+    allowed = set(items) - {asked}
     return next((w for w in (w.lower() for w in re.findall(r"[A-Za-z]+", text)) if w in allowed), None)
 
 
@@ -167,7 +168,7 @@ class RecursiveVerificationSystem:
         if self.memo is None or key not in self.memo:
             ids = self.encode(next_prompt(piece, item), chat=False)
             out = generate(self.model, self.tokenizer, ids, self.answer_tokens)
-            result = (answer_item(out, piece), len(ids) + len(self.tokenizer(out).input_ids))
+            result = (answer_item(out, piece, item), len(ids) + len(self.tokenizer(out).input_ids))
             if self.memo is None:
                 return self._count(stats, depth, *result)
             self.memo[key] = result
