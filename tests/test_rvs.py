@@ -151,7 +151,7 @@ def test_rvs_bad_input(smol):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sizes=[1]), "sizes"), (dict(ratios=[2, 8]), "ratios"), (dict(sc_ratios=[16]), "sc_ratios"),
-    (dict(scorer="nope"), "scorer"), (dict(metric="f1"), "metric"), (dict(n_samples=0), "n_samples"), (dict(budget=3), "budget"), (dict(budget=-1), "budget"),
+    (dict(scorer="nope"), "scorer"), (dict(metric="f1"), "metric"), (dict(n_samples=0), "n_samples"), (dict(budget=2), "budget"), (dict(budget=-1), "budget"),
 ])
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
