@@ -89,12 +89,12 @@ def test_rkv_redundancy_and_score():
 def test_verification_end_to_end_with_split(smol):
     model, tok, _ = smol
     rvs = RecursiveVerificationSystem(model, tok, kv_budget_tokens=16, compression_ratio=2, buffer=4, window=4,
-                                      subcall_tokens=55, memo={})
+                                      subcall_tokens=16, memo={})
     result = rvs.run(WORDS[:8])
     st = result.stats
     assert result.draft and st.trace.max_held <= st.trace.input_tokens + 16
     assert st.sub_calls >= len(result.claims) >= 1 and st.sub_call_tokens > 0
-    assert st.max_depth_used >= 1  # 55 tokens cannot hold the 8-word question: the input was split
+    assert st.max_depth_used >= 1  # 16 tokens cannot hold the 8-word cloze: the input was split
     assert st.answer_flipped == (result.answer != result.draft)
     assert st.failed_claims == sum(c.failed for c in result.claims)
     assert len(result.answer) == len(result.draft)
@@ -107,7 +107,7 @@ def test_verification_end_to_end_with_split(smol):
 def test_pieces_split_in_halves_sharing_an_item(smol):
     model, tok, _ = smol
     rvs = RecursiveVerificationSystem(model, tok, kv_budget_tokens=16, max_depth=3, buffer=4, window=4)
-    limit = 60
+    limit = 24
     found = rvs.pieces(WORDS, "piano", limit)
     assert found and all(len(rvs.encode(f"{list_prompt(p)}")) > 0 for p, _ in found)
     for piece, depth in found:
@@ -151,7 +151,7 @@ def test_rvs_bad_input(smol):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sizes=[1]), "sizes"), (dict(ratios=[2, 8]), "ratios"), (dict(sc_ratios=[16]), "sc_ratios"),
-    (dict(scorer="nope"), "scorer"), (dict(metric="f1"), "metric"), (dict(n_samples=0), "n_samples"), (dict(budget=3), "budget"), (dict(budget=-1), "budget"),
+    (dict(scorer="nope"), "scorer"), (dict(metric="f1"), "metric"), (dict(n_samples=0), "n_samples"), (dict(budget=2), "budget"), (dict(budget=-1), "budget"),
 ])
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):

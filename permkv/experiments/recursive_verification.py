@@ -46,14 +46,14 @@ class RVSConfig:
     sizes: list[int] = field(default_factory=lambda: [8, 16, 32])  # candidate list lengths (words)
     n_size_probe: int = 4  # instances per size for the full-cache accuracy that picks the sizes
     metric: str = "recall"  # headline score: "recall" (in-order fraction of the list) or "exact" (whole list)
-    min_full_accuracy: float = 0.8  # keep sizes whose full-cache `metric` reaches this
+    min_full_accuracy: float = 0.75  # keep sizes whose full-cache `metric` reaches this
     n_samples: int = 30  # instances per kept size (every cell answers the same ones)
     ratios: list[float] = field(default_factory=lambda: [1, 2, 4, 8])  # tokens reasoned / tokens held
     budget: int = 0  # trace tokens held per (layer, KV head); 0: median full trace of the longest size / max(ratios)
-    buffer: int = 2  # generated tokens between compressions (R-KV's 128, scaled to these ~20-70-token traces)
-    window: int = 4  # recent tokens never evicted (R-KV keeps its 8 observation tokens; scaled likewise)
+    buffer: int = 1  # generated tokens between compressions (R-KV's 128, scaled to these ~20-token traces)
+    window: int = 2  # recent tokens never evicted (R-KV keeps its 8 observation tokens; scaled likewise)
     scorer: str = "rkv"  # "rkv" or one of permkv.compress SCORERS
-    subcall_tokens: int = 80  # KV tokens a verification sub-call may take; larger inputs are halved
+    subcall_tokens: int = 48  # KV tokens a verification sub-call may take; larger inputs are halved
     max_depth: int = 3  # most halvings of the input for a sub-call
     sc_votes: int = 3  # self-consistency: traces voted per instance (one per phrasing)
     sc_ratios: list[float] = field(default_factory=lambda: [8])  # ratios that also run self-consistency
@@ -133,11 +133,10 @@ def pick_sizes(probe: Sequence[dict], min_accuracy: float, metric: str = "recall
 
 def choose(model, tokenizer, cfg: RVSConfig) -> tuple[list[dict], list[int], int]:
     """Probe the candidate sizes at full cache, keep the ones the model does, size the budget:
-    (probe rows, kept sizes, budget). The budget's floor leaves 2 scored slots beyond the
-    protected window and the buffer."""
+    (probe rows, kept sizes, budget). The budget's floor is the protected window plus the buffer."""
     probe = probe_sizes(model, tokenizer, cfg)
     sizes = pick_sizes(probe, cfg.min_full_accuracy, cfg.metric)
-    budget = cfg.budget or pick_budget(probe, sizes, max(cfg.ratios), cfg.window + cfg.buffer + 2)
+    budget = cfg.budget or pick_budget(probe, sizes, max(cfg.ratios), cfg.window + cfg.buffer)
     return probe, sizes, budget
 
 

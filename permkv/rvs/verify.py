@@ -5,7 +5,7 @@ trace answers item by item: a walk over the list where each step is one lookup (
 X?"). The steps are the trace's checkable claims (Chain-of-Verification, Dhuliawala 2023, arXiv
 2309.11495, with the questions made by a template, not by the model): "X is followed by Y".
 Each claim is checked by a factored sub-call that sees the original input and the question, never
-the draft. When the input does not fit the KV budget, it is split in halves (one shared item, so
+the draft (the question is a cloze: the input, then the input's own words up to X; plain text). When the input does not fit the KV budget, it is split in halves (one shared item, so
 every item keeps its successor) down to `max_depth` levels, and only the pieces that contain X are
 asked (program-side routing, as an RLM's `grep`). The revision walks the draft: a step whose claim
 held is kept; from the first failed one on, each next item is the sub-call's answer.
@@ -33,8 +33,12 @@ def list_prompt(items: Sequence[str], instruction: str = INSTRUCTION) -> str:
 
 
 def next_prompt(items: Sequence[str], item: str) -> str:
-    """The factored verification question: which item follows `item` in `items`?"""
-    return "Words: " + ", ".join(items) + f'.\nWhich word comes right after "{item}" in the list? Answer with one word.'
+    """The factored verification question, as a cloze on the input: the list, then the list again
+    up to `item` and a comma; the model's next word is its answer to "what follows `item`?".
+    (Measured on 12 lists of 12 words: SmolLM2 answers this 12/12, the chat question "Which word
+    comes right after X?" 0/12.)"""
+    items = list(items)
+    return ", ".join(items) + "\n\n" + ", ".join(items[: items.index(item) + 1]) + ","
 
 
 def parse_items(text: str) -> list[str]:
@@ -51,9 +55,10 @@ def parse_items(text: str) -> list[str]:
     return []
 
 
-def answer_item(text: str, items: Sequence[str]) -> str | None:
-    """The first word of a sub-call's answer that is one of `items` (skips "The answer is"), else None."""
-    allowed = set(items)
+def answer_item(text: str, items: Sequence[str], asked: str) -> str | None:
+    """The first word of a sub-call's answer that is one of `items` other than the `asked` one
+    (a copy of the question's own item is no answer), else None."""
+    allowed = set(items) - {asked}
     return next((w for w in (w.lower() for w in re.findall(r"[A-Za-z]+", text)) if w in allowed), None)
 
 
@@ -114,7 +119,7 @@ class RecursiveVerificationSystem:
     buffer: int = 128  # generated tokens between compressions (R-KV)
     window: int = 8  # recent tokens never evicted
     scorer: object = field(default_factory=RKVScore)
-    chat: bool = True  # chat template (instruct models)
+    chat: bool = True  # chat template for the draft (instruct models); sub-calls are plain-text clozes
     answer_tokens: int = 6  # tokens a sub-call may generate
     subcall_tokens: int | None = None  # KV tokens a sub-call's prompt may take; None: the draft's (input + budget)
     memo: dict | None = None  # shared answers of identical sub-calls (greedy: same prompt, same answer); still counted
@@ -129,8 +134,8 @@ class RecursiveVerificationSystem:
                                        self.window, scorer=self.scorer)
         self.stop = stop_ids(self.model, self.tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, None, text, chat=self.chat)
+    def encode(self, text: str, chat: bool | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, None, text, chat=self.chat if chat is None else chat)
 
     def draft(self, items: Sequence[str], instruction: str = INSTRUCTION) -> tuple[list[str], str, TraceStats]:
         """The budgeted trace: (its items, its text, stats)."""
@@ -144,7 +149,7 @@ class RecursiveVerificationSystem:
         items = list(items)
         if item not in items[:-1]:
             return []
-        if len(self.encode(next_prompt(items, item))) <= limit:
+        if len(self.encode(next_prompt(items, item), chat=False)) <= limit:
             return [(items, depth)]
         if depth >= self.max_depth or len(items) < 3:
             raise ValueError(f"the input does not fit a sub-call of {limit} tokens within "
@@ -161,9 +166,9 @@ class RecursiveVerificationSystem:
         piece, depth = found[0]
         key = (tuple(piece), item)
         if self.memo is None or key not in self.memo:
-            ids = self.encode(next_prompt(piece, item))
+            ids = self.encode(next_prompt(piece, item), chat=False)
             out = generate(self.model, self.tokenizer, ids, self.answer_tokens)
-            result = (answer_item(out, piece), len(ids) + len(self.tokenizer(out).input_ids))
+            result = (answer_item(out, piece, item), len(ids) + len(self.tokenizer(out).input_ids))
             if self.memo is None:
                 return self._count(stats, depth, *result)
             self.memo[key] = result

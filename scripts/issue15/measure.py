@@ -20,16 +20,22 @@ p.add_argument("--minutes", type=float, default=25)
 p.add_argument("--out", default="reports/issue15/measure.json")
 p.add_argument("--sizes", default="8,16,24,32")
 p.add_argument("--probe", type=int, default=4)
+p.add_argument("--first-round", type=int, default=0, help="continue another run's seeds (its rounds)")
+p.add_argument("--keep", default="", help="sizes already picked by an earlier run (skips the probe; needs --budget)")
+p.add_argument("--budget", type=int, default=0)
 args = p.parse_args()
 
 t0 = time.time()
-cfg = RVSConfig(sizes=[int(s) for s in args.sizes.split(",")], n_size_probe=args.probe, n_samples=1, subcall_tokens=80)
+cfg = RVSConfig(sizes=[int(s) for s in args.sizes.split(",")], n_size_probe=args.probe, n_samples=1, subcall_tokens=48)
 model, tok, spec = load_model(cfg.model, device="cpu")
-probe, sizes, budget = choose(model, tok, cfg)
-print("probe", [(r["size"], r["exact"], r["tokens"]) for r in probe], "sizes", sizes, "budget", budget, flush=True)
+if args.keep:
+    probe, sizes, budget = [], [int(s) for s in args.keep.split(",")], args.budget
+else:
+    probe, sizes, budget = choose(model, tok, cfg)
+print("probe", [(r["size"], round(r["recall"], 2), r["tokens"]) for r in probe], "sizes", sizes, "budget", budget, flush=True)
 rows, out = [], Path(args.out)
 out.parent.mkdir(parents=True, exist_ok=True)
-rnd = 0
+rnd = args.first_round
 while time.time() - t0 < args.minutes * 60:
     new = run_grid(model, tok, replace(cfg, seed=cfg.seed + rnd), sizes, budget)
     for r in new:
