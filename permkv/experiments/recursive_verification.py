@@ -14,7 +14,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -273,7 +273,3 @@ def claim_metrics(rows: Sequence[dict], metric: str = "recall") -> dict[str, flo
         "rvs_largest_size": float(k),
     }
     return out
-
-
-def config_dict(cfg: RVSConfig) -> dict:
-    return asdict(cfg)

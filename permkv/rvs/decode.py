@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from permkv.cache import BlockPool, PagedCache
 from permkv.compress import Compressor, UniformAllocator, observing
 from permkv.eval import greedy_decode, prefill
