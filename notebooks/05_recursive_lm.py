@@ -116,8 +116,9 @@ plt.show()
 
 # %% [markdown]
 # ## The official client's runs
-# What the root model wrote is beyond a 135M model's ability to write REPL code (the paper: small
-# models struggle without coding ability); its answer and error are kept as they came.
+# The root model must write ```repl``` code that calls `llm_query` on slices of `context` (the paper:
+# small models struggle without coding ability). `calls` counts its root turns and sub-calls as the
+# server saw them; the answer and any error are kept as they came.
 
 # %%
 official = pd.DataFrame([r for r in rows if r["method"] == "official_rlm"])

@@ -96,13 +96,13 @@ CLAIMS: list[Claim] = [
     Claim("speculate.open_ended", "Speculation need not slow open-ended text (one integration lost ~10%)", "ANCHORS.md s4 [S]; issue 5 target",
           ">=0.95x of greedy", "one integration, unspecified", "04_speculative_decoding", "speedup.open_ended.permkv", 0.95),
     # --- recursive long context (RLM / RVS)
-    Claim("rlm.calls", "8x compression cuts RLM calls on 100K tokens from 25 to 4 at equal quality", "seed arithmetic; RLM (Zhang & Khattab 2025)",
+    Claim("rlm.calls", "8x compression cuts RLM calls on 100K tokens from 25 to 4 (the count; quality: next rows)", "seed arithmetic; RLM (Zhang & Khattab 2025)",
           "25 -> 4 calls", "arithmetic (100K / 4K vs 100K / 32K); here document-reading calls of permkv's scripted RLM "
           "at 8x, same 25:1 document-to-budget proportion (SmolLM2: 16K tokens, 640-token KV budget per call)",
           "05_recursive_lm", "claim.rlm_read_calls_8x", 4.0, higher_is_better=False),
     Claim("rlm.calls_1x", "RLM calls on 100K tokens without compression", "seed arithmetic", "25 calls",
           "100K / 4K; here document-reading calls at 1x, same proportion", "05_recursive_lm", "claim.rlm_read_calls_1x", None),
-    Claim("rlm.quality", "The 8x-compressed RLM keeps 96% of its quality", "seed (no primary source)", "96% quality",
+    Claim("rlm.quality", "... at equal quality: the 8x-compressed RLM keeps 96% of its quality", "seed (no primary source)", "96% quality",
           "not stated; here needle accuracy of the 8x RLM over the 1x RLM on the same documents", "05_recursive_lm",
           "claim.rlm_quality_retention_8x", 0.96),
     Claim("rvs.tokens", "8x compression lets RVS keep 64K instead of 8K reasoning tokens", "seed; no established method",
