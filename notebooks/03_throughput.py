@@ -55,7 +55,7 @@ DTYPE = "float32"  # "bfloat16" on a GPU
 N_REQUESTS = 3  # SQuAD questions among distractors (anchor: 256)
 PROMPT_RANGE = [128, 256]  # prompt tokens, uniform per request (anchor: 500-6000)
 OUTPUT_TOKENS = 8  # generated per request, EOS ignored (anchor: 500)
-POOL_REQUESTS = 2.0  # KV pool = this many average requests uncompressed (ratio 1 is memory-bound)
+POOL_REQUESTS = 2.0  # KV pool size in average requests, uncompressed (ratio 1 is memory-bound)
 RATIOS = [1, 8]  # x times smaller
 REPEATS = 1
 PEERS = True  # transformers' continuous batching (same blocks) and sequential generate
