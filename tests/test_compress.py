@@ -133,14 +133,14 @@ def test_ratio_means_tokens_seen_over_kept(smol, prefix):
     assert sum(map(sum, compression.compress_auto(cache, 8, recorder.queries).kept)) == round(heads * len(prefix) / 8)
 
 
-def test_observer_leaves_no_state_and_refuses_nesting(smol, prefix):
+def test_observer_nests_and_leaves_no_state(smol, prefix):
     model, _, _ = smol
     cache = paged_cache_for(model, 64)
     with observing(model, window=4) as recorder, torch.no_grad():
-        with pytest.raises(ValueError, match="already being observed"):
-            with observing(model):
-                pass
-        model(torch.tensor([prefix[:32]]), past_key_values=cache)
+        with observing(model, window=2) as inner:  # the inner block records alone
+            model(torch.tensor([prefix[:16]]), past_key_values=cache)
+        assert inner.queries[0].shape[2] == 2 and not recorder.queries
+        model(torch.tensor([prefix[16:32]]), past_key_values=cache, position_ids=torch.arange(16, 32)[None])
     assert recorder.queries[0].shape[2] == 4
     assert all(getattr(m, "_permkv_recorder", None) is None for m in model.modules())
     assert model.config._attn_implementation not in ("permkv_paged_observed",)
@@ -210,3 +210,25 @@ def test_gemma_compresses_global_layers_only(gemma):
 
     with pytest.raises(ValueError, match="sliding-window"):
         kvpress_answer(model, tok, "snapkv", 8)
+
+
+def test_pooling_and_recency_wrappers():
+    """Pooled spreads a lone peak to its neighbours; RecencyMix at weight 1 is recency, at 0 the base
+    scaled to [0, 1]; both need queries exactly when their base does."""
+    from permkv.compress import KeyNormScore, Pooled, RecencyMix
+
+    keys, queries = torch.zeros(1, 1, 9, 4), torch.zeros(1, 1, 2, 4)
+
+    class Peak:
+        needs_queries = True
+
+        def score(self, keys, values, queries):
+            s = torch.zeros(keys.shape[:3])
+            s[..., 4] = 5.0
+            return s
+
+    pooled = Pooled(Peak(), 5).score(keys, None, queries)[0, 0]
+    assert pooled.tolist() == pytest.approx([0, 0, 1, 1, 1, 1, 1, 0, 0])
+    assert RecencyMix(Peak(), 1.0).score(keys, None, queries)[0, 0].tolist() == pytest.approx([i / 8 for i in range(9)])
+    assert RecencyMix(Peak(), 0.0).score(keys, None, queries)[0, 0].tolist() == pytest.approx([0, 0, 0, 0, 1, 0, 0, 0, 0])
+    assert Pooled(Peak()).needs_queries and not RecencyMix(KeyNormScore()).needs_queries

@@ -244,3 +244,23 @@ def test_tests_leave_the_tree_clean(quick_store):
         pytest.skip("not a git checkout")
     if os.environ.get("CI"):
         assert status.stdout == "", f"tests changed the tree:\n{status.stdout}"
+
+
+def test_recursive_lm_quick_metrics(quick_store):
+    _, client, _ = quick_store
+    exp = client.get_experiment_by_name("05_recursive_lm")
+    (run,) = client.search_runs([exp.experiment_id])
+    m = run.data.metrics
+    assert m["claim.rlm_read_calls_1x"] >= 4 and m["claim.rlm_read_calls_8x"] == 1  # 800 tokens, 200 per call
+    assert m["permkv_rlm.1x.n"] == 1 and m["truncated.1x.n"] == 1 and m["official_rlm.1x.n"] == 1
+    assert 0 <= m["official_rlm.1x.score"] <= 1
+
+
+def test_recursive_verification_quick_metrics(quick_store):
+    _, client, _ = quick_store
+    exp = client.get_experiment_by_name("06_recursive_verification")
+    (run,) = client.search_runs([exp.experiment_id])
+    m = run.data.metrics
+    assert m["claim.rvs_tokens_reasoned_ratio_8x"] >= 1  # 8x never reasons fewer tokens than 1x
+    assert 0 <= m["rvs_full_accuracy"] <= 1 and 0 <= m["rvs_accuracy_8x"] <= 1 and m["rvs_budget"] >= 3
+    assert "claim.rvs_verification_gain_ci_low" in m and m["n.6.verify.8x"] == 1

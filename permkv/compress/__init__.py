@@ -8,12 +8,24 @@ from permkv.compress.allocators import ALLOCATORS, GlobalAdaptiveAllocator, Laye
 from permkv.compress.compressor import CompressionReport, Compressor, InferenceKVCacheCompression, check_ratio, report_of
 from permkv.compress.estimate import QualityEstimate, QualityTable
 from permkv.compress.observe import QueryRecorder, observing
+from permkv.compress.kvzip import kvzip_scores
 from permkv.compress.prefill import chunked_prefill_and_compress, fork_sequence, paged_cache_for, prefill_and_compress
-from permkv.compress.scorers import SCORERS, KeyNormScore, KVCompressScore, RandomScore, RecentScore, SnapKVScore, get_scorer
+from permkv.compress.scorers import (
+    SCORERS,
+    KeyNormScore,
+    KVCompressScore,
+    Pooled,
+    RandomScore,
+    RecencyMix,
+    RecentScore,
+    SnapKVScore,
+    get_scorer,
+)
 
 __all__ = [
     "ALLOCATORS", "SCORERS", "CompressionReport", "Compressor", "GlobalAdaptiveAllocator", "InferenceKVCacheCompression",
-    "KVCompressScore", "KeyNormScore", "LayerAdaptiveAllocator", "QualityEstimate", "QualityTable", "QueryRecorder", "RandomScore", "RecentScore",
-    "SnapKVScore", "UniformAllocator", "check_ratio", "chunked_prefill_and_compress", "fork_sequence", "get_scorer",
+    "KVCompressScore", "KeyNormScore", "LayerAdaptiveAllocator", "Pooled", "QualityEstimate", "QualityTable", "QueryRecorder",
+    "RandomScore", "RecencyMix", "RecentScore",
+    "SnapKVScore", "UniformAllocator", "check_ratio", "chunked_prefill_and_compress", "fork_sequence", "get_scorer", "kvzip_scores",
     "observing", "paged_cache_for", "prefill_and_compress", "report_of",
 ]

@@ -81,25 +81,27 @@ class Compressor:
     window: int = 32  # last tokens never evicted (KV-Compress's protected_window_size)
     observe: int = 64  # attention scorers read the last `observe` recorded queries (measured in notebook 02)
 
-    def compress(self, cache: PagedCache, ratio: float, queries: dict[int, torch.Tensor] | None = None) -> CompressionReport:
+    def compress(self, cache: PagedCache, ratio: float, queries: dict[int, torch.Tensor] | None = None,
+                 scores: dict[int, torch.Tensor] | None = None) -> CompressionReport:
         """Compress every sequence of `cache` to seen / ratio tokens; `queries[layer]`
         `(batch, q_heads, w, head_dim)` are the last queries of each layer (from
         `permkv.compress.observing`, w >= 1; the last `observe` are used), needed by attention scorers.
+        `scores[layer]` `(batch, kv_heads, cached)`, if given, replace the scorer (e.g. `kvzip_scores`).
 
         If the budget is smaller than the protected tokens, each head keeps its sinks and then its
         most recent tokens, up to an equal share of the budget.
         """
         ratio = check_ratio(ratio)
-        if getattr(self.scorer, "needs_queries", False) and not queries:
+        if scores is None and getattr(self.scorer, "needs_queries", False) and not queries:
             raise ValueError(f"{type(self.scorer).__name__} needs queries: prefill inside `permkv.compress.observing(model)`")
         if cache.num_sequences == 0:
             raise ValueError("cache holds no sequence: prefill it before compressing")
         for seq in range(cache.num_sequences):
-            self._compress_sequence(cache, seq, ratio, queries)
+            self._compress_sequence(cache, seq, ratio, queries, scores)
         return report_of(cache, ratio)
 
     @torch.no_grad()
-    def _compress_sequence(self, cache: PagedCache, seq: int, ratio: float, queries) -> None:
+    def _compress_sequence(self, cache: PagedCache, seq: int, ratio: float, queries, given) -> None:
         layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
         n_heads = cache.n_kv_heads
         sub = torch.tensor([[cache.cached_tokens(seq, i, h) for h in range(n_heads)] for i in layers])  # (n_layers, kv_heads)
@@ -123,7 +125,7 @@ class Compressor:
                 nh = int(sub[row, h])
                 k, v = keys[seq : seq + 1, h : h + 1, :nh], values[seq : seq + 1, h : h + 1, :nh]
                 qh = q[:, h * group : (h + 1) * group] if q is not None else None
-                s = self.scorer.score(k, v, qh)[0, 0].float()  # (nh,)
+                s = (given[i][seq, h, :nh] if given is not None else self.scorer.score(k, v, qh)[0, 0]).float().clone()  # (nh,)
                 prot = protected_indices(nh, self.sinks, self.window)
                 if prot.numel() > quota:  # budget below the protected set: sinks, then most recent
                     prot = protected_indices(nh, min(self.sinks, quota), quota - min(self.sinks, quota))

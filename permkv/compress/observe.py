@@ -62,11 +62,13 @@ def attention_modules(model) -> list:
 
 @contextmanager
 def observing(model, window: int = 64) -> Iterator[QueryRecorder]:
-    """Run `model` with paged attention inside the block and record its last `window` queries."""
+    """Run `model` with paged attention inside the block and record its last `window` queries.
+
+    Blocks nest: an inner block records alone until it ends, then the outer recorder is back (the
+    engine observes decode steps while a chunked prefill observes its own chunks)."""
     recorder = QueryRecorder(window)
     modules = attention_modules(model)
-    if any(getattr(m, ATTR, None) is not None for m in modules):
-        raise ValueError("model is already being observed: observing() blocks cannot nest on one model")
+    outer = [getattr(m, ATTR, None) for m in modules]
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     for m in modules:
@@ -74,6 +76,6 @@ def observing(model, window: int = 64) -> Iterator[QueryRecorder]:
     try:
         yield recorder
     finally:
-        for m in modules:
-            setattr(m, ATTR, None)
+        for m, r in zip(modules, outer):
+            setattr(m, ATTR, r)
         model.set_attn_implementation(previous)

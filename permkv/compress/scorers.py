@@ -9,7 +9,7 @@ keys were written in the same forward). Grouped-query heads are folded onto thei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +91,53 @@ class RandomScore:
         return torch.rand(keys.shape[:3], generator=g).to(keys.device)
 
 
+@dataclass
+class Pooled:
+    """Any scorer's scores averaged over `kernel` neighbouring tokens (SnapKV's pooling): a kept token
+    keeps its neighbours, so a multi-token fact (a 7-digit number) survives whole."""
+
+    base: object = field(default_factory=KVCompressScore)
+    kernel: int = 5  # odd; kvpress SnapKV's
+
+    @property
+    def needs_queries(self) -> bool:
+        return getattr(self.base, "needs_queries", False)
+
+    def score(self, keys, values, queries):
+        s = self.base.score(keys, values, queries).float()  # (B, H, L)
+        B, H, L = s.shape
+        return F.avg_pool1d(s.view(B * H, 1, L), self.kernel, stride=1, padding=self.kernel // 2).view(B, H, L)
+
+
+@dataclass
+class RecencyMix:
+    """(1 - weight) x the base score scaled to [0, 1] per head + weight x recency (0 oldest .. 1 newest):
+    attention scores from a window that has not seen the question, leaning on what StreamingLLM keeps."""
+
+    base: object = field(default_factory=KVCompressScore)
+    weight: float = 0.5
+
+    @property
+    def needs_queries(self) -> bool:
+        return getattr(self.base, "needs_queries", False)
+
+    def score(self, keys, values, queries):
+        s = self.base.score(keys, values, queries).float()  # (B, H, L)
+        low, high = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
+        scaled = (s - low) / (high - low).clamp_min(1e-12)
+        L = s.shape[-1]
+        recency = torch.arange(L, dtype=s.dtype, device=s.device) / max(L - 1, 1)
+        return (1 - self.weight) * scaled + self.weight * recency
+
+
 SCORERS = {
     "kvcompress": KVCompressScore,
     "snapkv": SnapKVScore,
     "knorm": KeyNormScore,
     "streaming": RecentScore,
     "random": RandomScore,
+    "kvcompress_pooled": lambda: Pooled(KVCompressScore(), 5),
+    "kvcompress_recency": lambda: RecencyMix(KVCompressScore(), 0.5),
 }
 
 

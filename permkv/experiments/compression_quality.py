@@ -22,10 +22,32 @@ from tqdm.auto import tqdm
 
 from permkv.baselines import kvpress as kvp
 from permkv.cache import PagedCache, paged_attention
-from permkv.compress import CompressionReport, InferenceKVCacheCompression, fork_sequence, observing, paged_cache_for
+from permkv.compress import (
+    CompressionReport,
+    InferenceKVCacheCompression,
+    fork_sequence,
+    kvzip_scores,
+    observing,
+    paged_cache_for,
+)
 from permkv.data import MODES, TASKS, Sample, build_task, encode_sample
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line, greedy_decode, stop_ids
 from permkv.experiments.scoring import full_cache_answer
+
+
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly."  # KVzip's re-reading prompt
+
+
+def repeat_prompt_ids(tokenizer, spec) -> list[int]:
+    """KVzip's prompt as it continues a user turn: the request, then (instruct models) the chat template's
+    end of turn and start of the assistant's, so that the model really starts repeating."""
+    from permkv.models import encode_prompt
+
+    empty, asked = encode_prompt(tokenizer, spec, ""), encode_prompt(tokenizer, spec, REPEAT_PROMPT)
+    head = 0
+    while head < min(len(empty), len(asked)) and empty[head] == asked[head]:
+        head += 1
+    return asked[head:]
 
 
 # ----- one prefill per sample and mode ---------------------------------------------------------------
@@ -41,7 +63,15 @@ class Prefilled:
     logits: torch.Tensor  # (vocab,) at the last prefix position
     queries: dict[int, torch.Tensor]
     inputs: dict[int, kvp.LayerInputs]
+    repeat_prompt: list[int] = field(default_factory=list)  # KVzip's request to repeat the context
     _keys_values: list | None = field(default=None, repr=False)
+    _kvzip: dict | None = field(default=None, repr=False)
+
+    def kvzip(self, model, prompt: list[int], chunk_tokens: int) -> dict[int, torch.Tensor]:
+        """KVzip-style scores of the prefix (computed once, on forks of the cache)."""
+        if self._kvzip is None:
+            self._kvzip = kvzip_scores(model, self.cache, self.prefix, prompt, chunk_tokens)
+        return self._kvzip
 
     def keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's uncompressed keys, values `(1, kv_heads, len(prefix), head_dim)` (gathered once)."""
@@ -53,7 +83,7 @@ class Prefilled:
 
     def release(self) -> None:
         self.cache.reset()
-        self._keys_values = None
+        self._keys_values = self._kvzip = None
 
 
 @torch.no_grad()
@@ -64,6 +94,20 @@ def prefill_once(model, prefix: list[int], suffix: list[int], max_new_tokens: in
     with observing(model, window=observe) as recorder, kvp.capture_inputs(model) as inputs:
         logits = model(torch.tensor([prefix], device=model.device), past_key_values=cache, logits_to_keep=1).logits[0, -1]
     return Prefilled(prefix, suffix, cache, logits, recorder.queries, inputs)
+
+
+def answer_on_fork(model, tokenizer, pre: Prefilled, max_new_tokens: int, compress) -> tuple[str, CompressionReport]:
+    """Compress a copy-on-write fork of the prefilled sequence with `compress(fork) -> report`, feed
+    the suffix and decode greedily on it (the one loop), then release the fork."""
+    fork = fork_sequence(pre.cache, model.config)
+    try:
+        report = compress(fork)
+        with paged_attention(model):
+            out = greedy_decode(model, fork, pre.logits, start=len(pre.prefix), max_new_tokens=max_new_tokens,
+                                stop=stop_ids(model, tokenizer), suffix=pre.suffix)
+    finally:
+        fork.reset()
+    return tokenizer.decode(out, skip_special_tokens=True), report
 
 
 # ----- methods ---------------------------------------------------------------------------------------
@@ -91,15 +135,23 @@ class Permkv:
         return InferenceKVCacheCompression(scorer=self.scorer, allocator=self.allocator, observe=self.observe)
 
     def answer(self, model, tokenizer, pre: Prefilled, ratio: float, max_new_tokens: int):
-        fork = fork_sequence(pre.cache, model.config)
-        try:
-            report = self.compression().compress_auto(fork, ratio, pre.queries)
-            with paged_attention(model):
-                out = greedy_decode(model, fork, pre.logits, start=len(pre.prefix), max_new_tokens=max_new_tokens,
-                                    stop=stop_ids(model, tokenizer), suffix=pre.suffix)
-        finally:
-            fork.reset()
-        return tokenizer.decode(out, skip_special_tokens=True), report
+        return answer_on_fork(model, tokenizer, pre, max_new_tokens,
+                              lambda fork: self.compression().compress_auto(fork, ratio, pre.queries))
+
+
+@dataclass(frozen=True)
+class PermkvKVzip:
+    """permkv's compressor with KVzip-style scores (query-agnostic: the model re-reads the context on
+    forks of the cache), the same budget per head."""
+
+    allocator: str = "uniform"
+    chunk_tokens: int = 1024  # context tokens re-read per pass
+    kind = "permkv"
+
+    def answer(self, model, tokenizer, pre: Prefilled, ratio: float, max_new_tokens: int):
+        scores = pre.kvzip(model, pre.repeat_prompt, self.chunk_tokens)
+        compressor = InferenceKVCacheCompression(allocator=self.allocator).compressor()
+        return answer_on_fork(model, tokenizer, pre, max_new_tokens, lambda fork: compressor.compress(fork, ratio, scores=scores))
 
 
 @dataclass(frozen=True)
@@ -130,10 +182,14 @@ METHODS: dict[str, object] = {
     "permkv_layer": Permkv("kvcompress", "layer", 64),
     "permkv_uniform_w8": Permkv("kvcompress", "uniform", 8),
     "permkv_snapkv": Permkv("snapkv", "uniform", 64),
+    "permkv_pooled": Permkv("kvcompress_pooled", "uniform", 64),  # SnapKV's pooling on KV-Compress's score
+    "permkv_recency": Permkv("kvcompress_recency", "uniform", 64),  # half score, half recency
     "permkv_snapkv_global_w8": Permkv("snapkv", "global", 8),
     "permkv_streaming": Permkv("streaming"),
     "permkv_knorm": Permkv("knorm"),
     "permkv_random": Permkv("random"),
+    "permkv_kvzip": PermkvKVzip(),
+    "permkv_kvzip_global": PermkvKVzip("global"),  # KVzip's scores are attention maxima, comparable across heads
     **{f"kvpress_{name}": Press(name) for name in kvp.PRESSES},
 }
 
@@ -157,6 +213,7 @@ def answer_sample(model, tokenizer, sample: Sample, spec, mode: str, methods: Se
     observe = max([METHODS[m].observe for m in methods if isinstance(METHODS[m], Permkv)] + [1])
     t0 = time.perf_counter()
     pre = prefill_once(model, prefix, suffix, max_new_tokens, observe)
+    pre.repeat_prompt = repeat_prompt_ids(tokenizer, spec)
     prefill_s = time.perf_counter() - t0
     out = []
     try:

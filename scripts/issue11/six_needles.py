@@ -2,9 +2,10 @@
 
 Every method answers the same 6 needles from one prefill per sample and mode
 (`permkv.experiments.compression_quality.answer_sample`); the full cache is notebook 00's answer.
-Writes reports/issue11/six_needles.json (per-answer rows incl. kept tokens per (layer, head)).
+Writes reports/issue11/six_needles_<start>_<stop>.json (per-answer rows incl. kept tokens per
+(layer, head)) for needles [start, stop); on the shared machine the needles ran as 0-2, 2-4, 4-5, 5-6.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/issue11/six_needles.py
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/issue11/six_needles.py 0 6
 """
 
 import json
@@ -24,18 +25,20 @@ AGNOSTIC = ["permkv_streaming", "kvpress_streaming", "permkv_adaptive", "permkv"
 RATIOS = [1.01, 1.1, 2, 8]
 
 
-def main(out: str = "reports/issue11/six_needles.json") -> None:
+def main(start: str = "0", stop: str = "6") -> None:
+    start, stop = int(start), int(stop)
+    out = f"reports/issue11/six_needles_{start}_{stop}.json"
     torch.set_num_threads(1)
     model, tok, spec = load_model("smollm2-135m", device="cpu")
     samples = build_task("niah_single", tok, spec, 6, 1024, seed=1)
-    rows, start = [], time.perf_counter()
-    for i, sample in enumerate(samples):
+    rows, t0 = [], time.perf_counter()
+    for i, sample in list(enumerate(samples))[start:stop]:
         for mode, methods in (("query_aware", AWARE), ("query_agnostic", AGNOSTIC)):
             for r in answer_sample(model, tok, sample, spec, mode, methods, RATIOS, 32):
                 rows.append(dict(sample=i, **r))
-            print(f"sample {i} {mode} done at {time.perf_counter() - start:.0f} s", flush=True)
+            print(f"sample {i} {mode} done at {time.perf_counter() - t0:.0f} s", flush=True)
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(dict(wall_s=time.perf_counter() - start, rows=rows)))
+            Path(out).write_text(json.dumps(dict(wall_s=time.perf_counter() - t0, rows=rows)))
 
 
 if __name__ == "__main__":
