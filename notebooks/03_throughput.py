@@ -55,7 +55,7 @@ DTYPE = "float32"  # "bfloat16" on a GPU
 N_REQUESTS = 3  # SQuAD questions among distractors (anchor: 256)
 PROMPT_RANGE = [128, 256]  # prompt tokens, uniform per request (anchor: 500-6000)
 OUTPUT_TOKENS = 8  # generated per request, EOS ignored (anchor: 500)
-POOL_REQUESTS = 2.0  # KV pool size, in average requests held uncompressed (ratio 1 is memory-bound)
+POOL_REQUESTS = 2.0  # KV pool size in average requests, uncompressed (ratio 1 is memory-bound)
 RATIOS = [1, 8]  # x times smaller
 REPEATS = 1
 PEERS = True  # transformers' continuous batching (same blocks) and sequential generate
@@ -159,9 +159,20 @@ plt.show()
 # `throughput.batch_gain_*` is the largest batch reached, capped by the number of requests.
 
 # %%
-metrics = claim_metrics(summary.to_dict("records"), quality_rows)
+metrics = claim_metrics(summary.to_dict("records"), quality_rows, fit, spec.n_layers * spec.n_kv_heads, cfg.block_size)
 metrics |= {f"cost.{k}": v for k, v in fit.items()}
+predicted = [metrics[f"throughput.cost_model_gain_{r:g}x"] for r in engine.ratio]
+fig_cost_gain, ax = plt.subplots(figsize=(6, 4))
+ax.plot(engine.ratio, engine.total_gain, "o-", label="measured")
+ax.plot(engine.ratio, predicted, "s--", label="cost model at the measured batch and cache size")
+ax.axhline(metrics["throughput.amdahl_bound"], c="tab:red", lw=1, label="Amdahl bound (prefill share at 1x)")
+ax.set_xscale("log", base=2)
+ax.set_xticks(cfg.ratios, [f"{r:g}" for r in cfg.ratios])
+ax.set(xlabel="compression ratio", ylabel="throughput vs engine at 1x", title="Measured gain vs what this CPU allows")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
 tracking.publish("03_throughput", cfg, PROFILE, metrics,
-                 figures={"throughput.png": fig, "batch.png": fig_batch, "cost.png": fig_cost},
+                 figures={"throughput.png": fig, "batch.png": fig_batch, "cost.png": fig_cost, "cost_gain.png": fig_cost_gain},
                  tables={"summary": summary, "cost": cost, "rows": pd.DataFrame(rows).drop(columns="batch_sizes", errors="ignore")})
 {k: round(float(v), 3) for k, v in metrics.items() if k.startswith("claim.")}

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from permkv.cache import BlockPool
+from permkv.cache import BlockPool, paged_attention
+from permkv.compress import InferenceKVCacheCompression, prefill_and_compress
 from permkv.engine import Engine, EngineConfig, Request
 from permkv.engine.sequence import Sequence
 from permkv.eval import greedy_decode, prefill, stop_ids
@@ -146,3 +147,18 @@ def test_gemma3_sliding_window_layers(gemma):
     e = Engine(model, BlockPool(4000, 16, spec.head_dim), CONFIG, stop)
     results = e.generate([Request(ids, 20, 2) for ids in prompts], progress=False)
     assert all(len(r.tokens) > 0 for r in results) and e.pool.num_free == e.pool.num_blocks
+
+
+def test_compressed_request_matches_the_compress_package_alone(setup):
+    """Before its first decode-time compression a request's tokens are those of
+    `permkv.compress.prefill_and_compress` + the one greedy loop on its own cache."""
+    model, spec, prompts, stop = setup
+    compression = InferenceKVCacheCompression()
+    want = []
+    for ids in prompts:
+        cache, logits, _ = prefill_and_compress(model, ids, 2, compression)
+        with paged_attention(model):
+            want.append(greedy_decode(model, cache, logits, start=len(ids), max_new_tokens=12, stop=stop))
+    e = engine(setup, 3000, EngineConfig(chunk_tokens=128, compress_every=16, compression=compression))
+    results = e.generate([Request(ids, 12, 2) for ids in prompts], progress=False)
+    assert [r.tokens for r in results] == want and e.stats.max_batch == len(prompts)

@@ -46,9 +46,13 @@ def test_summary_and_claim_metrics_use_same_repeat_ratios():
     assert m["claim.engine_concurrency_gain_8x"] == pytest.approx(8.0)  # 900 blocks per sequence vs 112.5
     assert m["throughput.concurrent_1x"] == pytest.approx(2.0)
     assert m["throughput.amdahl_bound"] == pytest.approx(2.0)
-    assert m["throughput.engine_1x_vs_hf_sequential"] == pytest.approx(7.5 / 5)
+    assert m["throughput.engine_1x_vs_hf_sequential"] == pytest.approx(1 / 0.75)  # median of 5/10 and 5/5
     assert m["quality.8x"] == 0.5
     assert math.isnan(claim_metrics(summarize(rows[:4]), [])["claim.throughput_gain_64x"])
+    # free batching and free attention: the gain is bounded by prefill alone (Amdahl, here 2x)
+    free = claim_metrics(summary, [], dict(fixed_s=1.0, per_seq_s=0.0, per_token_s=0.0), heads=90, block_size=16)
+    assert free["throughput.cost_model_gain_1x"] == pytest.approx(1.0)
+    assert 1 < free["throughput.cost_model_gain_8x"] < free["throughput.amdahl_bound"] == pytest.approx(2.0)
 
 
 def test_cost_fit_recovers_a_linear_model():

@@ -51,11 +51,12 @@ def main(argv: list[str]) -> None:
     summary = summarize(rows)
     quality_rows = quality(tok, requests, tokens, stop_ids(model, tok))
     cost = decode_cost(model, requests, cfg)
-    metrics = claim_metrics(summary, quality_rows)
+    fit = fit_cost(cost)
+    metrics = claim_metrics(summary, quality_rows, fit, spec.n_layers * spec.n_kv_heads, cfg.block_size)
     result = dict(config=vars(cfg) | {}, args=vars(args), wall_s=time.perf_counter() - t0,
                   device=f"{platform.processor() or platform.machine()} cpu, torch threads {torch.get_num_threads()}, "
                          f"load average at end {os.getloadavg()}",
-                  summary=summary, quality=quality_rows, cost=cost, cost_fit=fit_cost(cost), metrics=metrics,
+                  summary=summary, quality=quality_rows, cost=cost, cost_fit=fit, metrics=metrics,
                   rows=rows, prompt_tokens=[len(r.prompt_ids) for r in requests])
     path = write_result(args.out_name, result)
     q = {r["system"]: r for r in quality_rows}
@@ -65,7 +66,9 @@ def main(argv: list[str]) -> None:
         print(f"{r['system']:<24} {r['output_tps']:9.2f} {r['total_tps']:11.2f} {r['output_gain']:7.2f}x {r['total_gain']:9.2f}x "
               f"{r.get('mean_batch', float('nan')):6.1f} {r.get('preemptions', 0):7.0f} {100 * r.get('prefill_share', float('nan')):7.0f}% "
               f"{q.get(r['system'], {}).get('score', float('nan')):7.2f} {r.get('error') or ''}")
-    print(f"cost model: {result['cost_fit']}; Amdahl bound 1/prefill share = {metrics['throughput.amdahl_bound']:.2f}x")
+    predicted = ", ".join(f"{r:g}x {metrics[f'throughput.cost_model_gain_{r:g}x']:.2f}" for r in cfg.ratios)
+    print(f"cost model: {fit}; its predicted gains: {predicted}; "
+          f"Amdahl bound 1/prefill share = {metrics['throughput.amdahl_bound']:.2f}x")
     print(f"wrote {path}")
 
 

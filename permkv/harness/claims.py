@@ -83,8 +83,8 @@ CLAIMS: list[Claim] = [
     Claim("throughput.64x", "5.18x throughput at 64x compression", "KV-Compress / Cloudflare blog",
           "5.18x", "as above", "03_throughput", "claim.throughput_gain_64x", 5.18),
     Claim("throughput.concurrent_8x", "Concurrent requests grow 10 -> 80 at 8x (measured by the engine)", "seed table",
-          "8x more requests", "not stated; here: largest decode batch of permkv.engine vs ratio 1, same pool, outputs "
-          "compressed too: pool blocks per decoding sequence at 1x over those at the ratio", "03_throughput", "claim.engine_concurrency_gain_8x", 8.0),
+          "8x more requests", "not stated; here: permkv.engine on one pool, pool blocks a decoding sequence holds "
+          "(outputs compressed too) at 1x over those at the ratio", "03_throughput", "claim.engine_concurrency_gain_8x", 8.0),
     Claim("throughput.concurrent_64x", "Concurrent requests grow 10 -> 640 at 64x (measured by the engine)", "seed table",
           "64x more requests", "as above", "03_throughput", "claim.engine_concurrency_gain_64x", 64.0),
     # --- speculative decoding (issue 5)
