@@ -105,6 +105,8 @@ def test_check_request_names_the_problem():
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         check_request(10, 0, 1, 128, 100, 100)
     assert check_request(800, 10, 8, 128, 300, 8192) == 8.0  # 100 + 128 + 10 <= 300
+    with pytest.raises(ValueError, match="each head keeps at least one token"):
+        check_request(6, 10, 8, 128, 300, 8192)  # 8x of a 6-token prompt leaves a head nothing
 
 
 def test_python_m_permkv_serve_binds_loopback(tmp_path):

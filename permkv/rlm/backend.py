@@ -94,6 +94,9 @@ def check_request(n_prompt: int, max_new_tokens: int, ratio, chunk_tokens: int, 
     if n_prompt + max_new_tokens > max_positions:
         raise ContextTooLong(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's "
                              f"{max_positions} positions (compression saves KV memory, not positions)")
+    if ratio > min(chunk_tokens, n_prompt):  # every head keeps at least one token of what it read
+        raise ValueError(f"ratio {ratio:g} must be <= the prompt's {n_prompt} tokens and the chunk of "
+                         f"{chunk_tokens} tokens (each head keeps at least one token)")
     held = math.ceil(n_prompt / ratio) + (min(chunk_tokens, n_prompt) if ratio > 1 else 0) + max_new_tokens
     if held > max_kv_tokens:
         raise ContextTooLong(f"prompt of {n_prompt} tokens at ratio {ratio:g} holds {held} tokens per head "
