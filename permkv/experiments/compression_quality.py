@@ -189,7 +189,9 @@ METHODS: dict[str, object] = {
     "permkv_knorm": Permkv("knorm"),
     "permkv_random": Permkv("random"),
     "permkv_kvzip": PermkvKVzip(),
-    "permkv_kvzip_global": PermkvKVzip("global"),  # KVzip's scores are attention maxima, comparable across heads
+    # KVzip's scores are attention maxima, comparable across heads: one global top-k (as KVzipPress) works
+    # here where it failed on KV-Compress's scores; the best query-agnostic method on issue 11's 6 needles
+    "permkv_kvzip_global": PermkvKVzip("global"),
     **{f"kvpress_{name}": Press(name) for name in kvp.PRESSES},
 }
 

@@ -25,20 +25,20 @@ AGNOSTIC = ["permkv_streaming", "kvpress_streaming", "permkv_adaptive", "permkv"
 RATIOS = [1.01, 1.1, 2, 8]
 
 
-def main(start: str = "0", stop: str = "6") -> None:
-    start, stop = int(start), int(stop)
-    out = f"reports/issue11/six_needles_{start}_{stop}.json"
+def main(start: str = "0", stop: str = "6", modes: str = "query_aware,query_agnostic") -> None:
+    start, stop, modes = int(start), int(stop), modes.split(",")
+    out = f"reports/issue11/six_needles_{start}_{stop}{'' if len(modes) == 2 else '_' + modes[0]}.json"
     torch.set_num_threads(1)
     model, tok, spec = load_model("smollm2-135m", device="cpu")
     samples = build_task("niah_single", tok, spec, 6, 1024, seed=1)
     rows, t0 = [], time.perf_counter()
     for i, sample in list(enumerate(samples))[start:stop]:
-        for mode, methods in (("query_aware", AWARE), ("query_agnostic", AGNOSTIC)):
+        for mode, methods in [(m, AWARE if m == "query_aware" else AGNOSTIC) for m in modes]:
             for r in answer_sample(model, tok, sample, spec, mode, methods, RATIOS, 32):
                 rows.append(dict(sample=i, **r))
-            print(f"sample {i} {mode} done at {time.perf_counter() - t0:.0f} s", flush=True)
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(dict(wall_s=time.perf_counter() - t0, rows=rows)))
+            print(f"sample {i} {mode} done at {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

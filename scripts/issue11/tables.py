@@ -18,10 +18,12 @@ from permkv.experiments.compression_quality import paired_difference, pooled_ret
 
 
 def load(pattern: str) -> list[dict]:
-    rows = []
+    """Rows of every file matching `pattern`, one per (length, sample, mode, method, ratio)."""
+    rows = {}
     for path in sorted(glob.glob(pattern)):
-        rows += json.load(open(path))["rows"]
-    return rows
+        for r in json.load(open(path))["rows"]:
+            rows[r.get("context_tokens"), r["sample"], r["mode"], r["method"], r["ratio"]] = r
+    return list(rows.values())
 
 
 def needle_table(rows: list[dict], title: str) -> None:
