@@ -13,6 +13,7 @@ from permkv.experiments import compression_quality as cq
 from permkv.experiments.scoring import evaluate
 
 
+@pytest.mark.slow
 def test_full_answer_is_notebook_00s_and_one_prefill_serves_all(smol):
     """02's "full" rows are exactly 00's answers on the same samples; a permkv method at 1x answers
     from the fork of the one prefill like the full cache."""

@@ -59,6 +59,7 @@ def blocks(setup, requests, config, what):
     return [e.cache.blocks_needed(getattr(e.scheduler, what)(Sequence(0, r, 0.0))) for r in requests]
 
 
+@pytest.mark.slow
 def test_ratio_1_matches_greedy_decoding_alone(setup):
     model, _, prompts, stop = setup
     want = []
@@ -75,6 +76,7 @@ def test_ratio_1_matches_greedy_decoding_alone(setup):
     assert e.stats.output_tokens == sum(len(t) for t in want)
 
 
+@pytest.mark.slow
 def test_admission_waits_for_free_blocks(setup):
     requests = [Request(ids, NEW) for ids in setup[2]]
     e = engine(setup, max(blocks(setup, requests, CONFIG, "peak_tokens")))  # one request at a time
@@ -100,6 +102,7 @@ def test_small_pool_preempts_without_losing_a_request(setup, ratio):
     assert e.pool.num_free == e.pool.num_blocks
 
 
+@pytest.mark.slow
 def test_continual_compression_keeps_generated_tokens_compressed(setup):
     model, spec, prompts, stop = setup
     ids = prompts[0]
@@ -149,6 +152,7 @@ def test_gemma3_sliding_window_layers(gemma):
     assert all(len(r.tokens) > 0 for r in results) and e.pool.num_free == e.pool.num_blocks
 
 
+@pytest.mark.slow
 def test_compressed_request_matches_the_compress_package_alone(setup):
     """Before its first decode-time compression a request's tokens are those of
     `permkv.compress.prefill_and_compress` + the one greedy loop on its own cache."""

@@ -109,6 +109,7 @@ def test_check_request_names_the_problem():
         check_request(6, 10, 8, 128, 300, 8192)  # 8x of a 6-token prompt leaves a head nothing
 
 
+@pytest.mark.slow
 def test_python_m_permkv_serve_binds_loopback(tmp_path):
     """The real command in a subprocess: it binds 127.0.0.1 by default and answers /v1/models."""
     port = free_port()
