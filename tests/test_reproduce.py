@@ -172,6 +172,18 @@ def test_continual_learning_quick_metrics(quick_store):
     assert all(v == v for v in m.values())  # no NaN reaches MLflow
 
 
+def test_compression_quality_quick_metrics(quick_store):
+    _, client, _ = quick_store
+    (run,) = client.search_runs([client.get_experiment_by_name("02_compression_quality").experiment_id])
+    m = run.data.metrics
+    for mode in ("query_aware", "query_agnostic"):
+        assert f"full_score_8x_{mode}" in m and f"n_8x_{mode}" in m
+        assert f"diff_vs_kvpress_8x_{mode}" in m and f"diff_vs_random_8x_{mode}" in m
+        assert 0 <= m[f"score.niah_single.512.{mode}.permkv.8x"] <= 1
+    assert "long.achieved_ratio.gemma3-270m.niah_single.640.query_aware.permkv.8x" in m
+    assert {"scores.png", "budgets.png", "bytes.png", "rows.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
 def test_mlflow_server_shows_what_a_person_needs(quick_store):
     """The real MLflow server over the quick store, read through its REST API: every experiment opens on
     its runs table (model-development kind), every run has its figures, no metric is NaN."""
