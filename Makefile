@@ -46,6 +46,7 @@ mlflow: setup ## The MLflow UI on 127.0.0.1:5000 over the project's store
 
 sync: setup ## Re-pair notebooks with their py:percent twins after editing either
 	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
+	$(PY) -m permkv.harness.notebooks
 
 clean: ## Remove executed reports and the MLflow store (keeps .venv, the model cache and committed results)
 	rm -rf reports/quick reports/cpu reports/gpu reports/full mlflow.db mlartifacts mlruns
