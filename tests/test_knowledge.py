@@ -11,7 +11,8 @@ from permkv.data import load_essays, make_facts, training_texts
 from permkv.experiments.continual_learning import forgetting, generate_answers
 from permkv.knowledge import (
     FEW_SHOT, BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, doc_counts,
-    find_memory, greedy_match, insert_memory, memory_inserted, remove_memory, slot_counts, tfidf_scores, top_t_slots,
+    find_memory, greedy_match, insert_memory, memory_inserted, qa_format_tokens, remove_memory, slot_counts,
+    tfidf_scores, top_t_slots,
 )
 from permkv.knowledge.train import (
     DenseTrainer, background_counts, calibrate_memory, collate, full_trainer, lora_model, token_windows, window_batches,
@@ -146,6 +147,27 @@ def test_sparse_step_changes_only_the_top_t_value_rows(smol):
             assert torch.equal(p, before[name]), f"{name} changed"
     with pytest.raises(ValueError, match=r"t must be in \[1, 1024\]"):
         SparseMemoryTrainer(model, memory, background, t=SMALL.n_slots + 1, lr=1.0)
+
+
+def test_skipping_format_tokens_never_writes_slots_only_they_read(smol):
+    """The format-slot test of issue 16: with the QA scaffolding skipped, no chosen slot is read only
+    by "Q", ":", "?", newline or "A"; without it the scaffolding does read chosen slots."""
+    model, tok, _ = smol
+    memory = insert_memory(model, _filled_memory(), layer=4)
+    background = BackgroundCounts.empty(SMALL.n_slots)
+    batch = collate(tok, training_texts(make_facts(4)), max_tokens=32)
+    fmt = torch.tensor(qa_format_tokens(tok))
+    assert [tok.decode([i]) for i in fmt.tolist()] == [":", "?", "A", "Q", "\n"]
+    plain = SparseMemoryTrainer(model, memory, background, t=400, lr=1e-9)
+    plain.step(batch)
+    assert plain.reads_by_token[fmt].sum() > 0
+    skip = SparseMemoryTrainer(model, memory, background, t=400, lr=1e-9, skip_tokens=fmt.tolist())
+    step = skip.step(batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    content = mask & ~torch.isin(ids, fmt)
+    read_by_content = set(memory.last_indices[content].flatten().tolist())
+    assert set(step.slots.tolist()) <= read_by_content
+    assert int(skip.reads_by_token.sum()) == int(torch.isin(memory.last_indices[mask], step.slots).sum())
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from permkv.data import WORLD_FACTS, Fact, heldout_essays, load_essays, load_squad, make_facts, training_texts
 from permkv.eval import generate, perplexity, token_f1
 from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, find_memory, insert_memory
-from permkv.knowledge.recall import FEW_SHOT, fact_scores, greedy_match
+from permkv.knowledge.recall import FEW_SHOT, fact_scores, greedy_match, qa_format_tokens
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
 from permkv.knowledge.train import (
     METHODS, DenseTrainer, SparseAdapter, background_counts, calibrate_memory, full_trainer, lora_model,
@@ -215,11 +215,15 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> Start:
                  probe_scores(model, tokenizer, probes), facts, fact_scores(model, tokenizer, facts))
 
 
-def run_method(start: Start, method: str, lr: float, t: int | None = None, progress: bool = True) -> list[dict]:
+def run_method(start: Start, method: str, lr: float, t: int | None = None, progress: bool = True,
+               skip_format: bool = False) -> list[dict]:
     """Finetune a fresh starting model on the facts with `method`; one record per checkpoint.
 
     Each record: method, lr, t, step, loss (mean since the last checkpoint), fact_em, the probe
-    scores and their forgetting, and seconds of training so far.
+    scores and their forgetting, and seconds of training so far. Sparse runs add `skip_format`
+    (True: reads by the QA scaffolding tokens do not count when choosing slots), `format_read_share`
+    (of all reads of the slots written so far, the share made by scaffolding tokens) and
+    `top_readers` (the 8 tokens that read the written slots most, with their shares).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -228,7 +232,9 @@ def run_method(start: Start, method: str, lr: float, t: int | None = None, progr
     if method == "sparse":
         if t is None:
             raise ValueError("method 'sparse' needs t (slots updated per step)")
-        trainer = SparseAdapter(SparseMemoryTrainer(model, memory, start.background, t, lr))
+        sparse = SparseMemoryTrainer(model, memory, start.background, t, lr,
+                                     skip_tokens=qa_format_tokens(tokenizer) if skip_format else None)
+        trainer = SparseAdapter(sparse)
     elif method == "full":
         trainer = full_trainer(model, lr)
     else:
@@ -247,12 +253,23 @@ def run_method(start: Start, method: str, lr: float, t: int | None = None, progr
             records.append({"method": method, "lr": lr, "t": t, "step": step,
                             "loss": sum(losses) / len(losses), "fact_em": fact_scores(model, tokenizer, start.facts)["em"],
                             **after, **forgetting(start.before, after), "train_seconds": seconds})
+            if method == "sparse":
+                records[-1] |= {"skip_format": skip_format, **reader_shares(sparse.reads_by_token, tokenizer)}
             losses = []
             if progress:
                 r = records[-1]
                 print(f"{method} lr={lr:g} t={t} step {step}: loss {r['loss']:.3f}, fact EM {r['fact_em']:.3f}, "
                       f"SQuAD F1 {r['squad_f1']:.3f}, world {r['world_acc']:.3f}, ppl {r['essay_ppl']:.2f}", flush=True)
     return records
+
+
+def reader_shares(reads_by_token: torch.Tensor, tokenizer, top: int = 8) -> dict:
+    """From per-token reads of the written slots (vocab,): the scaffolding tokens' share and the top readers."""
+    total = max(int(reads_by_token.sum()), 1)
+    fmt = int(reads_by_token[qa_format_tokens(tokenizer)].sum())
+    best = torch.argsort(reads_by_token, descending=True)[:top].tolist()
+    return {"format_read_share": fmt / total,
+            "top_readers": [(tokenizer.decode([i]), round(int(reads_by_token[i]) / total, 3)) for i in best]}
 
 
 def matched_comparison(records: list[dict], target_em: float | None = None, key: str = "forget_squad_f1") -> dict:

@@ -5,7 +5,7 @@ from permkv.knowledge.cache import KnowledgeCache, Retention, domain_retention
 from permkv.knowledge.memory import (
     MemoryConfig, ProductKeyMemory, find_memory, insert_memory, memory_inserted, remove_memory,
 )
-from permkv.knowledge.recall import FEW_SHOT, FactLike, fact_scores, greedy_match
+from permkv.knowledge.recall import FEW_SHOT, FactLike, fact_scores, greedy_match, qa_format_tokens
 from permkv.knowledge.sparse import (
     BackgroundCounts, SparseMemoryTrainer, doc_counts, slot_counts, tfidf_scores, top_t_slots,
 )
@@ -13,5 +13,5 @@ from permkv.knowledge.sparse import (
 __all__ = [
     "FEW_SHOT", "BackgroundCounts", "FactLike", "KnowledgeCache", "MemoryConfig", "ProductKeyMemory", "Retention",
     "SparseMemoryTrainer", "doc_counts", "domain_retention", "fact_scores", "find_memory", "greedy_match",
-    "insert_memory", "memory_inserted", "remove_memory", "slot_counts", "tfidf_scores", "top_t_slots",
+    "insert_memory", "memory_inserted", "qa_format_tokens", "remove_memory", "slot_counts", "tfidf_scores", "top_t_slots",
 ]

@@ -16,6 +16,14 @@ from permkv.knowledge.train import right_pad
 FEW_SHOT = "Q: What color is grass?\nA: green\n\n"
 
 
+def qa_format_tokens(tokenizer) -> list[int]:
+    """Token ids of the QA scaffolding every fact text, probe and few-shot prompt shares ("Q", ":", "?",
+    newlines, "A"): the tokens of a Q/A pair that are not its question or answer words."""
+    scaffold = set(tokenizer(FEW_SHOT + "Q: x?\nA:").input_ids)
+    words = set(tokenizer(" What color is grass green x").input_ids) | set(tokenizer("What x").input_ids)
+    return sorted(scaffold - words)
+
+
 class FactLike(Protocol):
     answer: str
     question: str

@@ -114,10 +114,16 @@ class SparseMemoryTrainer:
     All model parameters (and the memory's keys and queries) are frozen on construction; the value
     table alone requires grad, and each step writes `values[slots] -= lr * grad[slots]` for the
     chosen slots only, so every other number in the model keeps its exact bits.
+
+    `skip_tokens`: token ids whose reads do not count towards the batch's access counts (the QA
+    scaffolding "Q", ":", "?", newline: every question reads the slots those tokens read, so writing a
+    fact there reaches every question). `reads_by_token` (vocab,) counts, per token id, the reads of
+    the slots each step chose: which tokens the written slots serve.
     """
 
     def __init__(
-        self, model: torch.nn.Module, memory: ProductKeyMemory, background: BackgroundCounts, t: int, lr: float
+        self, model: torch.nn.Module, memory: ProductKeyMemory, background: BackgroundCounts, t: int, lr: float,
+        skip_tokens: list[int] | None = None,
     ) -> None:
         if not 1 <= t <= memory.config.n_slots:
             raise ValueError(f"t must be in [1, {memory.config.n_slots}] (the memory's slot count), got {t}")
@@ -132,6 +138,8 @@ class SparseMemoryTrainer:
         memory.record = True
         self.importance = torch.zeros(memory.config.n_slots, dtype=torch.float64)  # summed TF-IDF when chosen
         self.updates = torch.zeros(memory.config.n_slots, dtype=torch.long)  # steps that wrote each slot
+        self.skip_tokens = torch.tensor(sorted(set(skip_tokens or [])), dtype=torch.long)
+        self.reads_by_token = torch.zeros(model.config.vocab_size, dtype=torch.long)
 
     def step(self, batch: dict[str, torch.Tensor]) -> SparseStep:
         """One update on a batch with input_ids, attention_mask and labels (-100 = ignored)."""
@@ -139,8 +147,13 @@ class SparseMemoryTrainer:
         self.memory.values.grad = None
         loss = self.model(**{k: v.to(self.memory.values.device) for k, v in batch.items()}).loss
         loss.backward()
-        counts = slot_counts(self.memory.last_indices.cpu(), self.memory.config.n_slots, batch["attention_mask"].cpu())
+        indices, ids, mask = self.memory.last_indices.cpu(), batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        counted = mask & ~torch.isin(ids, self.skip_tokens)
+        counts = slot_counts(indices, self.memory.config.n_slots, counted)
         slots = top_t_slots(counts, self.background, self.t)
+        chosen = torch.isin(indices, slots).sum(dim=(2, 3))  # (batch, seq) reads of the chosen slots per position
+        self.reads_by_token += torch.bincount(ids[mask], weights=chosen[mask].double(),
+                                              minlength=self.reads_by_token.numel()).long()
         self.importance[slots] += tfidf_scores(counts, self.background)[slots]
         self.updates[slots] += 1
         with torch.no_grad():
