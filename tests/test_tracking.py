@@ -26,11 +26,12 @@ def test_run_is_read_back_through_the_client(tmp_path, monkeypatch):
 
 def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with tracking.run("00_baseline", {}, profile="cpu"):
+    with tracking.run("00_baseline", {"n_samples": 30}, profile="cpu"):
         tracking.log_metrics({"claim.niah_single_full_cache": 0.5})
     rows = {r["claim"]: r for r in claims.ledger_rows()}
     needle = next(c for c in claims.CLAIMS if c.metric == "claim.niah_single_full_cache")
-    assert rows[needle.claim]["verdict"] == "not reproduced" and rows[needle.claim]["measured"] == "0.5 (cpu)"
+    assert rows[needle.claim]["verdict"] == "not reproduced"
+    assert rows[needle.claim]["measured"] == "0.5 (cpu, n_samples=30)"  # the samples behind the value
     assert all(r["verdict"] == "not yet measured" for r in rows.values() if r["experiment"] == "04_speculative_decoding")
     c = claims.Claim("x", "x", "s", "1", "c", "e", "m", target=11.0, higher_is_better=False)
     assert claims.verdict(c, 9.0) == "reproduced" and claims.verdict(c, 12.0) == "not reproduced"

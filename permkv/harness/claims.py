@@ -133,6 +133,12 @@ CLAIMS: list[Claim] = [
 ]
 
 
+# The parameter that says how many samples stand behind each notebook's values (shown beside them).
+SAMPLES = {"00_baseline": "n_samples", "01_paged_attention": "n_prompts", "02_compression_quality": "n_samples",
+           "03_throughput": "n_requests", "04_speculative_decoding": "n_prompts", "05_recursive_lm": "n_docs",
+           "06_recursive_verification": "n_samples", "07_continual_learning_forgetting": "n_facts"}
+
+
 def verdict(claim: Claim, value: float | None, profile: str = "cpu") -> str:
     """reproduced / not reproduced / measured; a quick (smoke) run gives no verdict."""
     if value is None:
@@ -158,7 +164,9 @@ def ledger_rows() -> list[dict[str, str]]:
             measured, result = f"- (run failed, {profile})", "failed: rerun the notebook"
         else:
             value = run.data.metrics.get(c.metric) if run is not None else None
-            measured = "-" if value is None else f"{c.fmt.format(value)} ({profile})"
+            n = run.data.params.get(SAMPLES.get(c.experiment, "")) if run is not None else None
+            where = profile if n is None else f"{profile}, {SAMPLES[c.experiment]}={n}"
+            measured = "-" if value is None else f"{c.fmt.format(value)} ({where})"
             result = verdict(c, value, profile)
         rows.append(dict(claim=c.claim, source=c.source, claimed=c.claimed, conditions=c.conditions,
                          measured=measured, verdict=result, experiment=c.experiment))
