@@ -43,7 +43,8 @@ import pandas as pd
 
 from permkv.data import make_facts
 from permkv.experiments.continual_learning import (
-    FORGET_PROBES, ExperimentConfig, claim_metrics, matched_comparison, prepare, run_method,
+    FORGET_PROBES, ExperimentConfig, claim_metrics, format_test, format_test_metrics, matched_comparison, prepare,
+    run_method,
 )
 from permkv.harness import tracking
 from permkv.knowledge import KnowledgeCache, MemoryConfig, domain_retention
@@ -69,6 +70,7 @@ FULL_LRS = [1e-4]
 LORA_LRS = [1e-3]
 DOMAIN_FACTS = 8
 DOMAIN_STEPS = 4
+FORMAT_TEST = True  # also run each sparse (t, lr) with the QA scaffolding's reads left out of the slot counts
 FORGET_PROBE = "world_acc"  # the claim's forgetting probe: world_acc (closed-book facts, like the paper's NQ), squad_f1, essay_ppl
 SEED = 0
 
@@ -164,6 +166,39 @@ for r in sorted(sparse_last, key=lambda r: (r["t"], r["lr"])):
           f"ppl rise {pct(r['forget_essay_ppl'])}")
 
 # %% [markdown]
+# ## The format-slot test (issue 16)
+# Hypothesis: sparse finetuning forgets because TF-IDF picks slots read by the QA scaffolding ("Q", ":",
+# "?", newline, "A"): the answer of every training question is predicted at the ":" after "A", so the
+# gradient is largest on the slots that token reads, and writing a fact there reaches every question,
+# the world-fact probe's included. Test: the same runs with the scaffolding's reads left out of the
+# counts (slots are then chosen among those the question and statement words read). Below, both at the
+# checkpoint closest to the matched acquisition level, and which tokens read the slots that were written.
+
+# %%
+format_rows = []
+if FORMAT_TEST:
+    skip_records = [r for t in SPARSE_TS for lr in SPARSE_LRS
+                    for r in run_method(start, "sparse", lr, t, skip_format=True)]
+    format_rows = format_test([r for r in records if r["method"] == "sparse"], skip_records, matched["target_em"])
+    for r in format_rows:
+        print(f"t={r['t']:5d} {r['counts']:11} step {r['step']:3d}: fact EM {r['fact_em']:.3f}, "
+              f"world drop {pct(r['forget_world_acc'])}, SQuAD drop {pct(r['forget_squad_f1'])}, "
+              f"ppl rise {pct(r['forget_essay_ppl'])}; scaffolding's share of the written slots' reads "
+              f"{r['format_read_share']:.1%}; top readers {r['top_readers'][:5]}")
+    fig_format, ax = plt.subplots(figsize=(8, 3.5))
+    labels = [f"t={r['t']}\n{r['counts']}" for r in format_rows]
+    for i, probe in enumerate(FORGET_PROBES):
+        ax.bar([x + 0.27 * (i - 1) for x in range(len(format_rows))],
+               [100 * r[f"forget_{probe}"] if math.isfinite(r[f"forget_{probe}"]) else 0 for r in format_rows],
+               width=0.27, label=probe.replace("_", " "))
+    ax.set_xticks(range(len(format_rows)), labels)
+    ax.set_ylabel("forgetting (%)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Sparse finetuning with and without the scaffolding's reads in the slot counts")
+    fig_format.tight_layout()
+    plt.show()
+
+# %% [markdown]
 # ## Domain A -> B: learn one fact set, then another; how much of A is kept
 
 # %%
@@ -183,7 +218,8 @@ print("most important slots for A:", top_a.indices.tolist())
 # ## Log to MLflow
 
 # %%
-metrics = claim_metrics(matched, start, ret, FORGET_PROBE)
-tracking.publish("07_continual_learning_forgetting", cfg.to_params(), PROFILE, metrics,
-                 figures={"acquisition_vs_forgetting.png": fig}, tables={"records": records, "matched": matched})
+metrics = claim_metrics(matched, start, ret, FORGET_PROBE) | format_test_metrics(format_rows)
+figures = {"acquisition_vs_forgetting.png": fig} | ({"format_test.png": fig_format} if FORMAT_TEST else {})
+tracking.publish("07_continual_learning_forgetting", cfg.to_params() | {"format_test": FORMAT_TEST}, PROFILE, metrics,
+                 figures=figures, tables={"records": records, "matched": matched, "format_test": format_rows})
 metrics

@@ -263,3 +263,21 @@ def test_forgetting_is_a_relative_drop():
     after = {"squad_f1": 0.4, "world_acc": 0.75, "essay_ppl": 22.0}
     out = forgetting(before, after)
     assert out == pytest.approx({"forget_squad_f1": 0.2, "forget_world_acc": 0.25, "forget_essay_ppl": 0.1})
+
+
+def test_format_test_pairs_plain_and_skipping_runs_at_the_target():
+    from permkv.experiments.continual_learning import format_test, format_test_metrics
+
+    def rec(t, step, em, world, share):
+        return {"method": "sparse", "lr": 3e4, "t": t, "step": step, "fact_em": em, "forget_world_acc": world,
+                "forget_squad_f1": float("nan"), "forget_essay_ppl": 0.1, "format_read_share": share,
+                "top_readers": [(":", 0.1)]}
+
+    plain = [rec(2000, 15, 0.0, 1.0, 0.2), rec(2000, 45, 0.33, 1.0, 0.2)]
+    skip = [rec(2000, 15, 0.08, 0.6, 0.01), rec(2000, 30, 0.29, 0.62, 0.01), rec(2000, 45, 0.25, 0.5, 0.01)]
+    rows = format_test(plain, skip, target_em=0.33)
+    assert [(r["counts"], r["step"]) for r in rows] == [("plain", 45), ("skip_format", 30)]
+    m = format_test_metrics(rows)
+    assert m["format_test.t2000.plain.forget_world_acc_pct"] == 100.0
+    assert m["format_test.t2000.skip_format.format_read_share"] == 0.01
+    assert not any("squad" in k for k in m)  # undefined drops are not logged

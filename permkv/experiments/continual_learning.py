@@ -295,6 +295,36 @@ def matched_comparison(records: list[dict], target_em: float | None = None, key:
 FORGET_PROBES = ("world_acc", "squad_f1", "essay_ppl")
 
 
+def format_test(plain: list[dict], skip: list[dict], target_em: float) -> list[dict]:
+    """Issue 16's format-slot test: per t, the sparse run that counts every token's reads ("plain") and
+    the one that leaves the QA scaffolding's reads out ("skip_format"), each at its checkpoint closest to
+    `target_em` (ties: less world-fact forgetting), side by side."""
+    rows = []
+    for t in sorted({r["t"] for r in plain} | {r["t"] for r in skip}):
+        for counts, recs in (("plain", plain), ("skip_format", skip)):
+            mine = [r for r in recs if r["t"] == t and r["method"] == "sparse"]
+            if not mine:
+                continue
+            r = min(mine, key=lambda r: (abs(r["fact_em"] - target_em), r["forget_world_acc"]))
+            rows.append({"t": t, "counts": counts, "lr": r["lr"], "step": r["step"], "fact_em": r["fact_em"],
+                         **{f"forget_{p}": r[f"forget_{p}"] for p in FORGET_PROBES},
+                         "format_read_share": r["format_read_share"], "top_readers": r["top_readers"]})
+    return rows
+
+
+def format_test_metrics(rows: list[dict]) -> dict[str, float]:
+    """MLflow metrics of `format_test` rows: format_test.t<t>.<counts>.<what> (undefined drops left out)."""
+    out = {}
+    for r in rows:
+        prefix = f"format_test.t{r['t']}.{r['counts']}"
+        out[f"{prefix}.fact_em"] = r["fact_em"]
+        out[f"{prefix}.format_read_share"] = r["format_read_share"]
+        for p in FORGET_PROBES:
+            if math.isfinite(r[f"forget_{p}"]):
+                out[f"{prefix}.forget_{p}_pct"] = 100 * r[f"forget_{p}"]
+    return out
+
+
 def claim_metrics(matched: dict, start: Start, retention, forget_probe: str = "world_acc") -> dict[str, float]:
     """Ledger metrics of notebook 07 at matched acquisition: each method's forgetting on every probe,
     and the claim rows read on `forget_probe` (the closed-book world facts stand in for the paper's
