@@ -94,6 +94,8 @@ first, last = start.pretrain_losses[:quarter], start.pretrain_losses[-quarter:]
 print(f"memory pretraining loss, first vs last quarter of steps: {sum(first) / len(first):.3f} -> "
       f"{sum(last) / len(last):.3f} (different batches; only the memory's values train)")
 print(f"slots read in the background set: {start.background.used_fraction:.1%} of {cfg.memory.n_slots}")
+print(f"essay perplexity with the pretrained memory {start.before['essay_ppl']:.2f}, "
+      f"without it (the plain model) {start.plain_essay_ppl:.2f}")
 print("probe sizes:", start.probes.sizes())
 print("before:", start.before, "| fictional facts before:", start.facts_before)
 

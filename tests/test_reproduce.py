@@ -200,6 +200,7 @@ def test_continual_learning_quick_metrics(quick_store):
     assert 0 <= m["fact_em_target"] <= 1 and 0 < m["memory_used_fraction"] <= 1
     assert all(f"{k}_fact_em" in m for k in ("sparse", "full", "lora"))
     assert all(v == v for v in m.values())  # no NaN reaches MLflow
+    assert m["plain_essay_ppl"] > 1 and 0 <= m["format_test.t100.skip_format.format_read_share"] <= 1
 
 
 def test_compression_quality_quick_metrics(quick_store):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from permkv.data import WORLD_FACTS, Fact, heldout_essays, load_essays, load_squad, make_facts, training_texts
 from permkv.eval import generate, perplexity, token_f1
-from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, find_memory, insert_memory
+from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, find_memory, insert_memory, remove_memory
 from permkv.knowledge.recall import FEW_SHOT, fact_scores, greedy_match, qa_format_tokens
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
 from permkv.knowledge.train import (
@@ -172,6 +172,7 @@ class Start:
     before: dict[str, float]  # probe scores of the starting model
     facts: list[Fact]
     facts_before: dict[str, float]
+    plain_essay_ppl: float  # the same essays without the memory: what pretraining the memory cost or gained
 
     def fresh_model(self):
         """A new copy of the starting model (base weights from disk + the pretrained memory)."""
@@ -211,8 +212,11 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> Start:
     probes = build_probes(model, tokenizer, n_squad=cfg.n_squad, essay_tokens=cfg.essay_tokens, seed=cfg.seed)
     probes.world = probes.world[: cfg.world_max]
     facts = make_facts(cfg.n_facts, seed=cfg.seed)
+    before, facts_before = probe_scores(model, tokenizer, probes), fact_scores(model, tokenizer, facts)
+    remove_memory(model)
+    plain_ppl = perplexity(model, probes.essay_ids, window=probes.essay_window)
     return Start(cfg, {k: v.clone() for k, v in memory.state_dict().items()}, bg, losses, probes,
-                 probe_scores(model, tokenizer, probes), facts, fact_scores(model, tokenizer, facts))
+                 before, facts, facts_before, plain_ppl)
 
 
 def run_method(start: Start, method: str, lr: float, t: int | None = None, progress: bool = True,
@@ -337,6 +341,7 @@ def claim_metrics(matched: dict, start: Start, retention, forget_probe: str = "w
         "facts_before_em": start.facts_before["em"],
         "before_squad_f1": start.before["squad_f1"],
         "before_essay_ppl": start.before["essay_ppl"],
+        "plain_essay_ppl": start.plain_essay_ppl,
         "memory_used_fraction": start.background.used_fraction,
         "domain_a_after_a": retention.a_after_a,
         "domain_a_after_b": retention.a_after_b,
