@@ -7,8 +7,10 @@ paper's TF-IDF, notebook 07) and with the scaffolding tokens' reads left out of 
 checkpoint: fact EM, the forgetting probes, and which tokens read the written slots.
 
     OMP_NUM_THREADS=1 python scripts/issue16/format_slots.py   # writes reports/issue16/format_slots.json
+    OMP_NUM_THREADS=1 python scripts/issue16/format_slots.py --seed 1 --ts 500   # ..._seed1.json
 """
 
+import argparse
 import json
 import time
 from dataclasses import asdict
@@ -17,17 +19,21 @@ from permkv.experiments.continual_learning import ExperimentConfig, prepare, run
 from permkv.harness.tracking import ROOT
 from permkv.knowledge import MemoryConfig
 
-OUT = ROOT / "reports" / "issue16" / "format_slots.json"
+parser = argparse.ArgumentParser()
+parser.add_argument("--seed", type=int, default=0, help="memory init, background, facts and probes")
+parser.add_argument("--ts", type=int, nargs="+", default=[2000, 500], help="slots written per step")
+args = parser.parse_args()
+OUT = ROOT / "reports" / "issue16" / ("format_slots.json" if args.seed == 0 else f"format_slots_seed{args.seed}.json")
 cfg = ExperimentConfig(  # params/cpu/07_continual_learning_forgetting.yaml
     memory=MemoryConfig(n_keys=256, heads=4, top_k=8), layer=4, pretrain_steps=60, background_batches=32,
-    n_facts=24, batch_size=8, steps=45, eval_every=15, n_squad=24, world_max=24, essay_tokens=512, seed=0,
+    n_facts=24, batch_size=8, steps=45, eval_every=15, n_squad=24, world_max=24, essay_tokens=512, seed=args.seed,
 )
 t0 = time.time()
 start = prepare(cfg, progress=False)
 result = {"config": asdict(cfg) | {"memory": cfg.memory.to_params()}, "before": start.before,
           "facts_before": start.facts_before, "memory_used_fraction": start.background.used_fraction,
           "probe_sizes": start.probes.sizes(), "runs": []}
-for t in (2000, 500):
+for t in args.ts:
     for skip in (False, True):
         records = run_method(start, "sparse", 3e4, t, progress=False, skip_format=skip)
         result["runs"] += records
