@@ -181,7 +181,7 @@ format_rows = []
 if FORMAT_TEST:
     skip_records = [r for t in SPARSE_TS for lr in SPARSE_LRS
                     for r in run_method(start, "sparse", lr, t, skip_format=True)]
-    format_rows = format_test([r for r in records if r["method"] == "sparse"], skip_records, matched["target_em"])
+    format_rows = format_test(records, skip_records, matched["target_em"])  # it keeps the sparse runs
     for r in format_rows:
         print(f"t={r['t']:5d} {r['counts']:11} step {r['step']:3d}: fact EM {r['fact_em']:.3f}, "
               f"world drop {pct(r['forget_world_acc'])}, SQuAD drop {pct(r['forget_squad_f1'])}, "

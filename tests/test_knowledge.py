@@ -274,6 +274,7 @@ def test_format_test_pairs_plain_and_skipping_runs_at_the_target():
                 "top_readers": [(":", 0.1)]}
 
     plain = [rec(2000, 15, 0.0, 1.0, 0.2), rec(2000, 45, 0.33, 1.0, 0.2)]
+    plain.append(rec(None, 45, 0.33, 0.2, 0.0) | {"method": "full"})  # the whole sweep may be passed
     skip = [rec(2000, 15, 0.08, 0.6, 0.01), rec(2000, 30, 0.29, 0.62, 0.01), rec(2000, 45, 0.25, 0.5, 0.01)]
     rows = format_test(plain, skip, target_em=0.33)
     assert [(r["counts"], r["step"]) for r in rows] == [("plain", 45), ("skip_format", 30)]

@@ -302,11 +302,12 @@ FORGET_PROBES = ("world_acc", "squad_f1", "essay_ppl")
 def format_test(plain: list[dict], skip: list[dict], target_em: float) -> list[dict]:
     """Issue 16's format-slot test: per t, the sparse run that counts every token's reads ("plain") and
     the one that leaves the QA scaffolding's reads out ("skip_format"), each at its checkpoint closest to
-    `target_em` (ties: less world-fact forgetting), side by side."""
+    `target_em` (ties: less world-fact forgetting), side by side. Other methods' records are ignored."""
+    plain, skip = ([r for r in recs if r["method"] == "sparse"] for recs in (plain, skip))
     rows = []
     for t in sorted({r["t"] for r in plain} | {r["t"] for r in skip}):
         for counts, recs in (("plain", plain), ("skip_format", skip)):
-            mine = [r for r in recs if r["t"] == t and r["method"] == "sparse"]
+            mine = [r for r in recs if r["t"] == t]
             if not mine:
                 continue
             r = min(mine, key=lambda r: (abs(r["fact_em"] - target_em), r["forget_world_acc"]))

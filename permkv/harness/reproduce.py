@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fcntl
 import hashlib
 import json
-import fcntl
 import os
 import subprocess
 import sys
