@@ -29,7 +29,7 @@
 # - the **official RLM client** (`rlms`) driving the same model through `permkv serve`.
 #
 # The seed's geometry is scaled to the model: SmolLM2 has 8K positions, so the budget per call is
-# `CONTEXT_CHUNK_SIZE` tokens and the document `DOC_TOKENS` (16K / 640 = the seed's 100K / 4K = 25).
+# `CONTEXT_CHUNK_SIZE` tokens and the document `DOC_TOKENS` (16K / 640 or 8K / 320 = the seed's 100K / 4K = 25).
 # Compression saves KV memory, not positions: a call can never read more than the model's window
 # (`position_limited` in the rows).
 

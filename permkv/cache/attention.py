@@ -101,7 +101,7 @@ def paged_attend(
                 mask = mask & (u > last - window)
             mask = mask[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
         q = query.reshape(B, Hkv, G * T, D)  # query head h*G + g -> KV head h
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).view(B, Hq, T, D)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).reshape(B, Hq, T, D)
     cache.advance(layer_idx, T, counts)
     return out
 

@@ -98,7 +98,7 @@ CLAIMS: list[Claim] = [
     # --- recursive long context (RLM / RVS)
     Claim("rlm.calls", "8x compression cuts RLM calls on 100K tokens from 25 to 4 (the count; quality: next rows)", "seed arithmetic; RLM (Zhang & Khattab 2025)",
           "25 -> 4 calls", "arithmetic (100K / 4K vs 100K / 32K); here document-reading calls of permkv's scripted RLM "
-          "at 8x, same 25:1 document-to-budget proportion (SmolLM2: 16K tokens, 640-token KV budget per call)",
+          "at 8x, same 25:1 document-to-budget proportion (SmolLM2, cpu profile: 8K-token documents, 320-token KV budget per call)",
           "05_recursive_lm", "claim.rlm_read_calls_8x", 4.0, higher_is_better=False),
     Claim("rlm.calls_1x", "RLM calls on 100K tokens without compression", "seed arithmetic", "25 calls",
           "100K / 4K; here document-reading calls at 1x, same proportion", "05_recursive_lm", "claim.rlm_read_calls_1x", None),

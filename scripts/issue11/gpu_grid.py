@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="first sample of this process's slice")
     ap.add_argument("--stop", type=int, default=None, help="end of the slice (default n)")
     ap.add_argument("--modes", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=None, help="instead of the per-mode defaults (METHODS)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ratios", type=float, nargs="+", default=[2, 8, 64])
     ap.add_argument("--budget-s", type=float, default=460, help="stop starting samples after this many seconds")
@@ -44,7 +45,8 @@ def main() -> None:
         press_error = None
     except Exception as e:  # report, and run our own methods only
         press_error = f"{type(e).__name__}: {e}"
-    methods = {m: [x for x in ms if press_error is None or not x.startswith("kvpress")] for m, ms in METHODS.items()}
+    methods = {m: args.methods or METHODS[m] for m in args.modes}
+    methods = {m: [x for x in ms if press_error is None or not x.startswith("kvpress")] for m, ms in methods.items()}
     model, tok, spec = load_model("smollm2-135m", device=args.device)
     import transformers
     env = dict(device=str(model.device), gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
