@@ -42,7 +42,8 @@ lab: setup ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 mlflow: setup ## The MLflow UI on 127.0.0.1:5000 over the project's store
-	@echo 'Open http://127.0.0.1:5000 and click "Model training" (top left) once: MLflow 3.17 opens experiments in its GenAI view until then.'
+	@echo 'MLflow UI on http://127.0.0.1:5000; each notebook'"'"'s runs (these links open the runs table, not the GenAI view):'
+	@$(PY) -m permkv.harness.tracking
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 sync: setup ## Re-pair notebooks with their py:percent twins after editing either

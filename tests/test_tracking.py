@@ -49,7 +49,7 @@ def test_failed_rerun_hides_older_numbers(tmp_path, monkeypatch):
     assert tracking.latest_run("00_baseline").data.metrics["claim.niah_single_full_cache"] == 0.95  # finished only
 
 
-def test_publish_saves_logs_and_drops_undefined_metrics(tmp_path, monkeypatch):
+def test_publish_saves_logs_and_drops_undefined_metrics(tmp_path, monkeypatch, capsys):
     import pandas as pd
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -67,7 +67,11 @@ def test_publish_saves_logs_and_drops_undefined_metrics(tmp_path, monkeypatch):
     client = MlflowClient(uri)
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "score_vs_ratio")] == [(2, 0.9), (64, 0.1)]
     exp = client.get_experiment_by_name("99_test")
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # MLflow 3.17 ignores that tag; the printed link opens the runs table (checked in Chromium)
+    link = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+    assert link in capsys.readouterr().out
+    assert tracking.experiment_links() == {"99_test": link}
     assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())  # not ./mlruns of the cwd
     assert {"f.png", "rows.csv", "rows.json", "raw.json"} <= {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
 

@@ -56,7 +56,7 @@ def artifact_root() -> str | None:
 
 def set_experiment(experiment: str) -> str:
     """Create `experiment` if needed (artifacts beside the store) and make it active; tagged as model
-    development so that the MLflow UI opens it on its runs table, not on the GenAI traces view."""
+    development (MLflow UIs that read the tag open it on its runs table; 3.17 needs `experiment_link`)."""
     mlflow = _mlflow()
     client = mlflow.tracking.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
@@ -64,6 +64,26 @@ def set_experiment(experiment: str) -> str:
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def ui_address() -> str:
+    """Where the UI is: a tracking server's own address, else where `make mlflow` serves it."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def experiment_link(experiment_id: str, ui: str | None = None) -> str:
+    """The UI page of one experiment, opened on its runs table. MLflow 3.17 shows an experiment in the
+    view chosen by its global GenAI / Model training switch (GenAI until a user flips it) and ignores the
+    `mlflow.experimentKind` tag; a `workflowType` URL parameter overrides the switch for that page."""
+    return f"{ui or ui_address()}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def experiment_links(ui: str | None = None) -> dict[str, str]:
+    """{experiment name: `experiment_link`} of every experiment in the store, by name."""
+    client = _mlflow().tracking.MlflowClient()
+    return {e.name: experiment_link(e.experiment_id, ui) for e in sorted(client.search_experiments(), key=lambda e: e.name)
+            if e.name != "Default"}
 
 
 @contextmanager
@@ -170,4 +190,10 @@ def publish(experiment: str, config, profile: str, metrics: Mapping[str, float],
                 table = table.to_dict("records")
             (folder / f"{name}.json").write_text(json.dumps(table, indent=1, default=str))
             log_artifact(folder / f"{name}.json")
+    print(f"MLflow (`make mlflow`): {experiment_link(set_experiment(experiment))}")
     return folder
+
+
+if __name__ == "__main__":  # `make mlflow` prints where each notebook's runs are
+    for name, link in experiment_links().items():
+        print(f"  {name:36s} {link}")
