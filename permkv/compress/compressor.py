@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from permkv.cache import PagedCache
+from permkv.checks import check_ratio, positive_int
 from permkv.compress.allocators import ALLOCATORS, UniformAllocator
 from permkv.compress.estimate import QualityEstimate, QualityTable
 from permkv.compress.scorers import KVCompressScore, get_scorer
@@ -48,12 +49,6 @@ class CompressionReport:
         return dict(ratio=self.ratio, original_bytes=self.original_bytes, compressed_bytes=self.compressed_bytes,
                     achieved_ratio=self.achieved_ratio, bytes_freed=self.bytes_freed, kept=self.kept,
                     per_head_ratios=self.per_head_ratios, quality=self.quality)
-
-
-def check_ratio(ratio) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
-        raise ValueError(f"ratio must be a finite number >= 1 (8 = 8x smaller), got {ratio!r}")
-    return float(ratio)
 
 
 def protected_indices(n: int, sinks: int, window: int) -> torch.Tensor:
@@ -163,9 +158,7 @@ class InferenceKVCacheCompression:
 
     def compressor(self) -> Compressor:
         for name in ("sinks", "window", "observe"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "observe" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'observe' else 0}, got {value!r}")
+            positive_int(name, getattr(self, name), 1 if name == "observe" else 0)
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {sorted(ALLOCATORS)}, got {self.allocator!r}")
         return Compressor(get_scorer(self.scorer), ALLOCATORS[self.allocator](self.min_share), self.sinks, self.window,

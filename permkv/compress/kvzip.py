@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from permkv.cache import PagedCache
+from permkv.checks import positive_int
 from permkv.compress.observe import observing
 from permkv.compress.prefill import fork_sequence
 
@@ -29,8 +30,7 @@ def kvzip_scores(model, cache: PagedCache, ids: list[int], prompt_ids: list[int]
         raise ValueError(f"cache must hold one sequence of len(ids)={len(ids)} tokens, got seen={cache.seen}")
     if any(cache.cached_tokens(0, i, 0) != len(ids) for i, layer in enumerate(cache.layers) if not layer.is_sliding):
         raise ValueError("cache must be uncompressed: KVzip scores every token the sequence has seen")
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    positive_int("chunk_tokens", chunk_tokens)
     n = len(ids)
     layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
     scores = {i: torch.zeros(1, cache.n_kv_heads, n) for i in layers}

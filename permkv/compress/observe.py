@@ -19,6 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from permkv.cache.attention import NAME as PAGED
 from permkv.cache.attention import paged_attention_forward
+from permkv.checks import positive_int
 
 NAME = "permkv_paged_observed"
 ATTR = "_permkv_recorder"  # attribute an attention module carries while it is observed
@@ -33,8 +34,7 @@ class QueryRecorder:
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive int, got {self.window!r}")
+        positive_int("window", self.window)
 
     def record(self, layer_idx: int, query: torch.Tensor) -> None:
         """query: `(batch, q_heads, T, head_dim)` of one forward call."""

@@ -17,13 +17,13 @@ freed blocks admit more requests. Greedy decoding only.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
+from permkv.checks import positive_int
 from permkv.compress import InferenceKVCacheCompression
 from permkv.engine.runner import ModelRunner
 from permkv.engine.scheduler import Scheduler
@@ -42,9 +42,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("chunk_tokens", "compress_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(name, getattr(self, name))
         protected = self.compression.sinks + self.compression.window
         if self.chunk_tokens < max(self.compression.observe, protected):
             raise ValueError(f"chunk_tokens must be >= the observation window and the protected tokens "

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
+from permkv.checks import check_ratio, positive_int
 
 
 @dataclass
@@ -21,11 +21,8 @@ class Request:
     def __post_init__(self):
         if not self.prompt_ids or not all(isinstance(t, int) for t in self.prompt_ids):
             raise ValueError(f"prompt_ids must be a non-empty list of ints, got {self.prompt_ids!r:.80}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        ratio = self.ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
-            raise ValueError(f"ratio must be a finite number >= 1 (8 = 8x smaller), got {ratio!r}")
+        positive_int("max_new_tokens", self.max_new_tokens)
+        check_ratio(self.ratio)
 
 
 class Status(Enum):

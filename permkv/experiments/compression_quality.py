@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from permkv.baselines import kvpress as kvp
 from permkv.cache import PagedCache, paged_attention
+from permkv.checks import positive_int
 from permkv.compress import (
     CompressionReport,
     InferenceKVCacheCompression,
@@ -410,9 +411,7 @@ class CompressionQualityConfig:
         if self.headline not in self.methods:
             raise ValueError(f"headline must be one of methods {self.methods}, got {self.headline!r}")
         for name in ("n_samples", "long_n", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(name, getattr(self, name))
         for name in ("ratios", "long_ratios"):
             if not getattr(self, name) or any(not isinstance(r, (int, float)) or r < 1 for r in getattr(self, name)):
                 raise ValueError(f"{name} must be a non-empty list of numbers >= 1, got {getattr(self, name)!r}")

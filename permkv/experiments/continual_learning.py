@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from permkv.data import WORLD_FACTS, Fact, heldout_essays, load_essays, load_squad, make_facts, training_texts
 from permkv.eval import generate, perplexity, token_f1
-from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, find_memory, insert_memory, remove_memory
+from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, insert_memory, remove_memory
 from permkv.knowledge.recall import FEW_SHOT, fact_scores, greedy_match, qa_format_tokens
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
 from permkv.knowledge.train import (

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from permkv.checks import positive_int
 from permkv.data import Sample, load_essays
 from permkv.data.tasks import KEY_WORDS, NEEDLE, NEEDLE_QUESTION
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line
@@ -60,9 +61,7 @@ class RecursiveLMConfig:
             raise ValueError(f"ratios must be a non-empty list of numbers >= 1, got {self.ratios!r}")
         for name in ("doc_tokens", "context_chunk_size", "n_docs", "n_needles", "max_new_tokens", "max_depth",
                      "chunk_tokens", "official_iterations", "official_max_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.doc_tokens < 2 * self.context_chunk_size:
             raise ValueError(f"doc_tokens must be >= 2 x context_chunk_size ({2 * self.context_chunk_size}) so that "
                              f"the RLM has pieces to read, got {self.doc_tokens}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from permkv.checks import positive_int
 from permkv.compress import SCORERS, get_scorer
 from permkv.eval import bootstrap_ci, generate
 from permkv.models import encode_prompt
@@ -63,9 +64,7 @@ class RVSConfig:
         if not self.sizes or any(not isinstance(k, int) or not 2 <= k <= len(VOCAB) for k in self.sizes):
             raise ValueError(f"sizes must be ints in [2, {len(VOCAB)}], got {self.sizes!r}")
         for name in ("n_size_probe", "n_samples", "buffer", "window", "subcall_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(name, getattr(self, name))
         if not self.ratios or any(r < 1 for r in self.ratios) or 1 not in self.ratios:
             raise ValueError(f"ratios must be numbers >= 1 and include 1 (the truncated trace), got {self.ratios!r}")
         if any(r not in self.ratios for r in self.sc_ratios):

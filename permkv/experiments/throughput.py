@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 
 from permkv.baselines.hf import continuous_batching, sequential_generate
 from permkv.cache import BlockPool, PagedCache, paged_attention
+from permkv.checks import positive_int
 from permkv.data import build_task, encode_sample
 from permkv.engine import Engine, EngineConfig, Request
 from permkv.engine.runner import ModelRunner
-from permkv.eval import TASK_METRIC, bootstrap_ci, first_line, stop_ids
+from permkv.eval import TASK_METRIC, bootstrap_ci, first_line
 from permkv.models import get_spec
 
 
@@ -62,9 +63,7 @@ class ThroughputConfig:
         if not 128 <= lo <= hi:
             raise ValueError(f"prompt_range must be [low, high] with 128 <= low <= high, got {self.prompt_range}")
         for name in ("n_requests", "output_tokens", "repeats", "block_size", "chunk_tokens", "compress_every", "cost_max_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(name, getattr(self, name))
         if not self.pool_requests > 0:
             raise ValueError(f"pool_requests must be > 0, got {self.pool_requests}")
         if 1 not in self.ratios or any(r < 1 for r in self.ratios):

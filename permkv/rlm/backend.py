@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from permkv.cache import BlockPool, paged_attention
+from permkv.checks import check_ratio, positive_int
 from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress, prefill_and_compress
 from permkv.engine import Engine, EngineConfig, Request
 from permkv.eval import greedy_decode, prefill, stop_ids
@@ -71,13 +72,6 @@ class Backend(Protocol):
         """Greedy continuation of `prompt_ids` with the KV cache compressed `ratio` times."""
 
 
-def check_ratio(ratio) -> float:
-    """A KV compression ratio: a finite number >= 1 (x times smaller)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
-        raise ValueError(f"ratio must be a finite number >= 1 (8 = 8x smaller KV), got {ratio!r}")
-    return float(ratio)
-
-
 def check_request(n_prompt: int, max_new_tokens: int, ratio, chunk_tokens: int, max_kv_tokens: int,
                   max_positions: int) -> float:
     """Validate one request's sizes; returns the ratio as a float.
@@ -87,8 +81,7 @@ def check_request(n_prompt: int, max_new_tokens: int, ratio, chunk_tokens: int, 
     the model's trained window (`max_positions`): compression saves memory, not positions.
     """
     ratio = check_ratio(ratio)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    positive_int("max_new_tokens", max_new_tokens)
     if n_prompt < 1:
         raise ValueError("the prompt is empty: it must hold at least one token")
     if n_prompt + max_new_tokens > max_positions:

@@ -17,13 +17,13 @@ Every number in `RLMResult` is measured on the calls that ran (`Call`).
 
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from permkv.checks import check_ratio, positive_int
 from permkv.eval import normalize
 from permkv.rlm.lm import LM, as_lm
 from permkv.rlm.pieces import sentences, split_pieces
@@ -152,12 +152,6 @@ def evidence(answer: str, piece: str, query: str) -> str | None:
     return None
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 @dataclass
 class RecursiveLanguageModel:
     """The seed's `RecursiveLanguageModel(max_depth, context_chunk_size, kv_cache_compression_ratio,
@@ -188,12 +182,10 @@ class RecursiveLanguageModel:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         for name in ("max_depth", "context_chunk_size", "max_calls", "max_new_tokens", "concurrency", "max_iterations",
                      "repl_max_new_tokens"):
-            _positive_int(name, getattr(self, name))
-        r = self.kv_cache_compression_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 1:
-            raise ValueError(f"kv_cache_compression_ratio must be a finite number >= 1 (8 = 8x smaller), got {r!r}")
+            positive_int(name, getattr(self, name))
+        check_ratio(self.kv_cache_compression_ratio, "kv_cache_compression_ratio")
         if self.max_total_tokens is not None:
-            _positive_int("max_total_tokens", self.max_total_tokens)
+            positive_int("max_total_tokens", self.max_total_tokens)
         self.lm = as_lm(self.model_or_client, self.model, self.tokenizer)
 
     # ----- one call ----------------------------------------------------------------------------------

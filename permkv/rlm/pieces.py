@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from permkv.checks import positive_int
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 SLACK = 8  # tokens: below limit - SLACK a piece's size is the sum of its sentences' counts, above it is recounted
 
@@ -51,8 +53,7 @@ def split_pieces(text: str, limit: int, count: Callable[[str], int]) -> list[str
     `count(text) -> tokens`. "".join(pieces) == text. The number of pieces is the number of calls
     needed to read `text` with `limit` tokens per call.
     """
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"limit must be an int >= 1 (tokens per piece), got {limit!r}")
+    positive_int("limit", limit)
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
     spans = [part for span in sentences(text) for part in _cut(span, limit, count)]

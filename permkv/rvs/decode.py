@@ -11,12 +11,12 @@ is sized for input + budget tokens per head, so the budget is a hard limit: a bu
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from permkv.cache import BlockPool, PagedCache
+from permkv.checks import check_ratio, positive_int
 from permkv.compress import Compressor, UniformAllocator, observing
 from permkv.eval import greedy_decode, prefill
 from permkv.rvs.scorers import RKVScore
@@ -42,12 +42,6 @@ def held_tokens(cache: PagedCache, seq: int = 0) -> int:
                for h in range(cache.n_kv_heads))
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 @dataclass
 class BudgetedDecoder:
     """`generate(ids, stop)`: greedy trace of up to ratio * budget tokens in input + budget tokens of KV."""
@@ -63,10 +57,8 @@ class BudgetedDecoder:
 
     def __post_init__(self):
         for name in ("budget", "buffer", "window", "observe", "block_size"):
-            _positive_int(name, getattr(self, name))
-        r = self.ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 1:
-            raise ValueError(f"ratio must be a finite number >= 1 (8 = 8x more tokens than held), got {r!r}")
+            positive_int(name, getattr(self, name))
+        check_ratio(self.ratio)
         if self.ratio > 1 and self.window + self.buffer > self.budget:
             raise ValueError(f"window + buffer must be <= budget, got {self.window} + {self.buffer} > {self.budget}")
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from permkv.checks import positive_int
 from permkv.eval import generate, stop_ids
 from permkv.models import encode_prompt
 from permkv.rvs.decode import BudgetedDecoder, TraceStats
@@ -125,11 +126,9 @@ class RecursiveVerificationSystem:
     memo: dict | None = None  # shared answers of identical sub-calls (greedy: same prompt, same answer); still counted
 
     def __post_init__(self):
-        if isinstance(self.max_depth, bool) or not isinstance(self.max_depth, int) or self.max_depth < 0:
-            raise ValueError(f"max_depth must be an int >= 0, got {self.max_depth!r}")
-        if self.subcall_tokens is not None and (isinstance(self.subcall_tokens, bool) or not isinstance(self.subcall_tokens, int)
-                                                or self.subcall_tokens < 1):
-            raise ValueError(f"subcall_tokens must be a positive int or None, got {self.subcall_tokens!r}")
+        positive_int("max_depth", self.max_depth, 0)
+        if self.subcall_tokens is not None:
+            positive_int("subcall_tokens", self.subcall_tokens)
         self.decoder = BudgetedDecoder(self.model, self.kv_budget_tokens, self.compression_ratio, self.buffer,
                                        self.window, scorer=self.scorer)
         self.stop = stop_ids(self.model, self.tokenizer)

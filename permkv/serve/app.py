@@ -22,8 +22,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from permkv.checks import check_ratio
 from permkv.models import encode_prompt
-from permkv.rlm.backend import Backend, ContextTooLong, check_ratio
+from permkv.rlm.backend import Backend, ContextTooLong
 
 DEFAULT_MAX_TOKENS = 256  # new tokens when a request names no max_tokens
 
