@@ -37,6 +37,21 @@ def test_missing_parameter_file(tmp_path, monkeypatch):
         reproduce.notebooks(["99_nothing"])
 
 
+def test_fingerprint_covers_the_permkv_sources_a_notebook_runs():
+    """A notebook is rerun when code it imports changes, not when an unrelated system does."""
+    pk = tracking.ROOT / "permkv"
+    got = set(reproduce.permkv_sources("import os\nfrom permkv.compress import check_ratio\n"))
+    assert {pk / "__init__.py", pk / "compress" / "__init__.py", pk / "compress" / "compressor.py",
+            pk / "cache" / "paged.py", pk / "checks.py"} <= got  # packages on the way and what they import
+    assert not any(p.is_relative_to(pk / "rvs") or p.is_relative_to(pk / "knowledge") for p in got)
+    books = {nb.stem: set(reproduce.permkv_sources(reproduce.notebook_code(nb)))
+             for nb in sorted((tracking.ROOT / "notebooks").glob("*.ipynb"))}
+    assert pk / "rvs" / "decode.py" in books["06_recursive_verification"]
+    assert pk / "rvs" / "decode.py" not in books["02_compression_quality"]
+    assert pk / "knowledge" / "memory.py" in books["07_continual_learning_forgetting"]
+    assert all(pk / "harness" / "tracking.py" in sources for sources in books.values())
+
+
 def test_every_profile_has_valid_parameters():
     for profile in reproduce.PROFILES:
         for nb in reproduce.notebooks():

@@ -6,7 +6,7 @@ Each notebook `notebooks/NAME.ipynb` runs with `params/<profile>/NAME.yaml`; the
 are checked against every notebook's `parameters` cell before anything runs, and the plan prints an
 estimate from the last measured durations (`reports/durations.json`).
 
-Resume: a notebook whose fingerprint (its code, its parameter file and the permkv package) matches
+Resume: a notebook whose fingerprint (its code, its parameter file and the permkv sources it imports) matches
 its newest finished run of the profile is skipped (`--force` runs it anyway). A failing notebook does
 not stop the others: it is recorded as a FAILED run, so the ledger shows it failed instead of older
 numbers; the summary names it and the exit status is non-zero. The claims ledger is regenerated last.
@@ -93,10 +93,46 @@ def load_params(notebook: Path, profile: str) -> dict:
     return values
 
 
+def _permkv_imports(code: str) -> set[str]:
+    """The permkv modules `code` imports (function-level imports too): `from permkv.x import y` names
+    both permkv.x and permkv.x.y, which is a module when y is one."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n == "permkv" or n.startswith("permkv.")}
+
+
+def permkv_sources(code: str) -> list[Path]:
+    """The permkv source files that importing what `code` imports runs: those modules, every package
+    `__init__` on their way, and what they import in turn."""
+    seen: set[Path] = set()
+    todo = list(_permkv_imports(code))
+    while todo:
+        parts = todo.pop().split(".")
+        for i in range(1, len(parts) + 1):
+            base = tracking.ROOT.joinpath(*parts[:i])
+            path = next((p for p in (base / "__init__.py", base.with_suffix(".py")) if p.exists()), None)
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo += _permkv_imports(path.read_text())
+    return sorted(seen)
+
+
+def notebook_code(notebook: Path) -> str:
+    """The Python of a notebook's code cells (IPython magics and shell lines left out)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    lines = [line for c in cells if c["cell_type"] == "code" for line in "".join(c["source"]).splitlines()]
+    return "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))
+
+
 def fingerprint(notebook: Path, profile: str) -> str:
-    """sha256 over the notebook, its parameter file and every source file of the permkv package."""
+    """sha256 over the notebook, its parameter file and the permkv sources it runs (`permkv_sources`):
+    a change to a system the notebook does not use leaves it up to date."""
     files = [notebook, PARAMS / profile / f"{notebook.stem}.yaml"]
-    files += sorted((tracking.ROOT / "permkv").rglob("*.py"))
+    files += permkv_sources(notebook_code(notebook))
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())

@@ -12,13 +12,16 @@ from permkv.experiments.compression_quality import best_press, paired_difference
 
 
 def main() -> None:
-    rows, env = [], None
+    rows, devices = [], {}
     for path in sorted(glob.glob("reports/issue11/gpu/grid_*.json")):
         d = json.load(open(path))
         rows += d["rows"]
         env = d["env"]
-    print(f"Device: {env['gpu']}, torch {env['torch']}, transformers {env['transformers']}; SmolLM2-135M, "
-          "niah_single, seed 0; score = needle found; one prefill per sample and mode.\n")
+        device = f"{env['gpu'] or 'cpu'} (torch {env['torch']}, transformers {env['transformers']})"
+        devices.setdefault(device, []).append(f"{path.split('grid_')[1][:-5]}: samples {sorted({r['sample'] for r in d['rows']})}")
+    for device, parts in devices.items():
+        print(f"- {device}: " + "; ".join(parts))
+    print("\nSmolLM2-135M, niah_single, seed 0; score = needle found; one prefill per sample and mode.\n")
     cells = summarize_cells(rows)
     for L in sorted({c["context_tokens"] for c in cells}):
         for mode in ("query_aware", "query_agnostic"):
