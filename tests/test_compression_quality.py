@@ -62,6 +62,16 @@ def test_claim_metrics_on_a_small_input():
     assert m["diff_vs_random_8x_query_aware"] == pytest.approx(4 / 6)
     assert m["claim.vs_random_8x_query_aware"] > 0
     assert m["n_8x_query_aware"] == 6
+    assert m["claim.best_beats_kvpress_8x_query_aware"] == m["claim.beats_kvpress_8x_query_aware"]  # permkv is its best
+    # a second permkv method that finds every needle the full cache finds becomes the best one
+    rows = per_sample_rows() + [dict(r, method="permkv_kvzip_global", score=r["full_score"])
+                                for r in per_sample_rows() if r["method"] == "permkv"]
+    rows = [dict(r, score=0.0) if r["method"] == "permkv" and r["sample"] == 1 else r for r in rows]
+    assert cq.best_permkv(rows, 8, "query_aware") == "permkv_kvzip_global"
+    m = cq.claim_metrics(rows, "permkv", [8], ["query_aware"])
+    assert m["claim.best_retention_8x_query_aware"] == pytest.approx(1.0)
+    assert m["claim.retention_8x_query_aware"] == pytest.approx(0.5)
+    assert m["diff_best_vs_kvpress_8x_query_aware"] == pytest.approx(2 / 6)
 
 
 def test_quality_table_feeds_compress_auto(smol, tmp_path):
