@@ -37,10 +37,10 @@ import seaborn as sns
 
 from permkv.experiments.compression_quality import (
     CompressionQualityConfig,
-    claim_metrics,
-    paired_difference,
     best_permkv,
     best_press,
+    claim_metrics,
+    paired_difference,
     quality_grid,
     write_quality_table,
 )

@@ -321,22 +321,22 @@ def paired_difference(per_sample: Sequence[dict], a: str, b: str, ratio: float, 
     return dict(a=a, b=b, ratio=float(ratio), mode=mode, diff=float(np.mean(diff)), ci_low=low, ci_high=high, n=len(diff))
 
 
+def _best(per_sample: Sequence[dict], ratio: float, mode: str, wanted) -> str | None:
+    """The method with `wanted(name)` and the highest pooled retention at (ratio, mode), or None."""
+    names = sorted({s["method"] for s in per_sample if wanted(s["method"]) and s["ratio"] == float(ratio) and s["mode"] == mode})
+    if not names:
+        return None
+    return max(names, key=lambda m: np.nan_to_num(pooled_retention(per_sample, m, ratio, mode)["retention"], nan=-1))
+
+
 def best_press(per_sample: Sequence[dict], ratio: float, mode: str) -> str | None:
     """The kvpress method with the highest pooled retention at (ratio, mode), or None if none ran."""
-    presses = sorted({s["method"] for s in per_sample if s["method"].startswith("kvpress_")
-                      and s["ratio"] == float(ratio) and s["mode"] == mode})
-    if not presses:
-        return None
-    return max(presses, key=lambda m: np.nan_to_num(pooled_retention(per_sample, m, ratio, mode)["retention"], nan=-1))
+    return _best(per_sample, ratio, mode, lambda m: m.startswith("kvpress_"))
 
 
 def best_permkv(per_sample: Sequence[dict], ratio: float, mode: str) -> str | None:
     """permkv's method (random eviction aside) with the highest pooled retention at (ratio, mode), or None."""
-    ours = sorted({s["method"] for s in per_sample if s["method"].startswith("permkv") and s["method"] != "permkv_random"
-                   and s["ratio"] == float(ratio) and s["mode"] == mode})
-    if not ours:
-        return None
-    return max(ours, key=lambda m: np.nan_to_num(pooled_retention(per_sample, m, ratio, mode)["retention"], nan=-1))
+    return _best(per_sample, ratio, mode, lambda m: m.startswith("permkv") and m != "permkv_random")
 
 
 def claim_metrics(per_sample: Sequence[dict], headline: str, ratios: Sequence[float], modes: Sequence[str]) -> dict[str, float]:

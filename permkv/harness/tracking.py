@@ -175,7 +175,7 @@ def publish(experiment: str, config, profile: str, metrics: Mapping[str, float],
     metrics and `curves` ({name: (steps, values)}, see `log_curve`), to one MLflow run; DataFrames are
     also logged as MLflow tables. Returns the output folder."""
     folder = out_dir(profile, experiment)
-    with run(experiment, asdict(config) if is_dataclass(config) else dict(config), profile):
+    with run(experiment, asdict(config) if is_dataclass(config) else dict(config), profile) as active:
         log_metrics(defined(metrics))
         for name, (steps, values) in curves.items():
             log_curve(name, steps, values)
@@ -190,7 +190,7 @@ def publish(experiment: str, config, profile: str, metrics: Mapping[str, float],
                 table = table.to_dict("records")
             (folder / f"{name}.json").write_text(json.dumps(table, indent=1, default=str))
             log_artifact(folder / f"{name}.json")
-    print(f"MLflow (`make mlflow`): {experiment_link(set_experiment(experiment))}")
+    print(f"MLflow (`make mlflow`): {experiment_link(active.info.experiment_id)}")
     return folder
 
 

@@ -45,8 +45,8 @@ def main() -> None:
         press_error = None
     except Exception as e:  # report, and run our own methods only
         press_error = f"{type(e).__name__}: {e}"
-    methods = {m: args.methods or METHODS[m] for m in args.modes}
-    methods = {m: [x for x in ms if press_error is None or not x.startswith("kvpress")] for m, ms in methods.items()}
+    methods = {m: [x for x in args.methods or METHODS[m] if press_error is None or not x.startswith("kvpress")]
+               for m in args.modes}
     model, tok, spec = load_model("smollm2-135m", device=args.device)
     import transformers
     env = dict(device=str(model.device), gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -62,7 +62,7 @@ def main() -> None:
         for i in range(args.start, args.stop or args.n):
             for mode in args.modes:
                 if time.perf_counter() - t_start > args.budget_s:
-                    break
+                    return  # grid_<tag>.json already holds every finished sample
                 ts = time.perf_counter()
                 for r in answer_sample(model, tok, samples[L][i], spec, mode, methods[mode], args.ratios, 32):
                     rows.append(dict(model=spec.name, context_tokens=L, sample=i,
