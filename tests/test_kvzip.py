@@ -140,11 +140,10 @@ def test_chunked_kvzip_keeps_a_needle_the_attention_scorer_loses(smol):
     model, tok, spec = smol
     doc = build_documents(tok, "niah_single", 6, 1000, seed=1)[5]
     ids = encode_prompt(tok, spec, READ.format(context=doc.context, query=doc.question))
-    global_ = InferenceKVCacheCompression(allocator="global")
     answers = {}
     for name, backend, ratio in [("full", SequentialBackend(model, tok, spec, chunk_tokens=128), 1),
                                  ("attention", SequentialBackend(model, tok, spec, chunk_tokens=128), 4),
-                                 ("kvzip", SequentialBackend(model, tok, spec, chunk_tokens=128, kvzip=True, compression=global_), 4)]:
+                                 ("kvzip", SequentialBackend(model, tok, spec, chunk_tokens=128, kvzip=True), 4)]:
         answers[name] = tok.decode(backend.generate(ids, 24, ratio).tokens, skip_special_tokens=True)
     assert score(doc, answers["full"]) == 1 and score(doc, answers["kvzip"]) == 1, answers
     assert score(doc, answers["attention"]) == 0, answers

@@ -131,7 +131,8 @@ class SequentialBackend:
         self.max_kv_tokens = self.max_kv_tokens or self.spec.max_positions
         if self.max_kv_tokens < 1:
             raise ValueError(f"max_kv_tokens must be >= 1, got {self.max_kv_tokens}")
-        self.compression = self.compression or InferenceKVCacheCompression()
+        # KVzip's scores are attention maxima, comparable across heads: one global top-k (notebook 02's best)
+        self.compression = self.compression or InferenceKVCacheCompression(allocator="global" if self.kvzip else "uniform")
         floor = max(self.compression.observe, self.compression.window + self.compression.sinks)
         if self.chunk_tokens < floor:
             raise ValueError(f"chunk_tokens must be >= {floor} (the compressor's protected and observed tokens), "
