@@ -32,7 +32,6 @@ def _reread_room(reread: Sequence[int] | None, chunk: int) -> int:
     return 0 if reread is None else len(reread) + chunk + 16
 
 
-
 @torch.no_grad()
 def prefill_and_compress(model, prefix: list[int], ratio: float, compression: InferenceKVCacheCompression,
                          extra_tokens: int = 64, cache: PagedCache | None = None, reread: Sequence[int] | None = None,
@@ -91,10 +90,12 @@ def chunked_prefill_and_compress(model, prefix: list[int], ratio: float, compres
                            logits_to_keep=1).logits[0, -1]
         if reread is None:
             report = compressor.compress(cache, ratio, recorder.queries)
-            continue
-        new = last_chunk_scores(model, cache, chunk, list(reread), compression.sinks)
-        rows = {i: [torch.cat([kept[i][h], s[0, h]]) if kept else s[0, h] for h in range(s.shape[1])] for i, s in new.items()}
-        report = compressor.compress(cache, ratio, scores={i: pad_sequence(r, batch_first=True)[None] for i, r in rows.items()})
-        kept = {i: [r[h][idx] for h, idx in enumerate(report.kept_indices[i])] for i, r in rows.items()}
+        else:  # the new chunk scored by re-reading it; older tokens keep the scores their chunks gave them
+            new = last_chunk_scores(model, cache, chunk, list(reread), compression.sinks)
+            held = {i: [torch.cat([kept[i][h], s[0, h]]) if kept else s[0, h] for h in range(s.shape[1])]
+                    for i, s in new.items()}
+            report = compressor.compress(cache, ratio, scores={i: pad_sequence(r, batch_first=True)[None]
+                                                               for i, r in held.items()})
+            kept = {i: [r[h][idx] for h, idx in enumerate(report.kept_indices[i])] for i, r in held.items()}
     report.quality = None if reread is not None else compression.estimate(ratio)
     return cache, logits, report
