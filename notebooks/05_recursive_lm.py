@@ -24,7 +24,10 @@
 # which one is asked):
 # - permkv's **scripted** RLM (`permkv.rlm.RecursiveLanguageModel`): pieces that fit one call's KV
 #   budget, each read through chunked prefill with compression at ratio r, grounded answers passed up,
-#   one aggregation call; ratio 1 vs 2-16;
+#   one aggregation call; ratio 1 vs 2-16. What a compressed call keeps is chosen by `SCORINGS`:
+#   `kvzip` (the headline `permkv_rlm`: each chunk is re-read after a "repeat the context" prompt on a
+#   fork and every token keeps the most attention it got, one global top-k) or `attention` (the last
+#   64 queries of each chunk score the cache: `permkv_rlm_attention`);
 # - the **plain model truncated** to its window (middle cut, one call);
 # - the **official RLM client** (`rlms`) driving the same model through `permkv serve`.
 #
@@ -50,6 +53,7 @@ TASKS = ["niah_single"]
 DOC_TOKENS = 800
 CONTEXT_CHUNK_SIZE = 200
 RATIOS = [1, 8]
+SCORINGS = ["kvzip", "attention"]
 N_DOCS = 1
 N_NEEDLES = 4
 MAX_NEW_TOKENS = 24
@@ -102,7 +106,11 @@ axes[0].set(xlabel="KV compression ratio", ylabel="calls per document",
             title=f"{cfg.doc_tokens}-token documents, {cfg.context_chunk_size}-token KV budget per call")
 axes[0].legend()
 err = [rlm_rows.score - rlm_rows.ci_low, rlm_rows.ci_high - rlm_rows.score]
-axes[1].errorbar(labels, rlm_rows.score, yerr=err, fmt="o-", capsize=4, label="permkv scripted RLM")
+axes[1].errorbar(labels, rlm_rows.score, yerr=err, fmt="o-", capsize=4, label=f"permkv scripted RLM ({cfg.scorings[0]})")
+for name in cfg.scorings[1:]:
+    other = pooled[pooled.method == f"permkv_rlm_{name}"].sort_values("ratio")
+    axes[1].errorbar([f"{r:g}x" for r in other.ratio], other.score, yerr=[other.score - other.ci_low, other.ci_high - other.score],
+                     fmt="s", capsize=4, label=f"permkv scripted RLM ({name})")
 for method, style in (("truncated", "--"), ("official_rlm", ":")):
     row = pooled[pooled.method == method]
     if len(row):

@@ -18,6 +18,7 @@ from permkv.compress import (
     observing,
     paged_cache_for,
     prefill_and_compress,
+    repeat_prompt_ids,
 )
 from permkv.data import heldout_essays
 
@@ -192,13 +193,15 @@ def test_clear_errors(smol, prefix):
 
 def test_gemma_compresses_global_layers_only(gemma):
     """Gemma-3: sliding-window layers stay whole (bounded by their window), global layers shrink to
-    about 1/ratio, also when read in chunks; kvpress is refused with a clear error."""
+    about 1/ratio, also when read in chunks (scored by attention or by KVzip-style re-reading); kvpress is refused with a clear error."""
     model, tok, spec = gemma
     prefix = tok(heldout_essays()[:6000], add_special_tokens=False).input_ids[:700]
-    for chunk in (None, 256):
+    reread = repeat_prompt_ids(tok, spec)
+    for chunk, kvzip in ((None, False), (256, False), (256, True)):  # KVzip-style scores: global layers only
         compression = InferenceKVCacheCompression(allocator="global")
         cache, _, report = (prefill_and_compress(model, prefix, 4, compression) if chunk is None else
-                            chunked_prefill_and_compress(model, prefix, 4, compression, chunk))
+                            chunked_prefill_and_compress(model, prefix, 4, compression, chunk,
+                                                         reread=reread if kvzip else None))
         full_layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
         for layer, row in zip(cache.layers, report.kept):
             if layer.is_sliding:

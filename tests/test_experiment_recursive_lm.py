@@ -38,6 +38,9 @@ def test_truncate_middle_keeps_both_ends():
     (dict(doc_tokens=1000, context_chunk_size=640), "doc_tokens must be >= 2 x context_chunk_size"),
     (dict(n_docs=0), "n_docs must be an int >= 1"),
     (dict(official_docs=-1), "official_docs must be"),
+    (dict(scorings=["h2o"]), "scorings must be"),
+    (dict(scorings=[]), "scorings must be"),
+    (dict(scorings=["kvzip", "kvzip"]), "scorings must be"),
 ])
 def test_config_names_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -311,6 +311,7 @@ def test_recursive_lm_quick_metrics(quick_store):
     m = run.data.metrics
     assert m["claim.rlm_read_calls_1x"] >= 4 and m["claim.rlm_read_calls_8x"] == 1  # 800 tokens, 200 per call
     assert m["permkv_rlm.1x.n"] == 1 and m["truncated.1x.n"] == 1 and m["official_rlm.1x.n"] == 1
+    assert m["permkv_rlm_attention.8x.n"] == 1 and "permkv_rlm_attention.1x.n" not in m  # 1x keeps all: one run
     assert 0 <= m["official_rlm.1x.score"] <= 1
 
 

@@ -129,3 +129,12 @@ def test_python_m_permkv_serve_binds_loopback(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cli_refuses_kvzip_on_the_engine():
+    """`--kvzip` scores chunks by re-reading them, which only the sequential backend does: a clear
+    refusal before any model is loaded."""
+    from permkv.serve.cli import main
+
+    with pytest.raises(SystemExit, match="--kvzip is not available with --engine"):
+        main(["serve", "--engine", "--kvzip"])

@@ -35,6 +35,8 @@ class CompressionReport:
     kept: list[list[int]]  # [layer][kv_head] tokens kept (sequence 0; whole window for sliding layers)
     per_head_ratios: list[list[float]]  # [layer][kv_head] tokens seen / tokens kept (sequence 0)
     quality: QualityEstimate | None = None  # retention measured by notebook 02 for this setting, or None
+    # full-attention layer -> per KV head, the sorted indices (into what it held before) it kept; sequence 0
+    kept_indices: dict[int, list[torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def achieved_ratio(self) -> float:
@@ -91,12 +93,14 @@ class Compressor:
             raise ValueError(f"{type(self.scorer).__name__} needs queries: prefill inside `permkv.compress.observing(model)`")
         if cache.num_sequences == 0:
             raise ValueError("cache holds no sequence: prefill it before compressing")
-        for seq in range(cache.num_sequences):
-            self._compress_sequence(cache, seq, ratio, queries, scores)
-        return report_of(cache, ratio)
+        kept = [self._compress_sequence(cache, seq, ratio, queries, scores) for seq in range(cache.num_sequences)]
+        report = report_of(cache, ratio)
+        report.kept_indices = kept[0]
+        return report
 
     @torch.no_grad()
-    def _compress_sequence(self, cache: PagedCache, seq: int, ratio: float, queries, given) -> None:
+    def _compress_sequence(self, cache: PagedCache, seq: int, ratio: float, queries, given) -> dict[int, list[torch.Tensor]]:
+        """Evict from sequence `seq`; returns each full-attention layer's kept indices per head."""
         layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
         n_heads = cache.n_kv_heads
         sub = torch.tensor([[cache.cached_tokens(seq, i, h) for h in range(n_heads)] for i in layers])  # (n_layers, kv_heads)
@@ -107,7 +111,7 @@ class Compressor:
                 f"{cache.seen[seq]} tokens seen: at least one token per head is needed"
             )
         if int(sub.sum()) <= total:  # already at or below seen / ratio
-            return
+            return {i: [torch.arange(int(n)) for n in sub[row]] for row, i in enumerate(layers)}
         quota = total // sub.numel()
         scores = torch.full((len(layers), n_heads, int(sub.max())), float("-inf"))
         protected: list[list[torch.Tensor]] = []
@@ -130,10 +134,15 @@ class Compressor:
             protected.append(prot_row)
         budget = total - sum(p.numel() for row in protected for p in row)
         counts = self.allocator.allocate(scores, max(budget, 0))  # (n_layers, kv_heads)
+        kept = {}
         for row, i in enumerate(layers):
+            kept[i] = []
             for h in range(n_heads):
                 chosen = scores[row, h].topk(int(counts[row, h])).indices
-                cache.evict(seq, i, h, torch.cat([protected[row][h], chosen]))
+                keep = torch.cat([protected[row][h], chosen]).unique(sorted=True)
+                cache.evict(seq, i, h, keep)
+                kept[i].append(keep)
+        return kept
 
 
 @dataclass

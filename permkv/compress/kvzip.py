@@ -6,25 +6,44 @@ and each cached token scores the most attention any re-reading query (any head o
 it. The fork is released after each chunk, so the cache itself never changes. As in kvpress's
 KVzipPress, each chunk's queries attend over the sinks, the chunk's own cached tokens and the
 re-read tokens (a chunk-local softmax), which bounds memory to O(chunk^2) per layer.
+
+A token's score depends only on its own chunk, so a chunked prefill can score each chunk right after
+reading it (`last_chunk_scores`) and keep the scores of the tokens it kept: the same scores whether
+the context is read at once or chunk by chunk into a compressed cache.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from permkv.cache import PagedCache
 from permkv.checks import positive_int
+from permkv.compress.forks import fork_sequence
 from permkv.compress.observe import observing
-from permkv.compress.prefill import fork_sequence
+from permkv.models import encode_prompt
+
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly."  # KVzip's re-reading prompt
+
+
+def repeat_prompt_ids(tokenizer, spec) -> list[int]:
+    """KVzip's prompt as it continues a user turn: the request, then (instruct models) the chat template's
+    end of turn and start of the assistant's, so that the model really starts repeating."""
+    empty, asked = encode_prompt(tokenizer, spec, ""), encode_prompt(tokenizer, spec, REPEAT_PROMPT)
+    head = 0
+    while head < min(len(empty), len(asked)) and empty[head] == asked[head]:
+        head += 1
+    return asked[head:]
 
 
 @torch.no_grad()
 def kvzip_scores(model, cache: PagedCache, ids: list[int], prompt_ids: list[int], chunk_tokens: int = 1024,
                  sinks: int = 4) -> dict[int, torch.Tensor]:
     """Scores `(1, kv_heads, len(ids))` per full-attention layer for the uncompressed sequence 0 of
-    `cache`, which holds `ids`; `prompt_ids` ask the model to repeat the context (e.g. the encoded
-    "\\n\\nRepeat the previous context exactly."). Higher = keep. The pool must have room for one
-    fork's `len(prompt_ids) + chunk_tokens` extra tokens per head.
+    `cache`, which holds `ids`; `prompt_ids` ask the model to repeat the context (`repeat_prompt_ids`).
+    Higher = keep. The pool must have room for one fork's `len(prompt_ids) + chunk_tokens` extra
+    tokens per head.
     """
     if cache.num_sequences != 1 or cache.seen[0] != len(ids):
         raise ValueError(f"cache must hold one sequence of len(ids)={len(ids)} tokens, got seen={cache.seen}")
@@ -32,25 +51,59 @@ def kvzip_scores(model, cache: PagedCache, ids: list[int], prompt_ids: list[int]
         raise ValueError("cache must be uncompressed: KVzip scores every token the sequence has seen")
     positive_int("chunk_tokens", chunk_tokens)
     n = len(ids)
-    layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
-    scores = {i: torch.zeros(1, cache.n_kv_heads, n) for i in layers}
+    scores = {i: torch.zeros(1, cache.n_kv_heads, n) for i, layer in enumerate(cache.layers) if not layer.is_sliding}
     for start in range(0, n, chunk_tokens):
         end = min(start + chunk_tokens, n)
-        reread = list(prompt_ids) + list(ids[start:end])
-        q_len = len(reread)
-        fork = fork_sequence(cache, model.config)
-        try:
-            pos = torch.arange(n, n + q_len, device=model.device)[None]
-            with observing(model, window=q_len) as recorder:
-                model(torch.tensor([reread], device=model.device), past_key_values=fork, position_ids=pos, logits_to_keep=1)
-            for i in layers:
-                keys = fork.gather(i)[0][:1]  # (1, kv_heads, >= n + q_len, head_dim)
-                sink = min(sinks, start)
-                picked = torch.cat([keys[:, :, :sink], keys[:, :, start:end], keys[:, :, n : n + q_len]], dim=2)
-                scores[i][0, :, start:end] = _max_attention(picked, recorder.queries[i], q_len)[:, sink : sink + end - start].float().cpu()
-        finally:
-            fork.reset()
+        for i, chunk in _reread(model, cache, ids[start:end], prompt_ids, start, min(sinks, start)).items():
+            scores[i][0, :, start:end] = chunk
     return scores
+
+
+@torch.no_grad()
+def last_chunk_scores(model, cache: PagedCache, chunk: Sequence[int], prompt_ids: list[int],
+                      sinks: int = 4) -> dict[int, torch.Tensor]:
+    """Scores `(1, kv_heads, len(chunk))` per full-attention layer of the last `len(chunk)` tokens every
+    head of sequence 0 holds: the chunk a chunked prefill just read, after whatever older tokens the
+    compressor kept (its first `sinks` are the attention sinks). Same pool room as `kvzip_scores`.
+    """
+    if cache.num_sequences != 1:
+        raise ValueError(f"cache must hold one sequence, got {cache.num_sequences}")
+    positive_int("len(chunk)", len(chunk))
+    held = min(cache.cached_tokens(0, i, h) for i, layer in enumerate(cache.layers) if not layer.is_sliding
+               for h in range(cache.n_kv_heads))
+    if held < len(chunk):
+        raise ValueError(f"every head must hold the chunk's {len(chunk)} tokens, one holds {held}")
+    scores = _reread(model, cache, chunk, prompt_ids, None, min(sinks, held - len(chunk)))
+    return {i: s[None] for i, s in scores.items()}
+
+
+def _reread(model, cache: PagedCache, chunk: Sequence[int], prompt_ids: Sequence[int], begin: int | None,
+            sinks: int) -> dict[int, torch.Tensor]:
+    """Re-read `prompt_ids + chunk` on a fork of sequence 0 and score, per full-attention layer, the
+    `len(chunk)` cached tokens from index `begin` of every head (None: the last ones before the
+    re-read): `(kv_heads, len(chunk))`, softmax over the first `sinks`, those tokens and the re-read."""
+    reread, c = list(prompt_ids) + list(chunk), len(chunk)
+    q_len, n = len(reread), cache.seen[0]
+    fork = fork_sequence(cache, model.config)
+    try:
+        pos = torch.arange(n, n + q_len, device=model.device)[None]
+        with observing(model, window=q_len) as recorder:
+            model(torch.tensor([reread], device=model.device), past_key_values=fork, position_ids=pos, logits_to_keep=1)
+        out = {}
+        for i, layer in enumerate(fork.layers):
+            if layer.is_sliding:
+                continue
+            keys, _, starts, lengths = fork.gather(i)  # (1, H, view, D); (1, H)
+            ends = lengths[0, :, None] - q_len  # each head's first re-read row, relative to its start
+            first = ends - c if begin is None else torch.full_like(ends, begin)
+            rows = torch.cat([torch.arange(sinks, device=keys.device).expand(len(ends), sinks),
+                              first + torch.arange(c, device=keys.device), ends + torch.arange(q_len, device=keys.device)],
+                             dim=1) + starts[0, :, None]  # (H, sinks + c + q_len)
+            picked = keys[0].gather(1, rows[..., None].expand(-1, -1, keys.shape[-1]))[None]
+            out[i] = _max_attention(picked, recorder.queries[i], q_len)[:, sinks : sinks + c].float().cpu()
+    finally:
+        fork.reset()
+    return out
 
 
 def _max_attention(keys: torch.Tensor, queries: torch.Tensor, q_len: int) -> torch.Tensor:

@@ -30,24 +30,10 @@ from permkv.compress import (
     kvzip_scores,
     observing,
     paged_cache_for,
+    repeat_prompt_ids,
 )
 from permkv.data import MODES, TASKS, Sample, build_task, encode_sample
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line, greedy_decode, stop_ids
-
-
-REPEAT_PROMPT = "\n\nRepeat the previous context exactly."  # KVzip's re-reading prompt
-
-
-def repeat_prompt_ids(tokenizer, spec) -> list[int]:
-    """KVzip's prompt as it continues a user turn: the request, then (instruct models) the chat template's
-    end of turn and start of the assistant's, so that the model really starts repeating."""
-    from permkv.models import encode_prompt
-
-    empty, asked = encode_prompt(tokenizer, spec, ""), encode_prompt(tokenizer, spec, REPEAT_PROMPT)
-    head = 0
-    while head < min(len(empty), len(asked)) and empty[head] == asked[head]:
-        head += 1
-    return asked[head:]
 
 
 # ----- one prefill per sample and mode ---------------------------------------------------------------

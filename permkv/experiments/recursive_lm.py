@@ -6,6 +6,11 @@ The seed's geometry, scaled: a 100K-token document read 4K tokens per call is 25
 (16K / 640), and at ratio r one call reads chunk x r tokens into the same KV budget (8x: 4 calls).
 Documents are Paul Graham essays with 7-digit needles (single needle; four needles of which one is
 asked, so that pieces hold wrong candidates and the aggregation step matters).
+
+How a compressed call chooses the tokens it keeps (`SCORINGS`): "kvzip" re-reads each chunk after
+reading it (KVzip-style, query-agnostic, one global top-k), "attention" scores with the last 64
+queries of each chunk (KV-Compress's score, the same budget per head). The first scoring is the
+headline `permkv_rlm`; the others are `permkv_rlm_<scoring>` at the ratios > 1 (ratio 1 keeps all).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from permkv.rlm import READ, RecursiveLanguageModel, RLMBudgetExceeded, sentence
 from permkv.serve import SequentialBackend, create_app, running
 
 TASKS = ("niah_single", "niah_multikey")
+SCORINGS = {"kvzip": dict(kvzip=True), "attention": dict(kvzip=False)}  # SequentialBackend settings
 
 
 @dataclass
@@ -38,6 +44,7 @@ class RecursiveLMConfig:
     doc_tokens: int = 16000  # document length in tokens (essay tokens; needles add ~20 each)
     context_chunk_size: int = 640  # context tokens one call holds in KV: the seed's 4K, scaled to keep 25 calls at 1x
     ratios: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # KV compression ratios of the RLM
+    scorings: list[str] = field(default_factory=lambda: ["kvzip", "attention"])  # see SCORINGS; the first is the headline
     n_docs: int = 30  # documents per task (each read at every ratio: paired)
     n_needles: int = 4  # needles in a niah_multikey document
     max_new_tokens: int = 24  # answer tokens per call (the needle answer sentence is ~20)
@@ -54,6 +61,8 @@ class RecursiveLMConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if not self.scorings or any(s not in SCORINGS for s in self.scorings) or len(set(self.scorings)) < len(self.scorings):
+            raise ValueError(f"scorings must be a non-empty list of distinct names from {list(SCORINGS)}, got {self.scorings!r}")
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"tasks must be a non-empty list from {TASKS}, got {self.tasks!r}")
@@ -123,10 +132,11 @@ def score(sample: Sample, answer: str) -> float:
 
 # --------------------------------------------------------------------------------------------- methods
 
-def run_rlm(backend, docs: Sequence[Sample], ratios: Sequence[float], cfg: RecursiveLMConfig) -> list[dict]:
-    """permkv's scripted RLM on every document at every ratio (paired: same documents)."""
+def run_rlm(backend, docs: Sequence[Sample], ratios: Sequence[float], cfg: RecursiveLMConfig,
+            method: str = "permkv_rlm") -> list[dict]:
+    """permkv's scripted RLM on every document at every ratio (paired: same documents); rows named `method`."""
     rows = []
-    for i, doc in enumerate(tqdm(docs, desc="rlm documents", leave=False)):
+    for i, doc in enumerate(tqdm(docs, desc=method, leave=False)):
         for ratio in ratios:
             rlm = RecursiveLanguageModel(backend, max_depth=cfg.max_depth, context_chunk_size=cfg.context_chunk_size,
                                          kv_cache_compression_ratio=ratio, max_new_tokens=cfg.max_new_tokens)
@@ -135,10 +145,10 @@ def run_rlm(backend, docs: Sequence[Sample], ratios: Sequence[float], cfg: Recur
                 trace = [dict(level=c.level, role=c.role, prompt_tokens=c.prompt_tokens, call_ratio=c.ratio,
                               kv_tokens=round(c.kv_tokens), kv_bytes=c.kv_bytes, seconds=round(c.seconds, 2),
                               answer=c.answer) for c in res.calls]
-                rows.append(dict(method="permkv_rlm", ratio=float(ratio), task=doc.task, doc=i,
+                rows.append(dict(method=method, ratio=float(ratio), task=doc.task, doc=i,
                                  score=score(doc, res.answer), answer=res.answer, error=None, **res.stats(), trace=trace))
             except RLMBudgetExceeded as err:
-                rows.append(dict(method="permkv_rlm", ratio=float(ratio), task=doc.task, doc=i, score=0.0,
+                rows.append(dict(method=method, ratio=float(ratio), task=doc.task, doc=i, score=0.0,
                                  answer="", error=str(err)))
     return rows
 
@@ -196,12 +206,17 @@ def run_official(backend, docs: Sequence[Sample], cfg: RecursiveLMConfig) -> lis
 
 
 def run_grid(model, tokenizer, spec, cfg: RecursiveLMConfig) -> list[dict]:
-    """Every method on the same documents: the RLM at each ratio, the truncated model, the official client."""
-    backend = SequentialBackend(model, tokenizer, spec, chunk_tokens=cfg.chunk_tokens)
+    """Every method on the same documents: the RLM at each ratio and scoring, the truncated model, the
+    official client."""
+    backends = {name: SequentialBackend(model, tokenizer, spec, chunk_tokens=cfg.chunk_tokens, **SCORINGS[name])
+                for name in cfg.scorings}
+    backend = backends[cfg.scorings[0]]
     rows = []
     for task in cfg.tasks:
         docs = build_documents(tokenizer, task, cfg.n_docs, cfg.doc_tokens, cfg.seed, cfg.n_needles)
         rows += run_rlm(backend, docs, cfg.ratios, cfg)
+        for name in cfg.scorings[1:]:
+            rows += run_rlm(backends[name], docs, [r for r in cfg.ratios if r > 1], cfg, f"permkv_rlm_{name}")
         if cfg.truncated:
             rows += run_truncated(backend, docs, cfg)
         if cfg.official_docs:

@@ -3,8 +3,9 @@
 `SequentialBackend` answers one request at a time on one model: ratio 1 reads the prompt into a full
 `DynamicCache`; ratio > 1 reads it through chunked prefill with compression into a `PagedCache`
 (`permkv.compress.chunked_prefill_and_compress`), so a call holds about len(prompt) / ratio + one chunk of
-tokens. Both decode with `permkv.eval.greedy_decode`, the one decode loop. A batched backend over
-the engine, `EngineBackend`, has the same `generate` shape and batches calls that arrive together.
+tokens (`kvzip=True`: what it keeps is scored by KVzip-style re-reading of each chunk). Both decode with
+`permkv.eval.greedy_decode`, the one decode loop. A batched backend over the engine, `EngineBackend`,
+has the same `generate` shape and batches calls that arrive together.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import torch
 
 from permkv.cache import BlockPool, paged_attention
 from permkv.checks import check_ratio, positive_int
-from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress, prefill_and_compress
+from permkv.compress import (
+    InferenceKVCacheCompression,
+    chunked_prefill_and_compress,
+    prefill_and_compress,
+    repeat_prompt_ids,
+)
 from permkv.engine import Engine, EngineConfig, Request
 from permkv.eval import greedy_decode, prefill, stop_ids
 from permkv.models import ModelSpec
@@ -118,19 +124,22 @@ class SequentialBackend:
     max_kv_tokens: int | None = None
     chunk_tokens: int = 512
     compression: InferenceKVCacheCompression | None = None
+    kvzip: bool = False  # score compressed reads by KVzip-style re-reading (query-agnostic, ~2x the reading compute)
 
     def __post_init__(self):
         self.name = self.name or self.spec.name
         self.max_kv_tokens = self.max_kv_tokens or self.spec.max_positions
         if self.max_kv_tokens < 1:
             raise ValueError(f"max_kv_tokens must be >= 1, got {self.max_kv_tokens}")
-        self.compression = self.compression or InferenceKVCacheCompression()
+        # KVzip's scores are attention maxima, comparable across heads: one global top-k (notebook 02's best)
+        self.compression = self.compression or InferenceKVCacheCompression(allocator="global" if self.kvzip else "uniform")
         floor = max(self.compression.observe, self.compression.window + self.compression.sinks)
         if self.chunk_tokens < floor:
             raise ValueError(f"chunk_tokens must be >= {floor} (the compressor's protected and observed tokens), "
                              f"got {self.chunk_tokens}")
         self._lock = threading.Lock()
         self._stop = stop_ids(self.model, self.tokenizer)
+        self._reread = repeat_prompt_ids(self.tokenizer, self.spec) if self.kvzip else None
 
     def check(self, n_prompt: int, max_new_tokens: int, ratio: float) -> None:
         check_request(n_prompt, max_new_tokens, ratio, self.chunk_tokens, self.max_kv_tokens, self.spec.max_positions)
@@ -157,10 +166,11 @@ class SequentialBackend:
             else:
                 if len(ids) > self.chunk_tokens:
                     cache, logits, report = chunked_prefill_and_compress(
-                        self.model, ids, ratio, self.compression, self.chunk_tokens, extra_tokens=max_new_tokens + 16)
+                        self.model, ids, ratio, self.compression, self.chunk_tokens, extra_tokens=max_new_tokens + 16,
+                        reread=self._reread)
                 else:
                     cache, logits, report = prefill_and_compress(self.model, ids, ratio, self.compression,
-                                                                 extra_tokens=max_new_tokens + 16)
+                                                                 extra_tokens=max_new_tokens + 16, reread=self._reread)
                 full = [row for row, layer in zip(report.kept, cache.layers) if not layer.is_sliding]
                 kv_tokens = sum(map(sum, full)) / max(sum(map(len, full)), 1)
                 kv_bytes = report.compressed_bytes

@@ -18,6 +18,9 @@ def serve_parser(sub) -> None:
     p.add_argument("--max-kv-tokens", type=int, default=None,
                    help="per-request KV budget in tokens per head (default: the model's window)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size of the compressed prefill")
+    p.add_argument("--kvzip", action="store_true",
+                   help="compressed requests keep what KVzip-style re-reading of each chunk scores highest "
+                        "(query-agnostic, about twice the reading compute; default: the attention scorer)")
     p.add_argument("--engine", action="store_true",
                    help="batch concurrent requests on the continuous-batching engine (default: one at a time)")
     p.add_argument("--pool-gib", type=float, default=1.0, help="KV pool of the engine, GiB")
@@ -33,6 +36,8 @@ def serve(args: argparse.Namespace) -> None:
     from permkv.rlm import EngineBackend, SequentialBackend
     from permkv.serve import create_app
 
+    if args.engine and args.kvzip:
+        raise SystemExit("permkv serve: --kvzip is not available with --engine (the engine scores with attention)")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, spec = load_model(args.model, device=args.device)
@@ -41,7 +46,7 @@ def serve(args: argparse.Namespace) -> None:
                                 max_kv_tokens=args.max_kv_tokens, chunk_tokens=args.chunk_tokens)
     else:
         backend = SequentialBackend(model, tokenizer, spec, max_kv_tokens=args.max_kv_tokens,
-                                    chunk_tokens=args.chunk_tokens)
+                                    chunk_tokens=args.chunk_tokens, kvzip=args.kvzip)
     print(f"permkv: serving {spec.name} on http://{args.host}:{args.port}/v1 (default ratio {args.ratio:g})", flush=True)
     uvicorn.run(create_app(backend, args.ratio), host=args.host, port=args.port, log_level="info")
 

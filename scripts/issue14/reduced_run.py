@@ -2,7 +2,11 @@
 logs the summary and claim metrics to MLflow as profile `cpu-reduced`.
 
     python scripts/issue14/reduced_run.py --docs 2 --tasks niah_single --ratios 1 8 --minutes 25
-Stops starting new documents after `--minutes`; what finished is logged.
+Stops starting new documents after `--minutes`; what finished is logged. The 8x arm of 05's cpu profile
+with KVzip-style reads, beside a notebook run (its 1x rows pair with the notebook's, same seeded documents):
+
+    python scripts/issue14/reduced_run.py --docs 30 --ratios 8 --doc-tokens 8000 --chunk 320 --chunk-tokens 256 \
+        --official-docs 0 --no-truncated --no-mlflow --scoring kvzip --profile cpu-kvzip --minutes 120
 """
 
 import argparse
@@ -13,6 +17,7 @@ import pandas as pd
 import torch
 
 from permkv.experiments.recursive_lm import (
+    SCORINGS,
     RecursiveLMConfig,
     build_documents,
     claim_metrics,
@@ -37,6 +42,7 @@ def main() -> None:
     p.add_argument("--official-docs", type=int, default=1)
     p.add_argument("--minutes", type=float, default=25)
     p.add_argument("--no-truncated", action="store_true")
+    p.add_argument("--scoring", choices=list(SCORINGS), default="attention", help="how compressed reads choose what they keep")
     p.add_argument("--no-mlflow", action="store_true", help="keep the rows and summary only (a partial grid must not "
                    "become the ledger's newest run of the experiment)")
     p.add_argument("--profile", default="cpu-reduced", help="MLflow profile tag and reports/<profile>/ folder")
@@ -47,7 +53,7 @@ def main() -> None:
                             official_timeout_s=300.0)
     torch.set_num_threads(cfg.threads)
     model, tok, spec = load_model(cfg.model)
-    backend = SequentialBackend(model, tok, spec, chunk_tokens=cfg.chunk_tokens)
+    backend = SequentialBackend(model, tok, spec, chunk_tokens=cfg.chunk_tokens, **SCORINGS[args.scoring])
     folder = tracking.out_dir(args.profile, "05_recursive_lm")
     log = folder / "rows.jsonl"
     rows, start = [], time.time()
