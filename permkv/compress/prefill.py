@@ -28,7 +28,8 @@ KVZIP_CHUNK = 1024  # context tokens one KVzip re-reading pass takes in one-pass
 
 
 def _reread_room(reread: Sequence[int] | None, chunk: int) -> int:
-    """Extra tokens per head a fork needs to re-read `chunk` tokens after `reread` (0 without KVzip)."""
+    """Extra tokens per head a fork needs to re-read `chunk` tokens after `reread` (0 without KVzip): the
+    re-read itself plus one 16-token block for the copy-on-write of each head's shared last block."""
     return 0 if reread is None else len(reread) + chunk + 16
 
 
