@@ -20,9 +20,10 @@
 # QA score drops 89% with full finetuning, 71% with LoRA and 11% with sparse memory finetuning, at equal
 # new-knowledge acquisition. Here: SmolLM2-135M with a product-key memory at one decoder layer,
 # pretrained briefly on essays + SQuAD paragraphs; fictional facts learned as statements and tested with
-# questions worded differently; forgetting = relative drop of SQuAD-with-passage F1 (plus held-out essay
-# perplexity and world facts the starting model knew). Each method sweeps its learning rate; forgetting is
-# compared at the checkpoint whose fact accuracy is closest to the level every method reaches.
+# questions worded differently; forgetting = relative drop on closed-book world facts the starting model
+# knew (FORGET_PROBE; also SQuAD-with-passage F1 and held-out essay perplexity). Each method sweeps its
+# learning rate; forgetting is compared, within each seed, at the checkpoint whose fact accuracy is closest
+# to the level every arm reaches, then averaged over seeds with the spread shown.
 #
 # What differs from the paper: its memory (1M slots) is trained with the model from scratch, so the
 # model relies on it; here a small memory is bolted onto a finished 135M model at an early layer (the
@@ -43,11 +44,11 @@ import pandas as pd
 
 from permkv.data import make_facts
 from permkv.experiments.continual_learning import (
-    FORGET_PROBES, ExperimentConfig, claim_metrics, format_test, format_test_metrics, matched_comparison, prepare,
-    run_method,
+    FORGET_PROBES, ExperimentConfig, Sweep, claim_metrics, matched_by_seed, prepare, run_sweep, seed_table,
 )
 from permkv.harness import tracking
 from permkv.knowledge import KnowledgeCache, MemoryConfig, domain_retention
+from permkv.knowledge.recall import qa_format_tokens
 
 # %% tags=["parameters"]
 PROFILE = "quick"
@@ -68,160 +69,138 @@ SPARSE_TS = [500]
 SPARSE_LRS = [30000.0]
 FULL_LRS = [1e-4]
 LORA_LRS = [1e-3]
+FORMAT_TEST = True  # also run each sparse (t, lr) with the QA scaffolding's reads left out of the slot counts
+HEADLINE = "sparse"  # the sparse arm the claim rows read: sparse (the paper's TF-IDF) or sparse_skip_format
 DOMAIN_FACTS = 8
 DOMAIN_STEPS = 4
-FORMAT_TEST = True  # also run each sparse (t, lr) with the QA scaffolding's reads left out of the slot counts
 FORGET_PROBE = "world_acc"  # the claim's forgetting probe: world_acc (closed-book facts, like the paper's NQ), squad_f1, essay_ppl
-SEED = 0
-
-# %%
-cfg = ExperimentConfig(
-    memory=MemoryConfig(n_keys=N_KEYS, heads=MEMORY_HEADS, top_k=TOP_K), layer=LAYER,
-    pretrain_steps=PRETRAIN_STEPS, background_batches=BACKGROUND_BATCHES, n_facts=N_FACTS,
-    batch_size=BATCH_SIZE, steps=STEPS, eval_every=EVAL_EVERY, n_squad=N_SQUAD, world_max=WORLD_MAX,
-    essay_tokens=ESSAY_TOKENS, seed=SEED,
-)
-
-# %% [markdown]
-# ## The shared starting model
-# Memory inserted (values zero, so outputs unchanged), its inputs calibrated and its values pretrained
-# on background text; slot usage and the "before" scores every method starts from.
-
-# %%
-start = prepare(cfg)
-quarter = max(1, len(start.pretrain_losses) // 4)
-first, last = start.pretrain_losses[:quarter], start.pretrain_losses[-quarter:]
-print(f"memory pretraining loss, first vs last quarter of steps: {sum(first) / len(first):.3f} -> "
-      f"{sum(last) / len(last):.3f} (different batches; only the memory's values train)")
-print(f"slots read in the background set: {start.background.used_fraction:.1%} of {cfg.memory.n_slots}")
-print(f"essay perplexity with the pretrained memory {start.before['essay_ppl']:.2f}, "
-      f"without it (the plain model) {start.plain_essay_ppl:.2f}")
-print("probe sizes:", start.probes.sizes())
-print("before:", start.before, "| fictional facts before:", start.facts_before)
-
-# %% [markdown]
-# ## Learning-rate sweeps, same facts and step budget for every method
-
-# %%
-records = []
-for t in SPARSE_TS:
-    for lr in SPARSE_LRS:
-        records += run_method(start, "sparse", lr, t)
-for lr in FULL_LRS:
-    records += run_method(start, "full", lr)
-for lr in LORA_LRS:
-    records += run_method(start, "lora", lr)
-pd.DataFrame(records).round(3)  # NaN: a relative drop from a score of 0 before (undefined)
-
-# %% [markdown]
-# ## Forgetting at matched acquisition
-# Read all three probes, not only the claim's. SmolLM2-135M answers few SQuAD questions even with the
-# passage (F1 around 0.1-0.2 before training, a few dozen questions), so the relative SQuAD drop is
-# noisy and can be negative; the world-fact probe (questions in the same "Q: ... A:" format as the
-# training questions, all answered right before) and essay perplexity show interference directly.
+SEEDS = [0]  # each seed: its own memory init, background, facts and probes; every run of the sweep per seed
 
 # %%
 if FORGET_PROBE not in FORGET_PROBES:
     raise ValueError(f"FORGET_PROBE must be one of {FORGET_PROBES}, got {FORGET_PROBE!r}")
-claim_key = f"forget_{FORGET_PROBE}"
-matched = matched_comparison(records, key=claim_key)
-print(f"matched fact EM target: {matched['target_em']:.3f}")
-if matched["target_em"] == 0:
-    print("Some method learned no fact at all: there is no common acquisition level, so the forgetting "
-          "below is at zero acquisition and the claim metrics are not logged.")
-print(f"{'method':8} {'lr':>8} {'t':>6} {'step':>5} {'fact EM':>8} {'SQuAD F1':>9} {'forget F1':>10} "
-      f"{'forget world':>13} {'ppl rise':>9}")
-def pct(x: float) -> str:
-    return f"{x:.1%}" if math.isfinite(x) else "undefined"  # a relative drop from a score of 0 before
+if not SEEDS:
+    raise ValueError("SEEDS is empty; give at least one seed")
+configs = [ExperimentConfig(
+    memory=MemoryConfig(n_keys=N_KEYS, heads=MEMORY_HEADS, top_k=TOP_K), layer=LAYER,
+    pretrain_steps=PRETRAIN_STEPS, background_batches=BACKGROUND_BATCHES, n_facts=N_FACTS,
+    batch_size=BATCH_SIZE, steps=STEPS, eval_every=EVAL_EVERY, n_squad=N_SQUAD, world_max=WORLD_MAX,
+    essay_tokens=ESSAY_TOKENS, seed=seed,
+) for seed in SEEDS]
+sweep = Sweep(SPARSE_TS, SPARSE_LRS, FULL_LRS, LORA_LRS, skip_format=FORMAT_TEST)
+if HEADLINE not in sweep.arms() or not HEADLINE.startswith("sparse"):
+    raise ValueError(f"HEADLINE must be a sparse arm this sweep runs, {sweep.arms()}, got {HEADLINE!r}")
+print(f"{len(SEEDS)} seeds x {len(sweep.runs())} runs of {STEPS} steps")
 
-
-for m in ("sparse", "full", "lora"):
-    r = matched[m]
-    print(f"{m:8} {r['lr']:8.0e} {str(r['t']):>6} {r['step']:5d} {r['fact_em']:8.3f} {r['squad_f1']:9.3f} "
-          f"{pct(r['forget_squad_f1']):>10} {pct(r['forget_world_acc']):>13} {pct(r['forget_essay_ppl']):>9}")
-if start.before["squad_f1"] == 0:
-    print("SQuAD F1 was 0 before training: its relative drop is undefined and not logged.")
+# %% [markdown]
+# ## The shared starting model, per seed
+# Memory inserted (values zero, so outputs unchanged), its inputs calibrated and its values pretrained
+# on background text (cached on disk, keyed by its settings); slot usage and the "before" scores every
+# method of that seed starts from.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-colors = {"sparse": "tab:green", "full": "tab:red", "lora": "tab:blue"}
-for ax, key, label in ((axes[0], claim_key, FORGET_PROBE.replace("_", " ") + " drop"), (axes[1], "forget_essay_ppl", "essay ppl rise")):
-    for r in records:
-        ax.scatter(r["fact_em"], 100 * r[key], color=colors[r["method"]], alpha=0.7,
-                   label=r["method"])
-    ax.axvline(matched["target_em"], color="gray", ls=":")
-    ax.set_xlabel("fictional fact EM (held-out wording)")
-    ax.set_ylabel(f"forgetting: {label} (%)")
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys())
+starts = [prepare(cfg) for cfg in configs]
+for start in starts:
+    quarter = max(1, len(start.pretrain_losses) // 4)
+    first, last = start.pretrain_losses[:quarter], start.pretrain_losses[-quarter:]
+    print(f"seed {start.cfg.seed}: memory pretraining loss {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f} "
+          f"(first vs last quarter); {start.background.used_fraction:.1%} of {start.cfg.memory.n_slots} slots read on "
+          f"background text; essay ppl {start.before['essay_ppl']:.2f} with the memory, {start.plain_essay_ppl:.2f} "
+          f"without; probes {start.probes.sizes()}; before {start.before}")
+
+# %% [markdown]
+# ## Learning-rate sweeps, the same facts and step budget for every method, every seed
+
+# %%
+records = [r for start in starts for r in run_sweep(start, sweep)]
+pd.DataFrame(records).drop(columns=["top_readers"], errors="ignore").round(3)  # NaN: a drop from 0 (undefined)
+
+# %% [markdown]
+# ## Forgetting at matched acquisition, per seed
+# In each seed, every arm at its checkpoint whose fact EM is closest to the highest level that the headline
+# sparse arm, full finetuning and LoRA all reach (the paper's equal acquisition; the learning rate is the one of that checkpoint, so each method's grid
+# picks its own). Read all three probes: SmolLM2-135M answers few SQuAD questions even with the passage
+# (F1 around 0.1-0.2 before training), so the SQuAD drop is noisy; the world facts (same "Q: ... A:"
+# format as the training questions, all answered right before) and essay perplexity show interference
+# directly.
+
+# %%
+claim_key = f"forget_{FORGET_PROBE}"
+matched = matched_by_seed(records, key=claim_key, over=(HEADLINE, "full", "lora"))  # the other sparse arm: read at that level
+table = pd.DataFrame(seed_table(matched))
+for seed, m in matched.items():
+    if m["target_em"] == 0:
+        print(f"seed {seed}: some arm learned no fact at all: no common acquisition level, claim metrics not logged")
+table.drop(columns=["top_readers"]).round(3)
+
+# %%
+pct_cols = [f"forget_{p}" for p in FORGET_PROBES]
+spread = table.groupby("arm")[["fact_em", *pct_cols]].agg(["mean", "min", "max"])
+spread[[(c, s) for c in pct_cols for s in ("mean", "min", "max")]] *= 100
+spread.round(2)  # forgetting in %, mean and range over seeds
+
+# %%
+colors = {"sparse": "tab:green", "sparse_skip_format": "tab:olive", "full": "tab:red", "lora": "tab:blue"}
+fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+for r in records:  # every checkpoint; matched ones drawn large
+    axes[0].scatter(r["fact_em"], 100 * r[claim_key], color=colors[r["arm"]], alpha=0.35, s=14, label=r["arm"])
+for _, r in table.iterrows():
+    axes[0].scatter(r["fact_em"], 100 * r[claim_key], color=colors[r["arm"]], s=70, edgecolor="black")
+axes[0].set_xlabel("fictional fact EM (held-out wording)")
+axes[0].set_ylabel(f"{FORGET_PROBE.replace('_', ' ')} drop (%)")
+axes[0].set_title("every checkpoint (small), matched per seed (large)")
+handles, labels = axes[0].get_legend_handles_labels()
+axes[0].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys())
+arms = list(spread.index)
+axes[1].bar(arms, [spread.loc[a, (claim_key, "mean")] for a in arms], color=[colors[a] for a in arms], alpha=0.6)
+for i, a in enumerate(arms):
+    seeds_of = table[table.arm == a]
+    axes[1].scatter([i] * len(seeds_of), 100 * seeds_of[claim_key], color="black", zorder=3, s=16)
+axes[1].set_ylabel(f"{FORGET_PROBE.replace('_', ' ')} drop (%) at matched EM")
+axes[1].set_title(f"mean over {len(SEEDS)} seed(s), dots: each seed")
 fig.suptitle(f"Acquisition vs forgetting, SmolLM2-135M ({PROFILE})")
 fig.tight_layout()
 plt.show()
-
-# %% [markdown]
-# ## Sparse method: sweep of t (slots updated per step)
-
-# %%
-sparse_last = [r for r in records if r["method"] == "sparse" and r["step"] == cfg.steps]
-for r in sorted(sparse_last, key=lambda r: (r["t"], r["lr"])):
-    print(f"t={r['t']:6d} lr={r['lr']:g}: fact EM {r['fact_em']:.3f}, SQuAD F1 drop {pct(r['forget_squad_f1'])}, "
-          f"ppl rise {pct(r['forget_essay_ppl'])}")
 
 # %% [markdown]
 # ## The format-slot test (issue 16)
 # Hypothesis: sparse finetuning forgets because TF-IDF picks slots read by the QA scaffolding ("Q", ":",
 # "?", newline, "A"): the answer of every training question is predicted at the ":" after "A", so the
 # gradient is largest on the slots that token reads, and writing a fact there reaches every question,
-# the world-fact probe's included. Test: the same runs with the scaffolding's reads left out of the
-# counts (slots are then chosen among those the question and statement words read). Below, both at the
-# checkpoint closest to the matched acquisition level, and which tokens read the slots that were written.
+# the world-fact probe's included. Test: the arm `sparse_skip_format` leaves the scaffolding's reads out
+# of the counts (slots are then chosen among those the question and statement words read). Below, per
+# seed at matched acquisition: which tokens read the slots that were written, and the scaffolding's share.
 
 # %%
-format_rows = []
-if FORMAT_TEST:
-    skip_records = [r for t in SPARSE_TS for lr in SPARSE_LRS
-                    for r in run_method(start, "sparse", lr, t, skip_format=True)]
-    format_rows = format_test(records, skip_records, matched["target_em"])  # it keeps the sparse runs
-    for r in format_rows:
-        print(f"t={r['t']:5d} {r['counts']:11} step {r['step']:3d}: fact EM {r['fact_em']:.3f}, "
-              f"world drop {pct(r['forget_world_acc'])}, SQuAD drop {pct(r['forget_squad_f1'])}, "
-              f"ppl rise {pct(r['forget_essay_ppl'])}; scaffolding's share of the written slots' reads "
-              f"{r['format_read_share']:.1%}; top readers {r['top_readers'][:5]}")
-    fig_format, ax = plt.subplots(figsize=(8, 3.5))
-    labels = [f"t={r['t']}\n{r['counts']}" for r in format_rows]
-    for i, probe in enumerate(FORGET_PROBES):
-        ax.bar([x + 0.27 * (i - 1) for x in range(len(format_rows))],
-               [100 * r[f"forget_{probe}"] if math.isfinite(r[f"forget_{probe}"]) else 0 for r in format_rows],
-               width=0.27, label=probe.replace("_", " "))
-    ax.set_xticks(range(len(format_rows)), labels)
-    ax.set_ylabel("forgetting (%)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Sparse finetuning with and without the scaffolding's reads in the slot counts")
-    fig_format.tight_layout()
-    plt.show()
+for _, r in table[table.arm.str.startswith("sparse")].iterrows():
+    print(f"seed {r['seed']} {r['arm']:18} t={r['t']} step {r['step']}: fact EM {r['fact_em']:.3f}, world drop "
+          f"{r['forget_world_acc']:.1%}, ppl rise {r['forget_essay_ppl']:.1%}; scaffolding's share of the written "
+          f"slots' reads {r['format_read_share']:.1%}; top readers {r['top_readers'][:5]}")
 
 # %% [markdown]
-# ## Domain A -> B: learn one fact set, then another; how much of A is kept
+# ## Domain A -> B: learn one fact set, then another; how much of A is kept (first seed, headline arm)
 
 # %%
-model, tokenizer, memory = start.fresh_model()
-best_sparse = matched["sparse"]
-cache = KnowledgeCache(model, tokenizer, memory, start.background, t=best_sparse["t"], lr=best_sparse["lr"],
-                       batch_size=BATCH_SIZE, max_tokens=cfg.seq_len, seed=SEED)
-facts_a, facts_b = make_facts(DOMAIN_FACTS, seed=SEED + 100), make_facts(DOMAIN_FACTS, seed=SEED + 200)
+first = starts[0]
+model, tokenizer, memory = first.fresh_model()
+best = matched[first.cfg.seed][HEADLINE]
+cache = KnowledgeCache(model, tokenizer, memory, first.background, t=best["t"], lr=best["lr"],
+                       batch_size=BATCH_SIZE, max_tokens=first.cfg.seq_len, seed=first.cfg.seed,
+                       skip_tokens=qa_format_tokens(tokenizer) if HEADLINE == "sparse_skip_format" else None)
+facts_a, facts_b = make_facts(DOMAIN_FACTS, seed=first.cfg.seed + 100), make_facts(DOMAIN_FACTS, seed=first.cfg.seed + 200)
 ret = domain_retention(cache, facts_a, facts_b, DOMAIN_STEPS)
 retention = f"{ret.retention:.3f}" if ret.a_after_a > 0 else "undefined (A was not learned)"
 print(f"A after A {ret.a_after_a:.3f}, A after B {ret.a_after_b:.3f}, B after B {ret.b_after_b:.3f}, "
       f"retention {retention}; {ret.slot_overlap:.1%} of A's slots also written by B")
-top_a = cache.importance("A").topk(5)
-print("most important slots for A:", top_a.indices.tolist())
+print("most important slots for A:", cache.importance("A").topk(5).indices.tolist())
 
 # %% [markdown]
 # ## Log to MLflow
 
 # %%
-metrics = claim_metrics(matched, start, ret, FORGET_PROBE) | format_test_metrics(format_rows)
-figures = {"acquisition_vs_forgetting.png": fig} | ({"format_test.png": fig_format} if FORMAT_TEST else {})
-tracking.publish("07_continual_learning_forgetting", cfg.to_params() | {"format_test": FORMAT_TEST}, PROFILE, metrics,
-                 figures=figures, tables={"records": records, "matched": matched, "format_test": format_rows})
+metrics = claim_metrics(matched, starts, ret, FORGET_PROBE, headline=HEADLINE)
+params = configs[0].to_params() | {"seeds": SEEDS, "format_test": FORMAT_TEST, "headline": HEADLINE,
+                                   "forget_probe": FORGET_PROBE}
+tracking.publish("07_continual_learning_forgetting", params, PROFILE, metrics, figures={"acquisition_vs_forgetting.png": fig},
+                 tables={"records": records, "matched": table.to_dict("records")})
 metrics

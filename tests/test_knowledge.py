@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from permkv.data import load_essays, make_facts, training_texts
-from permkv.experiments.continual_learning import forgetting, generate_answers
+from permkv.experiments.continual_learning import (
+    Sweep, arm, claim_metrics, forgetting, generate_answers, matched_by_seed, seed_table,
+)
 from permkv.knowledge import (
     FEW_SHOT, BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, doc_counts,
-    find_memory, greedy_match, insert_memory, memory_inserted, qa_format_tokens, remove_memory, slot_counts,
+    Retention, find_memory, greedy_match, insert_memory, memory_inserted, qa_format_tokens, remove_memory, slot_counts,
     tfidf_scores, top_t_slots,
 )
 from permkv.knowledge.train import (
@@ -247,7 +250,9 @@ def test_lora_trains_and_only_adapters_change(smol):
 def test_knowledge_cache_domains(smol):
     model, tok, _ = smol
     memory = insert_memory(model, _filled_memory(), layer=20)
-    cache = KnowledgeCache(model, tok, memory, BackgroundCounts.empty(SMALL.n_slots), t=20, lr=1.0, batch_size=4)
+    cache = KnowledgeCache(model, tok, memory, BackgroundCounts.empty(SMALL.n_slots), t=20, lr=1.0, batch_size=4,
+                           skip_tokens=qa_format_tokens(tok))
+    assert cache.trainer.skip_tokens.tolist() == qa_format_tokens(tok)  # the sparse arm it learns with
     losses = cache.learn("A", make_facts(4, seed=5), steps=2)
     assert len(losses) == 2
     assert 0 < len(cache.slots("A")) <= 40
@@ -265,20 +270,62 @@ def test_forgetting_is_a_relative_drop():
     assert out == pytest.approx({"forget_squad_f1": 0.2, "forget_world_acc": 0.25, "forget_essay_ppl": 0.1})
 
 
-def test_format_test_pairs_plain_and_skipping_runs_at_the_target():
-    from permkv.experiments.continual_learning import format_test, format_test_metrics
+def _rec(seed, method, step, em, world, skip=False, t=None, share=None):
+    r = {"seed": seed, "method": method, "lr": 1.0, "t": t, "step": step, "fact_em": em, "forget_world_acc": world,
+         "forget_squad_f1": float("nan"), "forget_essay_ppl": 0.1}
+    if method == "sparse":
+        r |= {"skip_format": skip, "format_read_share": share, "top_readers": [(":", 0.1)]}
+    return r
 
-    def rec(t, step, em, world, share):
-        return {"method": "sparse", "lr": 3e4, "t": t, "step": step, "fact_em": em, "forget_world_acc": world,
-                "forget_squad_f1": float("nan"), "forget_essay_ppl": 0.1, "format_read_share": share,
-                "top_readers": [(":", 0.1)]}
 
-    plain = [rec(2000, 15, 0.0, 1.0, 0.2), rec(2000, 45, 0.33, 1.0, 0.2)]
-    plain.append(rec(None, 45, 0.33, 0.2, 0.0) | {"method": "full"})  # the whole sweep may be passed
-    skip = [rec(2000, 15, 0.08, 0.6, 0.01), rec(2000, 30, 0.29, 0.62, 0.01), rec(2000, 45, 0.25, 0.5, 0.01)]
-    rows = format_test(plain, skip, target_em=0.33)
-    assert [(r["counts"], r["step"]) for r in rows] == [("plain", 45), ("skip_format", 30)]
-    m = format_test_metrics(rows)
-    assert m["format_test.t2000.plain.forget_world_acc_pct"] == 100.0
-    assert m["format_test.t2000.skip_format.format_read_share"] == 0.01
-    assert not any("squad" in k for k in m)  # undefined drops are not logged
+def test_sweep_runs_and_arms():
+    sweep = Sweep([500, 2000], [3e4], [1e-4, 3e-5], [1e-3])
+    assert sweep.runs()[:2] == [("sparse", 3e4, 500, False), ("sparse", 3e4, 500, True)]
+    assert len(sweep.runs()) == 4 + 2 + 1
+    assert sweep.arms() == ["sparse", "sparse_skip_format", "full", "lora"]
+    assert Sweep([500], [3e4], [], [1e-3], skip_format=False).arms() == ["sparse", "lora"]
+    assert arm({"method": "full"}) == "full" and arm(_rec(0, "sparse", 1, 0, 0, skip=True)) == "sparse_skip_format"
+
+
+def test_matching_is_per_seed_and_per_arm():
+    records = [
+        _rec(0, "sparse", 15, 0.1, 0.9, t=500, share=0.3), _rec(0, "sparse", 45, 0.3, 1.0, t=500, share=0.3),
+        _rec(0, "sparse", 45, 0.4, 0.2, skip=True, t=500, share=0.01),
+        _rec(0, "full", 15, 0.3, 0.1), _rec(0, "full", 45, 0.9, 0.1),
+        _rec(0, "lora", 45, 0.3, 0.5),
+        # seed 1 learns less: its own target
+        _rec(1, "sparse", 45, 0.1, 0.8, t=500, share=0.4), _rec(1, "sparse", 45, 0.2, 0.4, skip=True, t=500, share=0.02),
+        _rec(1, "full", 45, 0.2, 0.3), _rec(1, "lora", 45, 0.1, 0.7),
+    ]
+    matched = matched_by_seed(records)
+    assert matched[0]["target_em"] == 0.3 and matched[1]["target_em"] == 0.1
+    assert matched[0]["sparse_skip_format"]["fact_em"] == 0.4  # the plain sparse arm does not stand in for it
+    assert matched[0]["full"]["step"] == 15  # the checkpoint at the target, not the last
+    over = matched_by_seed(records, over=("sparse_skip_format", "full", "lora"))
+    assert over[1]["target_em"] == 0.1 and over[0]["target_em"] == 0.3  # lora's best sets both here
+    assert matched_by_seed(records[:6], over=("full",))[0]["target_em"] == 0.9
+    with pytest.raises(ValueError, match="not run"):
+        matched_by_seed(records, over=("sparse_t500",))
+    rows = seed_table(matched)
+    assert {(r["seed"], r["arm"]) for r in rows} == {(s, a) for s in (0, 1) for a in Sweep([1], [1], [1], [1]).arms()}
+
+    def start(ppl: float) -> SimpleNamespace:  # what claim_metrics reads of a Start
+        return SimpleNamespace(facts_before={"em": 0.0}, before={"squad_f1": 0.0, "essay_ppl": ppl},
+                               plain_essay_ppl=ppl, background=BackgroundCounts.empty(4))
+
+    ret = Retention(0.5, 0.25, 0.5, 0.1)
+    m = claim_metrics(matched, [start(30.0), start(32.0)], ret, headline="sparse_skip_format")
+    assert m["n_seeds"] == 2 and m["before_essay_ppl"] == 31.0
+    assert m["claim.forgetting_sparse_pct"] == pytest.approx(30.0)  # skip arm: 20% and 40%
+    assert (m["claim.forgetting_sparse_pct.min"], m["claim.forgetting_sparse_pct.max"]) == pytest.approx((20.0, 40.0))
+    assert m["claim.forgetting_baseline_min_pct"] == pytest.approx(20.0)  # full (10, 30) beats lora (50, 70)
+    assert m["claim.forgetting_gap_pct"] == pytest.approx(-10.0)
+    assert m["seed1.lora_forget_world_acc_pct"] == pytest.approx(70.0)
+    assert m["sparse_format_read_share"] == pytest.approx(0.35)
+    assert not any("squad_f1_pct" in k for k in m)  # undefined drops are not logged
+    assert claim_metrics(matched, [start(30.0)] * 2, ret)["claim.forgetting_sparse_pct"] == pytest.approx(90.0)
+    with pytest.raises(ValueError, match="headline must be one of the arms"):
+        claim_metrics(matched, [start(30.0)], ret, headline="sparse_t500")
+    matched[1]["target_em"] = 0.0  # one seed where some arm learned nothing: no claim rows
+    assert not any(k.startswith("claim.") for k in claim_metrics(matched, [start(30.0)] * 2, ret))
+

@@ -21,6 +21,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -219,18 +220,27 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> Start:
                  before, facts, facts_before, plain_ppl)
 
 
+def arm(record: dict) -> str:
+    """A run's arm: its method, or "sparse_skip_format" for sparse runs that leave the QA scaffolding's
+    reads out of the slot counts (records written before arms existed have no "arm" field)."""
+    return "sparse_skip_format" if record.get("skip_format") else record["method"]
+
+
 def run_method(start: Start, method: str, lr: float, t: int | None = None, progress: bool = True,
                skip_format: bool = False) -> list[dict]:
     """Finetune a fresh starting model on the facts with `method`; one record per checkpoint.
 
-    Each record: method, lr, t, step, loss (mean since the last checkpoint), fact_em, the probe
-    scores and their forgetting, and seconds of training so far. Sparse runs add `skip_format`
-    (True: reads by the QA scaffolding tokens do not count when choosing slots), `format_read_share`
-    (of all reads of the slots written so far, the share made by scaffolding tokens) and
-    `top_readers` (the 8 tokens that read the written slots most, with their shares).
+    Each record: seed, arm, method, lr, t, step, loss (mean since the last checkpoint), fact_em, the
+    probe scores and their forgetting, and seconds of training so far. Sparse runs add `skip_format`
+    (True: reads by the QA scaffolding tokens do not count when choosing slots; arm
+    "sparse_skip_format"), `format_read_share` (of all reads of the slots written so far, the share made
+    by scaffolding tokens) and `top_readers` (the 8 tokens that read the written slots most, with their
+    shares).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if skip_format and method != "sparse":
+        raise ValueError("skip_format applies to the sparse method only")
     cfg = start.cfg
     model, tokenizer, memory = start.fresh_model()
     if method == "sparse":
@@ -247,14 +257,15 @@ def run_method(start: Start, method: str, lr: float, t: int | None = None, progr
     texts = training_texts(start.facts)
     batches = text_batches(tokenizer, texts, cfg.batch_size, cfg.steps, max_tokens=cfg.seq_len, seed=cfg.seed)
     records, losses, seconds = [], [], 0.0
-    for step, batch in enumerate(tqdm(batches, total=cfg.steps, desc=f"{method} lr={lr} t={t}",
+    name = arm({"method": method, "skip_format": skip_format})
+    for step, batch in enumerate(tqdm(batches, total=cfg.steps, desc=f"seed {cfg.seed} {name} lr={lr} t={t}",
                                       disable=not progress), start=1):
         tic = time.perf_counter()
         losses.append(trainer.step(batch))
         seconds += time.perf_counter() - tic
         if step % cfg.eval_every == 0 or step == cfg.steps:
             after = probe_scores(model, tokenizer, start.probes)
-            records.append({"method": method, "lr": lr, "t": t, "step": step,
+            records.append({"seed": cfg.seed, "arm": name, "method": method, "lr": lr, "t": t, "step": step,
                             "loss": sum(losses) / len(losses), "fact_em": fact_scores(model, tokenizer, start.facts)["em"],
                             **after, **forgetting(start.before, after), "train_seconds": seconds})
             if method == "sparse":
@@ -262,9 +273,40 @@ def run_method(start: Start, method: str, lr: float, t: int | None = None, progr
             losses = []
             if progress:
                 r = records[-1]
-                print(f"{method} lr={lr:g} t={t} step {step}: loss {r['loss']:.3f}, fact EM {r['fact_em']:.3f}, "
-                      f"SQuAD F1 {r['squad_f1']:.3f}, world {r['world_acc']:.3f}, ppl {r['essay_ppl']:.2f}", flush=True)
+                print(f"seed {cfg.seed} {name} lr={lr:g} t={t} step {step}: loss {r['loss']:.3f}, fact EM "
+                      f"{r['fact_em']:.3f}, SQuAD F1 {r['squad_f1']:.3f}, world {r['world_acc']:.3f}, "
+                      f"ppl {r['essay_ppl']:.2f}", flush=True)
     return records
+
+
+@dataclass
+class Sweep:
+    """The runs every seed gets: sparse finetuning at each (t, lr), full finetuning and LoRA at each lr.
+    `skip_format` runs each sparse (t, lr) a second time with the QA scaffolding's reads left out of
+    the slot counts (arm "sparse_skip_format", issue 16's format-slot test)."""
+
+    sparse_ts: list[int]
+    sparse_lrs: list[float]
+    full_lrs: list[float]
+    lora_lrs: list[float]
+    skip_format: bool = True
+
+    def runs(self) -> list[tuple[str, float, int | None, bool]]:
+        """(method, lr, t, skip_format) per run."""
+        skips = (False, True) if self.skip_format else (False,)
+        sparse = [("sparse", lr, t, skip) for t in self.sparse_ts for lr in self.sparse_lrs for skip in skips]
+        return (sparse + [("full", lr, None, False) for lr in self.full_lrs]
+                + [("lora", lr, None, False) for lr in self.lora_lrs])
+
+    def arms(self) -> list[str]:
+        """The arms the runs belong to, in run order."""
+        return list(dict.fromkeys(arm({"method": m, "skip_format": skip}) for m, _, _, skip in self.runs()))
+
+
+def run_sweep(start: Start, sweep: Sweep, progress: bool = True) -> list[dict]:
+    """Every run of `sweep` from `start`: the records of `run_method`, concatenated."""
+    return [r for method, lr, t, skip in sweep.runs()
+            for r in run_method(start, method, lr, t, progress=progress, skip_format=skip)]
 
 
 def reader_shares(reads_by_token: torch.Tensor, tokenizer, top: int = 8) -> dict:
@@ -276,74 +318,82 @@ def reader_shares(reads_by_token: torch.Tensor, tokenizer, top: int = 8) -> dict
             "top_readers": [(tokenizer.decode([i]), round(int(reads_by_token[i]) / total, 3)) for i in best]}
 
 
-def matched_comparison(records: list[dict], target_em: float | None = None, key: str = "forget_squad_f1") -> dict:
-    """Per method, the checkpoint whose fact EM is closest to `target_em` (ties: least forgetting).
+def matched_comparison(records: list[dict], target_em: float | None = None, key: str = "forget_squad_f1",
+                       over: Sequence[str] | None = None) -> dict:
+    """Per arm (`arm(record)`), the checkpoint whose fact EM is closest to `target_em` (ties: least
+    forgetting on `key`).
 
-    Default target: the highest EM that every method reaches at some checkpoint, i.e. the
-    acquisition level at which all methods can be compared (the paper's protocol).
-    Returns {"target_em": x, method: record}.
+    Default target: the highest EM that every arm in `over` (default: every arm) reaches at some
+    checkpoint, i.e. the acquisition level at which they can all be compared (the paper's protocol);
+    arms outside `over` are read at that level too. Pass one seed's records.
+    Returns {"target_em": x, arm: record}.
     """
     if not records:
         raise ValueError("records is empty; run some methods first")
-    methods = sorted({r["method"] for r in records})
+    arms = sorted({arm(r) for r in records})
+    if over is not None and not set(over) <= set(arms):
+        raise ValueError(f"over names arms that were not run: {sorted(set(over) - set(arms))}; run: {arms}")
     if target_em is None:
-        target_em = min(max(r["fact_em"] for r in records if r["method"] == m) for m in methods)
+        target_em = min(max(r["fact_em"] for r in records if arm(r) == a) for a in (over or arms))
     out: dict = {"target_em": target_em}
-    for m in methods:
-        mine = [r for r in records if r["method"] == m]
-        out[m] = min(mine, key=lambda r: (abs(r["fact_em"] - target_em),
+    for a in arms:
+        mine = [r for r in records if arm(r) == a]
+        out[a] = min(mine, key=lambda r: (abs(r["fact_em"] - target_em),
                                           r[key] if not math.isnan(r[key]) else math.inf))
     return out
+
+
+def matched_by_seed(records: list[dict], key: str = "forget_world_acc", over: Sequence[str] | None = None) -> dict[int, dict]:
+    """`matched_comparison` within each seed: every seed has its own start, facts and acquisition target."""
+    seeds = sorted({r["seed"] for r in records})
+    return {s: matched_comparison([r for r in records if r["seed"] == s], key=key, over=over) for s in seeds}
 
 
 FORGET_PROBES = ("world_acc", "squad_f1", "essay_ppl")
 
 
-def format_test(plain: list[dict], skip: list[dict], target_em: float) -> list[dict]:
-    """Issue 16's format-slot test: per t, the sparse run that counts every token's reads ("plain") and
-    the one that leaves the QA scaffolding's reads out ("skip_format"), each at its checkpoint closest to
-    `target_em` (ties: less world-fact forgetting), side by side. Other methods' records are ignored."""
-    plain, skip = ([r for r in recs if r["method"] == "sparse"] for recs in (plain, skip))
+def seed_table(matched: dict[int, dict]) -> list[dict]:
+    """One row per (seed, arm) at matched acquisition: lr, t, step, fact EM, forgetting on every probe
+    and, for sparse arms, the scaffolding's share of the written slots' reads and the top readers."""
     rows = []
-    for t in sorted({r["t"] for r in plain} | {r["t"] for r in skip}):
-        for counts, recs in (("plain", plain), ("skip_format", skip)):
-            mine = [r for r in recs if r["t"] == t]
-            if not mine:
-                continue
-            r = min(mine, key=lambda r: (abs(r["fact_em"] - target_em), r["forget_world_acc"]))
-            rows.append({"t": t, "counts": counts, "lr": r["lr"], "step": r["step"], "fact_em": r["fact_em"],
+    for seed, m in matched.items():
+        for name in (a for a in m if a != "target_em"):
+            r = m[name]
+            rows.append({"seed": seed, "arm": name, "target_em": m["target_em"], "lr": r["lr"], "t": r["t"],
+                         "step": r["step"], "fact_em": r["fact_em"],
                          **{f"forget_{p}": r[f"forget_{p}"] for p in FORGET_PROBES},
-                         "format_read_share": r["format_read_share"], "top_readers": r["top_readers"]})
+                         "format_read_share": r.get("format_read_share"), "top_readers": r.get("top_readers")})
     return rows
 
 
-def format_test_metrics(rows: list[dict]) -> dict[str, float]:
-    """MLflow metrics of `format_test` rows: format_test.t<t>.<counts>.<what> (undefined drops left out)."""
-    out = {}
-    for r in rows:
-        prefix = f"format_test.t{r['t']}.{r['counts']}"
-        out[f"{prefix}.fact_em"] = r["fact_em"]
-        out[f"{prefix}.format_read_share"] = r["format_read_share"]
-        for p in FORGET_PROBES:
-            if math.isfinite(r[f"forget_{p}"]):
-                out[f"{prefix}.forget_{p}_pct"] = 100 * r[f"forget_{p}"]
-    return out
+def claim_metrics(matched: dict[int, dict], starts: list[Start], retention, forget_probe: str = "world_acc",
+                  headline: str = "sparse") -> dict[str, float]:
+    """Ledger metrics of notebook 07 at matched acquisition, over seeds (`matched_by_seed`).
 
-
-def claim_metrics(matched: dict, start: Start, retention, forget_probe: str = "world_acc") -> dict[str, float]:
-    """Ledger metrics of notebook 07 at matched acquisition: each method's forgetting on every probe,
-    and the claim rows read on `forget_probe` (the closed-book world facts stand in for the paper's
-    NaturalQuestions). A relative drop over a zero "before" score is undefined and left out; the
-    claim rows are left out when some method learned nothing (no common acquisition level)."""
+    Per arm: mean fact EM and mean forgetting on every probe, with `.min` / `.max` over seeds; per
+    seed: `seed<s>.<arm>_forget_<probe>_pct`. The claim rows read `forget_probe` (the closed-book
+    world facts stand in for the paper's NaturalQuestions): `headline` (the sparse arm the claim is
+    read on) against the better of full finetuning and LoRA, each a mean over seeds, with the spread.
+    A relative drop over a zero "before" score is undefined and left out; the claim rows are left out
+    when in some seed an arm learned nothing (no common acquisition level).
+    """
     if forget_probe not in FORGET_PROBES:
         raise ValueError(f"forget_probe must be one of {FORGET_PROBES}, got {forget_probe!r}")
+    arms = sorted({a for m in matched.values() for a in m if a != "target_em"})
+    if headline not in arms:
+        raise ValueError(f"headline must be one of the arms run, {arms}, got {headline!r}")
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
     metrics = {
-        "fact_em_target": matched["target_em"],
-        "facts_before_em": start.facts_before["em"],
-        "before_squad_f1": start.before["squad_f1"],
-        "before_essay_ppl": start.before["essay_ppl"],
-        "plain_essay_ppl": start.plain_essay_ppl,
-        "memory_used_fraction": start.background.used_fraction,
+        "n_seeds": len(matched),
+        "fact_em_target": mean([m["target_em"] for m in matched.values()]),
+        "facts_before_em": mean([s.facts_before["em"] for s in starts]),
+        "before_squad_f1": mean([s.before["squad_f1"] for s in starts]),
+        "before_essay_ppl": mean([s.before["essay_ppl"] for s in starts]),
+        "plain_essay_ppl": mean([s.plain_essay_ppl for s in starts]),
+        "memory_used_fraction": mean([s.background.used_fraction for s in starts]),
         "domain_a_after_a": retention.a_after_a,
         "domain_a_after_b": retention.a_after_b,
         "domain_b_after_b": retention.b_after_b,
@@ -351,16 +401,27 @@ def claim_metrics(matched: dict, start: Start, retention, forget_probe: str = "w
     }
     if retention.a_after_a > 0:
         metrics["domain_retention"] = retention.retention
-    for m in ("sparse", "full", "lora"):
-        r = matched[m]
-        metrics[f"{m}_fact_em"] = r["fact_em"]
+
+    def spread(name: str, values: list[float]) -> None:
+        values = [v for v in values if math.isfinite(v)]
+        if len(values) == len(matched):  # a mean over fewer seeds would not be the same quantity
+            metrics.update({name: mean(values), f"{name}.min": min(values), f"{name}.max": max(values)})
+
+    for a in arms:
+        spread(f"{a}_fact_em", [m[a]["fact_em"] for m in matched.values()])
         for probe in FORGET_PROBES:
-            if math.isfinite(r[f"forget_{probe}"]):
-                metrics[f"{m}_forget_{probe}_pct"] = 100 * r[f"forget_{probe}"]
-    if matched["target_em"] > 0:
-        claimed = {m: 100 * matched[m][f"forget_{forget_probe}"] for m in ("sparse", "full", "lora")}
-        baseline_min = min(claimed["full"], claimed["lora"])
-        metrics["claim.forgetting_sparse_pct"] = claimed["sparse"]
-        metrics["claim.forgetting_baseline_min_pct"] = baseline_min
-        metrics["claim.forgetting_gap_pct"] = baseline_min - claimed["sparse"]
+            drops = [100 * m[a][f"forget_{probe}"] for m in matched.values()]
+            spread(f"{a}_forget_{probe}_pct", drops)
+            for seed, drop in zip(matched, drops):
+                if math.isfinite(drop):
+                    metrics[f"seed{seed}.{a}_forget_{probe}_pct"] = drop
+        if a.startswith("sparse"):
+            spread(f"{a}_format_read_share", [m[a]["format_read_share"] for m in matched.values()])
+    if all(m["target_em"] > 0 for m in matched.values()):
+        per_seed = {a: [100 * m[a][f"forget_{forget_probe}"] for m in matched.values()]
+                    for a in (headline, "full", "lora")}
+        better = min(("full", "lora"), key=lambda a: mean(per_seed[a]))
+        spread("claim.forgetting_sparse_pct", per_seed[headline])
+        spread("claim.forgetting_baseline_min_pct", per_seed[better])
+        spread("claim.forgetting_gap_pct", [b - s for b, s in zip(per_seed[better], per_seed[headline])])
     return metrics

@@ -19,12 +19,14 @@ from permkv.knowledge.train import text_batches
 
 
 class KnowledgeCache:
-    """Sparse-memory knowledge store on top of a model that already holds a (pretrained) memory."""
+    """Sparse-memory knowledge store on top of a model that already holds a (pretrained) memory.
+    `skip_tokens`: token ids whose reads do not count when choosing slots (see `SparseMemoryTrainer`)."""
 
     def __init__(self, model, tokenizer, memory: ProductKeyMemory, background: BackgroundCounts,
-                 t: int, lr: float, batch_size: int = 8, max_tokens: int = 64, seed: int = 0) -> None:
+                 t: int, lr: float, batch_size: int = 8, max_tokens: int = 64, seed: int = 0,
+                 skip_tokens: list[int] | None = None) -> None:
         self.model, self.tokenizer, self.memory = model, tokenizer, memory
-        self.trainer = SparseMemoryTrainer(model, memory, background, t, lr)
+        self.trainer = SparseMemoryTrainer(model, memory, background, t, lr, skip_tokens=skip_tokens)
         self.batch_size, self.max_tokens, self.seed = batch_size, max_tokens, seed
         self.domains: dict[str, torch.Tensor] = {}  # domain -> (n_slots,) summed TF-IDF while learning it
         self.writes: dict[str, torch.Tensor] = {}  # domain -> (n_slots,) steps that wrote each slot

@@ -1,0 +1,66 @@
+"""Issue 16 across seeds at matched acquisition: every arm (sparse with all tokens' reads, sparse with the QA
+scaffolding's reads left out, full finetuning, LoRA) at its checkpoint closest to the fact EM all arms of
+that seed reach (the plain sparse arm, which learns least, is read at the level the others set), with
+notebook 07's own matching (`matched_by_seed`). Inputs, all at notebook 07's cpu
+settings (24 facts, 45 steps, checkpoints every 15): the sparse runs of scripts/issue16/format_slots.py
+(t=500, the t every seed ran) and the baselines of scripts/issue16/baselines.py; for seed 0 without
+baselines_seed0.json, the full / LoRA runs of notebook 07's cpu run (reports/cpu/07_.../records.json).
+
+    PYTHONPATH=. python scripts/issue16/matched.py   # writes reports/issue16/matched.md and matched.json
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from permkv.experiments.continual_learning import FORGET_PROBES, arm, matched_by_seed, seed_table
+
+DIR = Path("reports/issue16")
+HEADLINE = "sparse_skip_format"  # the arm whose acquisition, with full finetuning's and LoRA's, sets the target
+
+
+def load() -> list[dict]:
+    """Records of every seed, tagged with their seed."""
+    records = []
+    for path in sorted(DIR.glob("format_slots*.json")) + sorted(DIR.glob("baselines_seed*.json")):
+        d = json.loads(path.read_text())
+        records += [r | {"seed": d["config"]["seed"]} for r in d["runs"] if r["method"] != "sparse" or r["t"] == 500]
+    if not (DIR / "baselines_seed0.json").exists():
+        notebook = json.loads(Path("reports/cpu/07_continual_learning_forgetting/records.json").read_text())
+        records += [r | {"seed": 0} for r in notebook if r["method"] != "sparse"]
+    return records
+
+
+def main() -> None:
+    records = load()
+    arms_of = {s: {arm(r) for r in records if r["seed"] == s} for s in {r["seed"] for r in records}}
+    complete = [s for s, arms in sorted(arms_of.items()) if {HEADLINE, "full", "lora"} <= arms]
+    print(f"seeds with every arm: {complete}; left out: {sorted(set(arms_of) - set(complete))}")
+    records = [r for r in records if r["seed"] in complete]
+    matched = matched_by_seed(records, key="forget_world_acc", over=(HEADLINE, "full", "lora"))
+    table = pd.DataFrame(seed_table(matched))
+    for p in FORGET_PROBES:
+        table[f"forget_{p}"] *= 100
+    cols = ["seed", "arm", "target_em", "lr", "step", "fact_em", *[f"forget_{p}" for p in FORGET_PROBES], "format_read_share"]
+    lines = ["Per seed, every arm at matched acquisition (forgetting in %, relative drop):", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+             *("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |"
+               for row in table[cols].itertuples(index=False)), "",
+             "Mean over seeds (range):", "", "| arm | seeds | fact EM | world facts forgotten | essay ppl rise |", "|---|---|---|---|---|"]
+    for name, rows in table.groupby("arm", sort=False):
+        def cell(col: str, fmt: str) -> str:
+            v = [x for x in rows[col] if math.isfinite(x)]
+            return f"{fmt.format(sum(v) / len(v))} ({fmt.format(min(v))} to {fmt.format(max(v))})"
+        lines.append(f"| {name} | {len(rows)} | {cell('fact_em', '{:.2f}')} | {cell('forget_world_acc', '{:.0f}%')} | "
+                     f"{cell('forget_essay_ppl', '{:.0f}%')} |")
+    runs = sorted({(r["seed"], arm(r), r["lr"]) for r in records})
+    lines += ["", f"Runs: {len(runs)} (seed, arm, lr): {runs}"]
+    (DIR / "matched.md").write_text("\n".join(lines) + "\n")
+    (DIR / "matched.json").write_text(json.dumps({"matched": {str(s): m for s, m in matched.items()}}, indent=1, default=str))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
