@@ -39,6 +39,10 @@ def main() -> None:
     complete = [s for s, arms in sorted(arms_of.items()) if {HEADLINE, "full", "lora"} <= arms]
     print(f"seeds with every arm: {complete}; left out: {sorted(set(arms_of) - set(complete))}")
     records = [r for r in records if r["seed"] in complete]
+    grids = [{(arm(r), r["lr"]) for r in records if r["seed"] == s} for s in complete]
+    common = set.intersection(*grids)  # every seed gets the same grid: runs some seeds lack are left out
+    print(f"runs left out (not in every seed): {sorted(set.union(*grids) - common)}")
+    records = [r for r in records if (arm(r), r["lr"]) in common]
     matched = matched_by_seed(records, key="forget_world_acc", over=(HEADLINE, "full", "lora"))
     table = pd.DataFrame(seed_table(matched))
     for p in FORGET_PROBES:
