@@ -33,6 +33,11 @@ def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     assert rows[needle.claim]["verdict"] == "not reproduced"
     assert rows[needle.claim]["measured"] == "0.5 (cpu, n_samples=30)"  # the samples behind the value
     assert all(r["verdict"] == "not yet measured" for r in rows.values() if r["experiment"] == "04_speculative_decoding")
+    with tracking.run("07_continual_learning_forgetting", {"n_facts": 24}, profile="cpu"):  # a mean over seeds
+        tracking.log_metrics({"claim.forgetting_sparse_pct": 30.0, "claim.forgetting_sparse_pct.min": 20.0,
+                              "claim.forgetting_sparse_pct.max": 40.0})
+    row = next(r for r in claims.ledger_rows() if r["claim"].startswith("Sparse memory finetuning forgets 11%"))
+    assert row["measured"] == "30 (cpu, n_facts=24; seeds' range 20 to 40)" and row["verdict"] == "not reproduced"
     c = claims.Claim("x", "x", "s", "1", "c", "e", "m", target=11.0, higher_is_better=False)
     assert claims.verdict(c, 9.0) == "reproduced" and claims.verdict(c, 12.0) == "not reproduced"
     assert claims.verdict(c, None) == "not yet measured"
