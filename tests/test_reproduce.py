@@ -292,6 +292,18 @@ def test_executed_notebooks_are_clean(quick_store):
                 assert "nan%" not in text and " nan " not in text, f"{nb_path.stem}: {text[:200]}"
 
 
+def test_generated_files_are_not_tracked():
+    """Files every run rewrites (the ledger, the durations lock) must stay untracked, or the quick profile
+    run by the tests changes the tree (a `git add -f` of reports/ once tracked reports/claims.md)."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "reports/claims.md", "reports/durations.lock"],
+                            cwd=tracking.ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert listed.stdout == "", f"generated files are tracked: {listed.stdout}"
+
+
 def test_tests_leave_the_tree_clean(quick_store):
     """Running the notebooks writes only ignored outputs (reports/<profile>/, the throwaway stores): no
     ./mlruns, no change to tracked files. In CI (a fresh clone) `git status` must be empty."""
