@@ -7,8 +7,10 @@ settings (24 facts, 45 steps, checkpoints every 15): the sparse runs of scripts/
 baselines_seed0.json, the full / LoRA runs of notebook 07's cpu run (reports/cpu/07_.../records.json).
 
     PYTHONPATH=. python scripts/issue16/matched.py   # writes reports/issue16/matched.md and matched.json
+    PYTHONPATH=. python scripts/issue16/matched.py --facts64   # scripts/issue16/facts64.py's runs -> matched64.*
 """
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -21,8 +23,11 @@ DIR = Path("reports/issue16")
 HEADLINE = "sparse_skip_format"  # the arm whose acquisition, with full finetuning's and LoRA's, sets the target
 
 
-def load() -> list[dict]:
+def load(facts64: bool) -> list[dict]:
     """Records of every seed, tagged with their seed."""
+    if facts64:
+        return [r | {"seed": d["config"]["seed"]} for path in sorted(DIR.glob("facts64_seed*.json"))
+                for d in [json.loads(path.read_text())] for r in d["runs"]]
     records = []
     for path in sorted(DIR.glob("format_slots*.json")) + sorted(DIR.glob("baselines_seed*.json")):
         d = json.loads(path.read_text())
@@ -34,7 +39,11 @@ def load() -> list[dict]:
 
 
 def main() -> None:
-    records = load()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--facts64", action="store_true", help="the 64-fact runs (reports/issue16/facts64_seed*.json)")
+    args = parser.parse_args()
+    stem = "matched64" if args.facts64 else "matched"
+    records = load(args.facts64)
     arms_of = {s: {arm(r) for r in records if r["seed"] == s} for s in {r["seed"] for r in records}}
     complete = [s for s, arms in sorted(arms_of.items()) if {HEADLINE, "full", "lora"} <= arms]
     print(f"seeds with every arm: {complete}; left out: {sorted(set(arms_of) - set(complete))}")
@@ -61,8 +70,8 @@ def main() -> None:
                      f"{cell('forget_essay_ppl', '{:.0f}%')} |")
     runs = sorted({(r["seed"], arm(r), r["lr"]) for r in records})
     lines += ["", f"Runs: {len(runs)} (seed, arm, lr): {runs}"]
-    (DIR / "matched.md").write_text("\n".join(lines) + "\n")
-    (DIR / "matched.json").write_text(json.dumps({"matched": {str(s): m for s, m in matched.items()}}, indent=1, default=str))
+    (DIR / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (DIR / f"{stem}.json").write_text(json.dumps({"matched": {str(s): m for s, m in matched.items()}}, indent=1, default=str))
     print("\n".join(lines))
 
 
