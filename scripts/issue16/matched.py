@@ -3,8 +3,9 @@ scaffolding's reads left out, full finetuning, LoRA) at its checkpoint closest t
 that seed reach (the plain sparse arm, which learns least, is read at the level the others set), with
 notebook 07's own matching (`matched_by_seed`). Inputs, all at notebook 07's cpu
 settings (24 facts, 45 steps, checkpoints every 15): the sparse runs of scripts/issue16/format_slots.py
-(t=500, the t every seed ran) and the baselines of scripts/issue16/baselines.py; for seed 0 without
-baselines_seed0.json, the full / LoRA runs of notebook 07's cpu run (reports/cpu/07_.../records.json).
+(t=500, the t every seed ran) and the baselines of scripts/issue16/baselines.py (seed 0's: the full / LoRA runs
+of notebook 07's cpu run at commit c5fce2a, kept in baselines_seed0.json since the notebook's 3-seed run
+rewrote its records.json).
 
     PYTHONPATH=. python scripts/issue16/matched.py   # writes reports/issue16/matched.md and matched.json
     PYTHONPATH=. python scripts/issue16/matched.py --facts64   # scripts/issue16/facts64.py's runs -> matched64.*
@@ -24,17 +25,15 @@ HEADLINE = "sparse_skip_format"  # the arm whose acquisition, with full finetuni
 
 
 def load(facts64: bool) -> list[dict]:
-    """Records of every seed, tagged with their seed."""
+    """Records of every seed, tagged with their seed (sparse runs at t=500, the t every seed ran)."""
     if facts64:
-        return [r | {"seed": d["config"]["seed"]} for path in sorted(DIR.glob("facts64_seed*.json"))
-                for d in [json.loads(path.read_text())] for r in d["runs"]]
+        paths = sorted(DIR.glob("facts64_seed*.json"))
+    else:
+        paths = sorted(DIR.glob("format_slots*.json")) + sorted(DIR.glob("baselines_seed*.json"))
     records = []
-    for path in sorted(DIR.glob("format_slots*.json")) + sorted(DIR.glob("baselines_seed*.json")):
+    for path in paths:
         d = json.loads(path.read_text())
         records += [r | {"seed": d["config"]["seed"]} for r in d["runs"] if r["method"] != "sparse" or r["t"] == 500]
-    if not (DIR / "baselines_seed0.json").exists():
-        notebook = json.loads(Path("reports/cpu/07_continual_learning_forgetting/records.json").read_text())
-        records += [r | {"seed": 0} for r in notebook if r["method"] != "sparse"]
     return records
 
 
