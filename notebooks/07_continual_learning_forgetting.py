@@ -44,7 +44,7 @@ import pandas as pd
 
 from permkv.data import make_facts
 from permkv.experiments.continual_learning import (
-    FORGET_PROBES, ExperimentConfig, Sweep, claim_metrics, matched_by_seed, prepare, run_sweep, seed_table,
+    FORGET_PROBES, ExperimentConfig, Sweep, claim_metrics, matched_by_seed, run_seeds, seed_table,
 )
 from permkv.harness import tracking
 from permkv.knowledge import KnowledgeCache, MemoryConfig, domain_retention
@@ -75,6 +75,7 @@ DOMAIN_FACTS = 8
 DOMAIN_STEPS = 4
 FORGET_PROBE = "world_acc"  # the claim's forgetting probe: world_acc (closed-book facts, like the paper's NQ), squad_f1, essay_ppl
 SEEDS = [0]  # each seed: its own memory init, background, facts and probes; every run of the sweep per seed
+WORKERS = 1  # processes the runs are spread over, one torch thread each (2 on this 2-core machine)
 
 # %%
 if FORGET_PROBE not in FORGET_PROBES:
@@ -93,13 +94,14 @@ if HEADLINE not in sweep.arms() or not HEADLINE.startswith("sparse"):
 print(f"{len(SEEDS)} seeds x {len(sweep.runs())} runs of {STEPS} steps")
 
 # %% [markdown]
-# ## The shared starting model, per seed
-# Memory inserted (values zero, so outputs unchanged), its inputs calibrated and its values pretrained
-# on background text (cached on disk, keyed by its settings); slot usage and the "before" scores every
-# method of that seed starts from.
+# ## The shared starting model per seed, and the learning-rate sweeps
+# Per seed: memory inserted (values zero, so outputs unchanged), its inputs calibrated and its values
+# pretrained on background text (cached on disk, keyed by its settings); slot usage and the "before"
+# scores every method of that seed starts from. Then every run of the sweep from that start: the same
+# facts and step budget for every method.
 
 # %%
-starts = [prepare(cfg) for cfg in configs]
+starts, records = run_seeds(configs, sweep, workers=WORKERS)
 for start in starts:
     quarter = max(1, len(start.pretrain_losses) // 4)
     first, last = start.pretrain_losses[:quarter], start.pretrain_losses[-quarter:]
@@ -108,11 +110,7 @@ for start in starts:
           f"background text; essay ppl {start.before['essay_ppl']:.2f} with the memory, {start.plain_essay_ppl:.2f} "
           f"without; probes {start.probes.sizes()}; before {start.before}")
 
-# %% [markdown]
-# ## Learning-rate sweeps, the same facts and step budget for every method, every seed
-
 # %%
-records = [r for start in starts for r in run_sweep(start, sweep)]
 pd.DataFrame(records).drop(columns=["top_readers"], errors="ignore").round(3)  # NaN: a drop from 0 (undefined)
 
 # %% [markdown]
@@ -200,7 +198,7 @@ print("most important slots for A:", cache.importance("A").topk(5).indices.tolis
 # %%
 metrics = claim_metrics(matched, starts, ret, FORGET_PROBE, headline=HEADLINE)
 params = configs[0].to_params() | {"seeds": SEEDS, "format_test": FORMAT_TEST, "headline": HEADLINE,
-                                   "forget_probe": FORGET_PROBE}
+                                   "forget_probe": FORGET_PROBE, "workers": WORKERS}
 tracking.publish("07_continual_learning_forgetting", params, PROFILE, metrics, figures={"acquisition_vs_forgetting.png": fig},
                  tables={"records": records, "matched": table.to_dict("records")})
 metrics

@@ -10,7 +10,7 @@ import torch
 
 from permkv.data import load_essays, make_facts, training_texts
 from permkv.experiments.continual_learning import (
-    Sweep, arm, claim_metrics, forgetting, generate_answers, matched_by_seed, seed_table,
+    ExperimentConfig, Sweep, arm, claim_metrics, forgetting, generate_answers, matched_by_seed, run_seeds, seed_table,
 )
 from permkv.knowledge import (
     FEW_SHOT, BackgroundCounts, KnowledgeCache, MemoryConfig, ProductKeyMemory, SparseMemoryTrainer, doc_counts,
@@ -285,6 +285,21 @@ def test_sweep_runs_and_arms():
     assert sweep.arms() == ["sparse", "sparse_skip_format", "full", "lora"]
     assert Sweep([500], [3e4], [], [1e-3], skip_format=False).arms() == ["sparse", "lora"]
     assert arm({"method": "full"}) == "full" and arm(_rec(0, "sparse", 1, 0, 0, skip=True)) == "sparse_skip_format"
+
+
+def test_runs_in_worker_processes_match_one_process():
+    cfg = ExperimentConfig(memory=SMALL, pretrain_steps=2, background_batches=2, n_facts=4, steps=2, eval_every=2,
+                           n_squad=2, world_max=2, essay_tokens=64)
+    sweep = Sweep([100], [3e4], [1e-4], [1e-3], skip_format=False)
+    torch.manual_seed(123)  # run_method seeds itself: the global state before it must not matter
+    _, serial = run_seeds([cfg], sweep, workers=1, progress=False)
+    starts, parallel = run_seeds([cfg], sweep, workers=2, progress=False)
+    assert starts[0].cfg == cfg and len(parallel) == len(sweep.runs())
+    for a, b in zip(serial, parallel, strict=True):
+        assert (a["arm"], a["lr"], a["step"], a["fact_em"]) == (b["arm"], b["lr"], b["step"], b["fact_em"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)  # one thread in the workers: rounding only
+    with pytest.raises(ValueError, match="workers"):
+        run_seeds([cfg], sweep, workers=0)
 
 
 def test_matching_is_per_seed_and_per_arm():
