@@ -1,4 +1,4 @@
-"""Issue 11 on a lent GPU: niah_single, SmolLM2, one prefill per sample and mode (`answer_sample`), the
+"""Issue 11 on a lent GPU (or this CPU, --device cpu): niah_single, SmolLM2 (or --model), one prefill per sample and mode (`answer_sample`), the
 headline against kvpress and random at 2x/8x/64x, cells interleaved sample by sample so that a time budget
 stops every cell at about the same n. Writes <out>/grid_<tag>.json (per-answer rows, environment, wall time) after
 every sample; summaries are made afterwards, on the CPU. Decoding one answer is launch-bound on a GPU, so
@@ -35,11 +35,12 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[2, 8, 64])
     ap.add_argument("--budget-s", type=float, default=460, help="stop starting samples after this many seconds")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--model", default="smollm2-135m", help="a model name of permkv.models (gemma3-270m: its global layers are compressed)")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    tag = f"{'_'.join(map(str, args.lengths))}_{'_'.join(m.split('_')[1] for m in args.modes)}_{args.start}"
+    tag = ("" if args.model == "smollm2-135m" else f"{args.model}_") + f"{'_'.join(map(str, args.lengths))}_{'_'.join(m.split('_')[1] for m in args.modes)}_{args.start}"
     try:
         import kvpress  # noqa: F401
         press_error = None
@@ -47,7 +48,7 @@ def main() -> None:
         press_error = f"{type(e).__name__}: {e}"
     methods = {m: [x for x in args.methods or METHODS[m] if press_error is None or not x.startswith("kvpress")]
                for m in args.modes}
-    model, tok, spec = load_model("smollm2-135m", device=args.device)
+    model, tok, spec = load_model(args.model, device=args.device)
     import transformers
     env = dict(device=str(model.device), gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                torch=torch.__version__, transformers=transformers.__version__, kvpress_error=press_error,
