@@ -1,4 +1,4 @@
-"""Shared by the issue 16 scripts: notebook 07's cpu settings, and a loop that runs and saves after every run
+"""Shared by the issue 16 scripts: notebook 07's earlier cpu settings, and a loop that runs and saves after every run
 (so a stopped job keeps what it finished)."""
 
 import json
@@ -11,7 +11,8 @@ from permkv.knowledge import MemoryConfig
 
 
 def cpu_config(seed: int) -> ExperimentConfig:
-    """params/cpu/07_continual_learning_forgetting.yaml's settings for one seed."""
+    """Notebook 07's cpu settings before issue 16's 64-fact profile (24 facts, 45 steps), for one seed; the
+    64-fact scripts override the fact count, steps and checkpoints."""
     return ExperimentConfig(
         memory=MemoryConfig(n_keys=256, heads=4, top_k=8), layer=4, pretrain_steps=60, background_batches=32,
         n_facts=24, batch_size=8, steps=45, eval_every=15, n_squad=24, world_max=24, essay_tokens=512, seed=seed,

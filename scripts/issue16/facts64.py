@@ -1,6 +1,6 @@
 """Issue 16 at the paper protocol's fact count, one seed: 64 facts x 6 training texts, 120 steps of 8
 (2.5 passes, as the cpu profile's 45 steps over 24 facts), checkpoints every 30, the cpu profile's arms and
-learning rates (params/full/ has the wider grids and 3 seeds: ~4 h). The most telling runs go first (the
+learning rates. Since then notebook 07's cpu profile runs this protocol itself, with 3-point lr grids. The most telling runs go first (the
 headline sparse arm, then full finetuning and LoRA at the lr each matched at last time), so a stopped job
 still has a matched comparison.
 

@@ -1,7 +1,7 @@
 """Issue 16 across seeds at matched acquisition: every arm (sparse with all tokens' reads, sparse with the QA
 scaffolding's reads left out, full finetuning, LoRA) at its checkpoint closest to the fact EM all arms of
 that seed reach (the plain sparse arm, which learns least, is read at the level the others set), with
-notebook 07's own matching (`matched_by_seed`). Inputs, all at notebook 07's cpu
+notebook 07's own matching (`matched_by_seed`). Inputs, all at notebook 07's earlier cpu
 settings (24 facts, 45 steps, checkpoints every 15): the sparse runs of scripts/issue16/format_slots.py
 (t=500, the t every seed ran) and the baselines of scripts/issue16/baselines.py (seed 0's: the full / LoRA runs
 of notebook 07's cpu run at commit c5fce2a, kept in baselines_seed0.json since the notebook's 3-seed run
