@@ -128,3 +128,17 @@ def test_headline_at_1_01x_and_1_1x_keeps_the_needles_the_full_cache_finds(smol)
         rows = cq.answer_sample(model, tok, sample, spec, "query_aware", ["permkv"], [1.01, 1.1], 32)
         by = {(r["method"], r["ratio"]): r["score"] for r in rows}
         assert by["permkv", 1.01] >= by["full", 1.0] and by["permkv", 1.1] >= by["full", 1.0], rows
+
+
+@pytest.mark.slow
+def test_grid_in_worker_processes_matches_one_process(smol):
+    """quality_grid with 2 workers (one torch thread each) gives the one-process rows, in the same order."""
+    model, tok, spec = smol
+    args = (model, tok, spec, ["niah_single"], [300], 2, [4], ["permkv", "kvpress_streaming"], ["query_agnostic"], 1, 8)
+    _, serial = cq.quality_grid(*args)
+    _, parallel = cq.quality_grid(*args, workers=2)
+    keys = ("sample", "mode", "method", "ratio", "output", "score", "kept")
+    assert [tuple(r.get(k) for k in keys) for r in parallel] == [tuple(r.get(k) for k in keys) for r in serial]
+    assert len(serial) == 2 * 3
+    with pytest.raises(ValueError, match="workers"):
+        cq.quality_grid(*args, workers=0)

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from permkv.compress import (
 )
 from permkv.data import MODES, TASKS, Sample, build_task, encode_sample
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line, greedy_decode, stop_ids
+from permkv.experiments.workers import process_pool
+from permkv.models import load_model
 
 
 # ----- one prefill per sample and mode ---------------------------------------------------------------
@@ -230,27 +233,49 @@ def _report_fields(report: CompressionReport) -> dict:
 
 def quality_grid(model, tokenizer, spec, tasks: Sequence[str], lengths: Sequence[int], n: int, ratios: Sequence[float],
                  methods: Sequence[str], modes: Sequence[str] = MODES, seed: int = 0, max_new_tokens: int = 32,
-                 ) -> tuple[list[dict], list[dict]]:
+                 workers: int = 1) -> tuple[list[dict], list[dict]]:
     """Score every (task, length, mode, method, ratio) and the full cache on the same samples.
 
     Returns `rows` (one per cell: score, bootstrap CI, n, full-cache score on the same samples,
     retention, measured bytes and achieved ratio) and `per_sample` (one per answer, with the
-    per-(layer, head) tokens kept, for the budget heatmap)."""
+    per-(layer, head) tokens kept, for the budget heatmap).
+
+    workers > 1: the (sample, mode) answers go to that many processes with one torch thread each (each
+    loads the model by `spec.name`); rows come back in the same order as with one worker."""
+    positive_int("workers", workers)
     check_methods(methods)
     if "perplexity" in tasks or any(t not in TASKS for t in tasks):
         raise ValueError(f"tasks must be question-answering tasks of {TASKS[:-1]}, got {list(tasks)!r}")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"modes must be of {MODES}, got {list(modes)!r}")
-    per_sample = []
-    cells = [(t, length) for t in tasks for length in lengths]
-    for task, length in cells:
-        samples = build_task(task, tokenizer, spec, n, length, seed=seed, max_new_tokens=max_new_tokens)
-        for mode in modes:
-            for i, sample in enumerate(tqdm(samples, desc=f"{spec.name} {task} {length} {mode}")):
-                for row in answer_sample(model, tokenizer, sample, spec, mode, methods, ratios, max_new_tokens):
-                    per_sample.append(dict(model=spec.name, context_tokens=length, sample=i, **row))
+    jobs = [(length, i, mode, sample) for task in tasks for length in lengths
+            for samples in [build_task(task, tokenizer, spec, n, length, seed=seed, max_new_tokens=max_new_tokens)]
+            for mode in modes for i, sample in enumerate(samples)]
+    desc = f"{spec.name}: {len(jobs)} (sample, mode)"
+    if workers == 1:
+        answers = [answer_sample(model, tokenizer, sample, spec, mode, methods, ratios, max_new_tokens)
+                   for _, _, mode, sample in tqdm(jobs, desc=desc)]
+    else:
+        with process_pool(workers) as pool:
+            futures = [pool.submit(_answer_in_worker, spec.name, str(model.device), sample, mode, methods, ratios,
+                                   max_new_tokens) for _, _, mode, sample in jobs]
+            answers = [f.result() for f in tqdm(futures, desc=f"{desc}, {workers} workers")]
+    per_sample = [dict(model=spec.name, context_tokens=length, sample=i, **row)
+                  for (length, i, _, _), rows in zip(jobs, answers) for row in rows]
     return summarize_cells(per_sample), per_sample
+
+
+@cache
+def _worker_model(name: str, device: str):
+    return load_model(name, device=device)
+
+
+def _answer_in_worker(name: str, device: str, sample: Sample, mode: str, methods: Sequence[str],
+                      ratios: Sequence[float], max_new_tokens: int) -> list[dict]:
+    """`answer_sample` in a worker process, which loads the model once."""
+    model, tokenizer, spec = _worker_model(name, device)
+    return answer_sample(model, tokenizer, sample, spec, mode, methods, ratios, max_new_tokens)
 
 
 def summarize_cells(per_sample: Sequence[dict]) -> list[dict]:
@@ -406,13 +431,14 @@ class CompressionQualityConfig:
     long_methods: list = field(default_factory=lambda: ["permkv"])
     long_modes: list = field(default_factory=lambda: ["query_aware"])
     seed: int = 0
+    workers: int = 1  # processes answering (sample, mode) pairs, one torch thread each
 
     def __post_init__(self):
         check_methods(self.methods)
         check_methods(self.long_methods)
         if self.headline not in self.methods:
             raise ValueError(f"headline must be one of methods {self.methods}, got {self.headline!r}")
-        for name in ("n_samples", "long_n", "max_new_tokens"):
+        for name in ("n_samples", "long_n", "max_new_tokens", "workers"):
             positive_int(name, getattr(self, name))
         for name in ("ratios", "long_ratios"):
             if not getattr(self, name) or any(not isinstance(r, (int, float)) or r < 1 for r in getattr(self, name)):

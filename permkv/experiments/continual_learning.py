@@ -19,11 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import random
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -32,6 +30,7 @@ from tqdm.auto import tqdm
 
 from permkv.data import WORLD_FACTS, Fact, heldout_essays, load_essays, load_squad, make_facts, training_texts
 from permkv.eval import generate, perplexity, token_f1
+from permkv.experiments.workers import process_pool
 from permkv.knowledge.memory import MemoryConfig, ProductKeyMemory, insert_memory, remove_memory
 from permkv.knowledge.recall import FEW_SHOT, fact_scores, greedy_match, qa_format_tokens
 from permkv.knowledge.sparse import BackgroundCounts, SparseMemoryTrainer
@@ -326,9 +325,7 @@ def run_seeds(configs: list[ExperimentConfig], sweep: Sweep, workers: int = 1,
     if workers == 1:
         starts = [prepare(cfg, progress=progress) for cfg in configs]
         return starts, [r for start in starts for r in run_sweep(start, sweep, progress=progress)]
-    # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with process_pool(workers) as pool:
         starts = list(pool.map(partial(prepare, progress=False), configs))
         jobs = [pool.submit(run_method, start, method, lr, t, False, skip)
                 for start in starts for method, lr, t, skip in sweep.runs()]
