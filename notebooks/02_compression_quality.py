@@ -146,9 +146,9 @@ plt.show()
 
 # %%
 long_model, long_tokenizer, long_spec = load_model(cfg.long_model)
-long_rows, long_per_sample = quality_grid(long_model, long_tokenizer, long_spec, cfg.long_tasks, cfg.long_lengths, cfg.long_n,
-                            cfg.long_ratios, cfg.long_methods, cfg.long_modes, cfg.seed, cfg.max_new_tokens,
-                            cfg.workers)
+long_rows, long_per_sample = quality_grid(long_model, long_tokenizer, long_spec, cfg.long_tasks, cfg.long_lengths,
+                                          cfg.long_n, cfg.long_ratios, cfg.long_methods, cfg.long_modes, cfg.seed,
+                                          cfg.max_new_tokens, cfg.workers)
 del long_model
 long_table = pd.DataFrame(long_rows)
 long_table[["model", "task", "context_tokens", "mode", "method", "ratio", "score", "ci_low", "ci_high", "n",
@@ -157,8 +157,9 @@ long_table[["model", "task", "context_tokens", "mode", "method", "ratio", "score
 # %% [markdown]
 # ## Claims: retention, against the best kvpress press, against random
 # `claim.retention_<r>x_<mode>`: the headline's retention over all tasks pooled (samples of at least
-# `CLAIM_TOKENS` context tokens); `long.claim.*` the same on the second model, where the headline ran. `claim.beats_kvpress_<r>x_<mode>`: the lower end of the paired
-# bootstrap 95% CI of (headline - best kvpress press of that ratio and mode); > 0 means it beats it.
+# `CLAIM_TOKENS` context tokens); `long.claim.*` the same on the second model, where the headline ran.
+# `claim.beats_kvpress_<r>x_<mode>`: the lower end of the paired bootstrap 95% CI of (headline - best
+# kvpress press of that ratio and mode); > 0 means it beats it.
 # `claim.vs_random_<r>x_<mode>`: the same against random eviction. `claim.best_beats_kvpress_<r>x_<mode>`
 # and `claim.best_retention_<r>x_<mode>`: the same for permkv's best method at that ratio and mode (chosen
 # on these samples), the rows below whose `a` is not the headline.

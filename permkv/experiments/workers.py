@@ -13,7 +13,5 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of `workers` spawned processes with one torch thread each.
 
     Spawn, not fork: a forked child of a process that already ran OpenMP threads can hang."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=torch.set_num_threads, initargs=(1,))
