@@ -24,10 +24,13 @@
 # = mean score / full-cache mean score on the same samples; the full-cache score is shown beside it,
 # since a retention means little where the full cache already fails (ANCHORS.md s8).
 #
-# The headline `permkv` is KV-Compress's L2-sum attention score read from the last 64 queries with the
-# same budget for every head. KV-Compress's own setting (one global top-k over all heads, 8 queries;
-# `permkv_adaptive`, the headline before issue 11) lost needles that random eviction keeps: the
-# heatmap below shows the heads it drained.
+# The headline is the `HEADLINE` parameter. `permkv` (the library's default, quick profile) is
+# KV-Compress's L2-sum attention score read from the last 64 queries with the same budget for every
+# head; `permkv_kvzip_global` (cpu profile) scores each token by the attention it gets while the model
+# re-reads the context after "repeat the previous context" (KVzip-style, query-agnostic) and keeps one
+# global top-k: the best method of issue 11's runs in both modes. KV-Compress's own setting (one global
+# top-k over all heads, 8 queries; `permkv_adaptive`, the headline before issue 11) lost needles that
+# random eviction keeps: the heatmap below shows the heads it drained.
 
 # %%
 import matplotlib.pyplot as plt
@@ -198,4 +201,5 @@ pd.read_json(quality_path)[["model", "mode", "method", "ratio", "retention", "ci
 tracking.publish("02_compression_quality", cfg, PROFILE, metrics,
                  figures={"scores.png": fig_scores, "budgets.png": fig_heat, "bytes.png": fig_bytes},
                  tables={"rows": table, "long_rows": long_table, "versus_kvpress": versus,
-                         "samples": [{k: v for k, v in s.items() if k != "kept"} for s in per_sample]})
+                         "samples": [{k: v for k, v in s.items() if k != "kept"} for s in per_sample],
+                         "long_samples": [{k: v for k, v in s.items() if k != "kept"} for s in long_per_sample]})

@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 
-from permkv.compress import InferenceKVCacheCompression, QualityTable, observing, paged_cache_for
+from permkv.compress import (
+    KVZIP_SCORER,
+    InferenceKVCacheCompression,
+    QualityTable,
+    observing,
+    paged_cache_for,
+    prefill_and_compress,
+    repeat_prompt_ids,
+)
 from permkv.data import build_task
 from permkv.experiments import compression_quality as cq
 from permkv.experiments.scoring import evaluate
@@ -105,6 +113,26 @@ def test_quality_table_feeds_compress_auto(smol, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"model": "x"}]))
     with pytest.raises(ValueError, match="JSON list"):
         QualityTable.load(tmp_path / "bad.json")
+
+
+def test_quality_table_has_kvzip_rows_for_rereading_compression(smol, tmp_path):
+    """KVzip-style methods (02's headline on the cpu profile) get rows keyed scorer "kvzip", observe 0:
+    `prefill_and_compress(..., reread=...)` reports their measured retention, the attention scorer's
+    setting finds none."""
+    rows = [dict(r, model="smollm2-135m", mode="query_agnostic", method="permkv_kvzip_global") for r in per_sample_rows()
+            if r["method"] == "permkv"]
+    path = cq.write_quality_table(rows, tmp_path / "quality.json")
+    (row,) = json.loads(path.read_text())
+    assert (row["scorer"], row["allocator"], row["observe"], row["n"]) == (KVZIP_SCORER, "global", 0, 6)
+    compression = InferenceKVCacheCompression(allocator="global", quality_table=str(path), model="smollm2-135m",
+                                              mode="query_agnostic")
+    assert compression.estimate(8) is None and compression.estimate(8, reread=True).retention == pytest.approx(1.0)
+    model, tok, spec = smol
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 25, add_special_tokens=False).input_ids[:200]
+    _, _, report = prefill_and_compress(model, ids, 8, compression, reread=repeat_prompt_ids(tok, spec))
+    assert report.quality.retention == pytest.approx(1.0) and report.quality.n == 6
+    _, _, report = prefill_and_compress(model, ids, 8, compression)
+    assert report.quality is None
 
 
 def test_config_errors():

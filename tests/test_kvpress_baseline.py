@@ -9,9 +9,12 @@ from permkv.baselines.kvpress import (
     PRESSES,
     capture_inputs,
     compress_post_hoc,
+    clear_masks,
     dense_report,
     kvpress_answer,
+    kvzip_scored,
     make_press,
+    mask_kvzip,
     prefill_with_press,
 )
 from permkv.compress import Compressor, RecentScore, SnapKVScore, UniformAllocator, fork_sequence, observing, paged_cache_for
@@ -56,6 +59,34 @@ def test_every_press_answers_and_only_masking_ones_keep_their_bytes(smol, prefix
     else:
         assert achieved == pytest.approx(4, rel=0.02)
     assert all(getattr(m, "masked_key_indices", None) is None for m in model.modules() if hasattr(m, "q_proj"))
+
+
+def _masks(model) -> list[list[tuple[int, int]]]:
+    """Each layer's masked (head, position) pairs, sorted."""
+    return [sorted(zip(m.masked_key_indices[1].tolist(), m.masked_key_indices[2].tolist()))
+            for m in model.modules() if hasattr(m, "q_proj")]
+
+
+def test_kvzip_scored_once_masks_as_the_press_at_each_ratio(smol, prefix):
+    """One KVzipPress prefill and re-reading serve every ratio: the same cache, logits and masked keys
+    as running the press at that ratio."""
+    model, _, _ = smol
+    scored = kvzip_scored(model, prefix[:300])
+    assert all(getattr(m, "masked_key_indices", None) is None for m in model.modules() if hasattr(m, "q_proj"))
+    for ratio in (2, 8):
+        want_cache, want_logits = prefill_with_press(model, prefix[:300], make_press("kvzip", ratio))
+        want = _masks(model)
+        clear_masks(model)
+        mask_kvzip(model, scored, ratio)
+        got = _masks(model)
+        clear_masks(model)
+        assert got == want and len(got[0]) > 0, ratio
+        assert torch.equal(scored.logits, want_logits)
+        for (k, v), layer in zip(scored.keys_values, want_cache.layers):
+            assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)
+    cache = scored.cache(model)
+    cache.update(*scored.keys_values[0], 0)  # decoding appends to the fresh cache, not to the scored keys
+    assert scored.keys_values[0][0].shape[2] == 300
 
 
 def _paged(model, prefix):

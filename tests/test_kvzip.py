@@ -30,7 +30,7 @@ def test_max_attention_matches_hand_reference():
             visible = 10 - 3 + i + 1
             a = (queries[0, qh, i] @ keys[0, qh // 2, :visible].T * 8**-0.5).softmax(-1)
             want[qh // 2, :visible] = torch.maximum(want[qh // 2, :visible], a)
-    assert torch.allclose(_max_attention(keys, queries, 3), want, atol=1e-6)
+    assert torch.allclose(_max_attention(keys, queries, 3), want[:, :7], atol=1e-6)  # keys before the re-read's own
 
 
 @pytest.fixture(scope="module")

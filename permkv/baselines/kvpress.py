@@ -7,7 +7,9 @@ compression: calling `compress` per layer afterwards on the saved hidden states,
 exactly the same tokens (ANCHORS.md s2; pinned by tests/test_kvpress_baseline.py). `capture_inputs`
 saves those inputs during any prefill, and `compress_post_hoc` applies a press to them, so one prefill
 serves every press and ratio. KVzip re-reads the context after its prefill (extra passes over the
-cache), so it runs in prefill only (`needs_own_prefill`).
+cache), so it runs its own prefill (`OWN_PREFILL`); its scores do not depend on the ratio, so that one
+prefill and re-reading serve every ratio too (`kvzip_scored`, then `mask_kvzip` per ratio: the same
+masks as running the press at that ratio, pinned by a test).
 Our `ratio` is "x times smaller"; kvpress's `compression_ratio` is the fraction removed, 1 - 1/ratio.
 """
 
@@ -112,6 +114,44 @@ def prefill_with_press(model, prefix: list[int], press) -> tuple[DynamicCache, t
     """kvpress's own way: the press's hooks compress the cache while `prefix` is prefilled."""
     with press(model):
         return prefill(model, prefix)
+
+
+@dataclass
+class KVzipScored:
+    """KVzipPress's prefill and re-reading, kept for every ratio: the cache's `keys_values` per layer
+    `(1, kv_heads, seq, head_dim)` (re-reading leaves them as prefill made them), the `logits` `(vocab,)`
+    at the last position and KVzip's `scores` `(layers, 1, kv_heads, seq)`."""
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+    scores: torch.Tensor
+
+    def cache(self, model) -> DynamicCache:
+        """A fresh DynamicCache of the prefilled keys and values (decoding appends to it, not to these)."""
+        cache = DynamicCache(config=model.config)
+        for i, (keys, values) in enumerate(self.keys_values):
+            cache.update(keys, values, i)
+        return cache
+
+
+@torch.no_grad()
+def kvzip_scored(model, prefix: list[int]) -> KVzipScored:
+    """Run kvpress's KVzipPress on `prefix` (its prefill and re-reading passes) and keep its scores
+    instead of masking: `mask_kvzip` then masks for any ratio."""
+    press = make_press("kvzip", 2)  # any ratio: KVzipPress scores only when compression_ratio > 0
+    saved = {}
+    press.compress_post = lambda model: saved.setdefault("scores", press.score_val.clone())  # instead of masking
+    with press(model):
+        cache, logits = prefill(model, prefix)
+    return KVzipScored([(layer.keys, layer.values) for layer in cache.layers], logits, saved["scores"])
+
+
+def mask_kvzip(model, scored: KVzipScored, ratio: float) -> None:
+    """Hide the keys KVzipPress evicts at `ratio` (its own `compress_post` on the kept scores);
+    `clear_masks(model)` after decoding."""
+    press = make_press("kvzip", ratio)
+    press.score_val = scored.scores.clone()  # compress_post raises the sinks' scores in place
+    press.compress_post(model)
 
 
 def dense_report(cache: DynamicCache, n_tokens: int, ratio: float) -> CompressionReport:

@@ -6,7 +6,7 @@
 
 from permkv.compress.allocators import ALLOCATORS, GlobalAdaptiveAllocator, LayerAdaptiveAllocator, UniformAllocator
 from permkv.compress.compressor import CompressionReport, Compressor, InferenceKVCacheCompression, check_ratio, report_of
-from permkv.compress.estimate import QualityEstimate, QualityTable
+from permkv.compress.estimate import KVZIP_SCORER, QualityEstimate, QualityTable
 from permkv.compress.observe import QueryRecorder, observing
 from permkv.compress.forks import fork_sequence, paged_cache_for
 from permkv.compress.kvzip import REPEAT_PROMPT, kvzip_scores, last_chunk_scores, repeat_prompt_ids
@@ -25,7 +25,7 @@ from permkv.compress.scorers import (
 
 __all__ = [
     "ALLOCATORS", "REPEAT_PROMPT", "SCORERS", "CompressionReport", "Compressor", "GlobalAdaptiveAllocator", "InferenceKVCacheCompression",
-    "KVCompressScore", "KeyNormScore", "LayerAdaptiveAllocator", "Pooled", "QualityEstimate", "QualityTable", "QueryRecorder",
+    "KVCompressScore", "KVZIP_SCORER", "KeyNormScore", "LayerAdaptiveAllocator", "Pooled", "QualityEstimate", "QualityTable", "QueryRecorder",
     "RandomScore", "RecencyMix", "RecentScore",
     "SnapKVScore", "UniformAllocator", "check_ratio", "chunked_prefill_and_compress", "fork_sequence", "get_scorer", "kvzip_scores",
     "last_chunk_scores", "observing", "paged_cache_for", "prefill_and_compress", "repeat_prompt_ids", "report_of",

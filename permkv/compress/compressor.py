@@ -21,7 +21,7 @@ import torch
 from permkv.cache import PagedCache
 from permkv.checks import check_ratio, positive_int
 from permkv.compress.allocators import ALLOCATORS, UniformAllocator
-from permkv.compress.estimate import QualityEstimate, QualityTable
+from permkv.compress.estimate import KVZIP_SCORER, QualityEstimate, QualityTable
 from permkv.compress.scorers import KVCompressScore, get_scorer
 
 
@@ -176,12 +176,15 @@ class InferenceKVCacheCompression:
     def table(self) -> QualityTable | None:
         return None if self.quality_table is None else QualityTable.load(self.quality_table)
 
-    def estimate(self, ratio: float) -> QualityEstimate | None:
-        """Retention notebook 02 measured for this model, mode, ratio and setting, or None."""
+    def estimate(self, ratio: float, reread: bool = False) -> QualityEstimate | None:
+        """Retention notebook 02 measured for this model, mode, ratio and setting, or None. `reread`: the
+        tokens were scored by KVzip-style re-reading (02's rows for scorer "kvzip", observe 0), not by
+        this setting's scorer."""
         table = self.table()
         if table is None or self.model is None:
             return None
-        return table.estimate(self.model, self.mode, check_ratio(ratio), self.scorer, self.allocator, self.observe)
+        scorer, observe = (KVZIP_SCORER, 0) if reread else (self.scorer, self.observe)
+        return table.estimate(self.model, self.mode, check_ratio(ratio), scorer, self.allocator, observe)
 
     def ratio_for(self, quality_floor: float) -> float | None:
         """The largest measured ratio whose retention CI's lower end is >= `quality_floor`, or None."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODES = ("query_aware", "query_agnostic")
+KVZIP_SCORER = "kvzip"  # rows of KVzip-style re-reading (`prefill_and_compress(..., reread=...)`), observe 0
 
 
 @dataclass(frozen=True)

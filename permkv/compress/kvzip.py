@@ -108,11 +108,13 @@ def _reread(model, cache: PagedCache, chunk: Sequence[int], prompt_ids: Sequence
 
 def _max_attention(keys: torch.Tensor, queries: torch.Tensor, q_len: int) -> torch.Tensor:
     """keys `(1, H, K, D)` whose last q_len are the queries' own; queries `(1, Hq, q_len, D)`.
-    Returns `(H, K)`: the most causal softmax attention any query of the group gave each key."""
+    Returns `(H, K - q_len)`: the most causal softmax attention any query of the group gave each key
+    before the queries' own (only those are scored; the rest of the row normalises)."""
     _, H, K, D = keys.shape
     G = queries.shape[1] // H
     q = queries[0].reshape(H, G * q_len, D)  # query head h*G + g -> KV head h
     logits = q @ keys[0].transpose(1, 2) * D**-0.5  # (H, G*q_len, K)
     i = torch.arange(G * q_len, device=keys.device) % q_len  # index of each row within the re-read
-    future = torch.arange(K, device=keys.device)[None, :] > (K - q_len + i)[:, None]
-    return logits.masked_fill(future, float("-inf")).softmax(-1).amax(dim=1)
+    future = torch.arange(q_len, device=keys.device)[None, :] > i[:, None]  # the re-read's own keys after each row
+    logits[..., K - q_len :].masked_fill_(future, float("-inf"))  # in place, on the re-read's own columns only
+    return logits.softmax(-1)[..., : K - q_len].amax(dim=1)

@@ -41,8 +41,8 @@ def prefill_and_compress(model, prefix: list[int], ratio: float, compression: In
 
     `cache`: an empty PagedCache to fill (e.g. one of many on a shared pool; CacheFull propagates
     when its pool runs out) instead of a new one sized for the prefix plus `extra_tokens`.
-    `reread`: score by KVzip-style re-reading instead of the compression's scorer (the report then
-    carries no quality estimate: notebook 02's table holds the scorers' settings).
+    `reread`: score by KVzip-style re-reading instead of the compression's scorer (the report's quality
+    is then what notebook 02 measured for re-reading with this allocator: its `permkv_kvzip*` rows).
     Returns the cache, the last position's logits `(vocab,)` and the report.
     """
     ratio = check_ratio(ratio)
@@ -55,7 +55,9 @@ def prefill_and_compress(model, prefix: list[int], ratio: float, compression: In
     if reread is None:
         return cache, logits, compression.compress_auto(cache, ratio, recorder.queries)
     scores = kvzip_scores(model, cache, prefix, list(reread), KVZIP_CHUNK, compression.sinks)
-    return cache, logits, compression.compressor().compress(cache, ratio, scores=scores)
+    report = compression.compressor().compress(cache, ratio, scores=scores)
+    report.quality = compression.estimate(ratio, reread=True)  # 02's rows for this re-reading (scorer "kvzip")
+    return cache, logits, report
 
 
 @torch.no_grad()
@@ -98,5 +100,5 @@ def chunked_prefill_and_compress(model, prefix: list[int], ratio: float, compres
             report = compressor.compress(cache, ratio, scores={i: pad_sequence(r, batch_first=True)[None]
                                                                for i, r in held.items()})
             kept = {i: [r[h][idx] for h, idx in enumerate(report.kept_indices[i])] for i, r in held.items()}
-    report.quality = None if reread is not None else compression.estimate(ratio)
+    report.quality = None if reread is not None else compression.estimate(ratio)  # 02 measured re-reading in one pass only
     return cache, logits, report

@@ -3,9 +3,10 @@
 One prefill per sample and mode (`prefill_once`): permkv methods compress a copy-on-write fork of
 the paged sequence and release it; kvpress presses are applied post hoc per layer to the saved
 hidden states / keys / values (`permkv.baselines.kvpress.compress_post_hoc`, same kept tokens as in
-prefill); KVzip runs its own prefill. The full-cache answer decodes an uncompressed fork of the same
-prefill and equals notebook 00's (`permkv.experiments.scoring.full_cache_answer`; a test pins it).
-Methods are a registry of small dataclasses (`METHODS`), each with `answer(...) -> (text, report)`.
+prefill); KVzip runs its own prefill and re-reading, once for every ratio. The full-cache answer
+decodes an uncompressed fork of the same prefill and equals notebook 00's
+(`permkv.experiments.scoring.full_cache_answer`; a test pins it). Methods are a registry of small
+dataclasses (`METHODS`), each with `answer(...) -> (text, report)`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from permkv.baselines import kvpress as kvp
 from permkv.cache import PagedCache, paged_attention
 from permkv.checks import positive_int
 from permkv.compress import (
+    KVZIP_SCORER,
     CompressionReport,
     InferenceKVCacheCompression,
     fork_sequence,
@@ -55,12 +57,19 @@ class Prefilled:
     repeat_prompt: list[int] = field(default_factory=list)  # KVzip's request to repeat the context
     _keys_values: list | None = field(default=None, repr=False)
     _kvzip: dict | None = field(default=None, repr=False)
+    _kvpress_kvzip: kvp.KVzipScored | None = field(default=None, repr=False)
 
     def kvzip(self, model, prompt: list[int], chunk_tokens: int) -> dict[int, torch.Tensor]:
         """KVzip-style scores of the prefix (computed once, on forks of the cache)."""
         if self._kvzip is None:
             self._kvzip = kvzip_scores(model, self.cache, self.prefix, prompt, chunk_tokens)
         return self._kvzip
+
+    def kvpress_kvzip(self, model) -> kvp.KVzipScored:
+        """kvpress KVzipPress's own prefill and re-reading of the prefix (done once, for every ratio)."""
+        if self._kvpress_kvzip is None:
+            self._kvpress_kvzip = kvp.kvzip_scored(model, self.prefix)
+        return self._kvpress_kvzip
 
     def keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's uncompressed keys, values `(1, kv_heads, len(prefix), head_dim)` (gathered once)."""
@@ -72,7 +81,7 @@ class Prefilled:
 
     def release(self) -> None:
         self.cache.reset()
-        self._keys_values = self._kvzip = None
+        self._keys_values = self._kvzip = self._kvpress_kvzip = None
 
 
 @torch.no_grad()
@@ -125,6 +134,10 @@ class Permkv:
     def compression(self) -> InferenceKVCacheCompression:
         return InferenceKVCacheCompression(scorer=self.scorer, allocator=self.allocator, observe=self.observe)
 
+    def setting(self) -> dict:
+        """What the quality table keys this method's rows by (`InferenceKVCacheCompression`'s fields)."""
+        return dict(scorer=self.scorer, allocator=self.allocator, observe=self.observe)
+
     def answer(self, model, tokenizer, pre: Prefilled, ratio: float, max_new_tokens: int):
         return answer_on_fork(model, tokenizer, pre, max_new_tokens,
                               lambda fork: self.compression().compress_auto(fork, ratio, pre.queries))
@@ -139,6 +152,10 @@ class PermkvKVzip:
     chunk_tokens: int = 1024  # context tokens re-read per pass
     kind = "permkv"
 
+    def setting(self) -> dict:
+        """Quality-table key: scorer "kvzip", no observed queries (`prefill_and_compress(..., reread=...)`)."""
+        return dict(scorer=KVZIP_SCORER, allocator=self.allocator, observe=0)
+
     def answer(self, model, tokenizer, pre: Prefilled, ratio: float, max_new_tokens: int):
         scores = pre.kvzip(model, pre.repeat_prompt, self.chunk_tokens)
         compressor = InferenceKVCacheCompression(allocator=self.allocator).compressor()
@@ -147,17 +164,20 @@ class PermkvKVzip:
 
 @dataclass(frozen=True)
 class Press:
-    """A kvpress press, post hoc on the saved prefill (KVzip: its own prefill and re-reading passes)."""
+    """A kvpress press, post hoc on the saved prefill (KVzip: its own prefill and re-reading passes,
+    once per sample for every ratio)."""
 
     press: str
     kind = "kvpress"
 
     def answer(self, model, tokenizer, pre: Prefilled, ratio: float, max_new_tokens: int):
         kvp.check_model(model)
-        press = kvp.make_press(self.press, ratio)
-        if self.press in kvp.OWN_PREFILL:
-            cache, logits = kvp.prefill_with_press(model, pre.prefix, press)
+        if self.press in kvp.OWN_PREFILL:  # KVzip: its prefill and re-reading once, masks per ratio
+            scored = pre.kvpress_kvzip(model)
+            cache, logits = scored.cache(model), scored.logits
+            kvp.mask_kvzip(model, scored, ratio)
         else:
+            press = kvp.make_press(self.press, ratio)
             cache, logits = kvp.compress_post_hoc(model, press, pre.inputs, pre.keys_values()), pre.logits
         report = kvp.dense_report(cache, len(pre.prefix), ratio)
         return kvp.answer_from(model, tokenizer, cache, logits, len(pre.prefix), pre.suffix, max_new_tokens), report
@@ -385,17 +405,17 @@ def claim_metrics(per_sample: Sequence[dict], headline: str, ratios: Sequence[fl
 # ----- the measured-quality table read by compress_auto ---------------------------------------------
 def quality_table(per_sample: Sequence[dict]) -> list[dict]:
     """Pooled retention per (model, mode, ratio) of every permkv method, with its compression settings
-    (scorer, allocator, observe), CI, n and tasks: what `permkv.compress.QualityTable` reads."""
+    (scorer, allocator, observe; KVzip-style re-reading: scorer "kvzip", observe 0), CI, n and tasks:
+    what `permkv.compress.QualityTable` reads."""
     out = []
     keys = sorted({(s["model"], s["mode"], s["method"], s["ratio"]) for s in per_sample
-                   if isinstance(METHODS.get(s["method"]), Permkv)})
+                   if isinstance(METHODS.get(s["method"]), (Permkv, PermkvKVzip))})
     for model, mode, method, ratio in keys:
         picked = [s for s in per_sample if s["model"] == model]
         r = pooled_retention(picked, method, ratio, mode)
-        m = METHODS[method]
         lengths = sorted({s["context_tokens"] for s in picked if s["method"] == method})
-        out.append(dict(model=model, mode=mode, ratio=ratio, method=method, scorer=m.scorer, allocator=m.allocator,
-                        observe=m.observe, context_tokens=lengths, **r))
+        out.append(dict(model=model, mode=mode, ratio=ratio, method=method, **METHODS[method].setting(),
+                        context_tokens=lengths, **r))
     return out
 
 

@@ -5,8 +5,9 @@ count. reports/issue11/cpu4k/table.md was made beside the profile run that had `
 `git show 17324bf:reports/cpu/02_compression_quality/samples.json > /tmp/s.json` and `--profile /tmp/s.json`.
 
     PYTHONPATH=. python scripts/issue11/cpu4k_table.py --profile /tmp/s.json > reports/issue11/cpu4k/table.md
-    PYTHONPATH=. python scripts/issue11/cpu4k_table.py --grid DIR --against kvpress_kvzip   # a grid of
-        # `--methods kvpress_kvzip` beside the current profile run
+    PYTHONPATH=. python scripts/issue11/cpu4k_table.py --grid reports/issue11/kvzip4k --against kvpress_kvzip \
+        kvpress_streaming kvpress_tova kvpress_snapkv kvpress_expected_attention permkv_random \
+        > reports/issue11/kvzip4k/table.md   # KVzipPress and the other presses at 2x / 4x / 8x (README)
 """
 
 import argparse
