@@ -140,7 +140,7 @@ def kvzip_scored(model, prefix: list[int]) -> KVzipScored:
     instead of masking: `mask_kvzip` then masks for any ratio."""
     press = make_press("kvzip", 2)  # any ratio: KVzipPress scores only when compression_ratio > 0
     saved = {}
-    press.compress_post = lambda model: saved.setdefault("scores", press.score_val.clone())  # instead of masking
+    press.compress_post = lambda _model: saved.setdefault("scores", press.score_val.clone())  # instead of masking
     with press(model):
         cache, logits = prefill(model, prefix)
     return KVzipScored([(layer.keys, layer.values) for layer in cache.layers], logits, saved["scores"])
