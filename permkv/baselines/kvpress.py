@@ -7,8 +7,8 @@ compression: calling `compress` per layer afterwards on the saved hidden states,
 exactly the same tokens (ANCHORS.md s2; pinned by tests/test_kvpress_baseline.py). `capture_inputs`
 saves those inputs during any prefill, and `compress_post_hoc` applies a press to them, so one prefill
 serves every press and ratio. KVzip re-reads the context after its prefill (extra passes over the
-cache), so it runs its own prefill (`OWN_PREFILL`); its scores do not depend on the ratio, so that one
-prefill and re-reading serve every ratio too (`kvzip_scored`, then `mask_kvzip` per ratio: the same
+cache), so it runs its own prefill; its scores do not depend on the ratio, so that one prefill and
+re-reading serve every ratio too (`kvzip_scored`, then `mask_kvzip` per ratio: the same
 masks as running the press at that ratio, pinned by a test).
 Our `ratio` is "x times smaller"; kvpress's `compression_ratio` is the fraction removed, 1 - 1/ratio.
 """
@@ -43,7 +43,6 @@ def _presses() -> dict[str, Callable[[float], object]]:
 
 
 PRESSES = ("snapkv", "streaming", "knorm", "expected_attention", "tova", "adakv_snapkv", "pyramidkv", "kvzip")
-OWN_PREFILL = ("kvzip",)  # presses that need passes of their own after prefill
 
 
 def make_press(name: str, ratio: float):

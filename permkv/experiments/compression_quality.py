@@ -172,7 +172,7 @@ class Press:
 
     def answer(self, model, tokenizer, pre: Prefilled, ratio: float, max_new_tokens: int):
         kvp.check_model(model)
-        if self.press in kvp.OWN_PREFILL:  # KVzip: its prefill and re-reading once, masks per ratio
+        if self.press == "kvzip":  # its own prefill and re-reading, once per sample; masks per ratio
             scored = pre.kvpress_kvzip(model)
             cache, logits = scored.cache(model), scored.logits
             kvp.mask_kvzip(model, scored, ratio)
