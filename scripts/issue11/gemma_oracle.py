@@ -23,7 +23,7 @@ from permkv.data import build_task, encode_sample
 from permkv.eval import bootstrap_ci
 from permkv.experiments.compression_quality import answer_on_fork, prefill_once, score_text
 from permkv.models import load_model
-from scripts.issue11.sample_log import append, done_samples, run_or_table
+from scripts.issue11.sample_log import append, pending, run_or_table
 
 
 def needle_tokens(tokenizer, prefix: list[int], answer: str) -> list[int]:
@@ -55,11 +55,7 @@ def run(args) -> None:
     model, tok, spec = load_model("gemma3-270m")
     samples = build_task("niah_single", tok, spec, args.n, args.length, seed=0)
     path = Path(args.out) / f"oracle_{args.start}.jsonl"
-    done = done_samples(path)
-    for i in range(args.start, args.stop):
-        if i in done:
-            continue
-        s = samples[i]
+    for i, s in pending(path, samples, args.start, args.stop):
         prefix, suffix = encode_sample(tok, spec, s, "query_agnostic")
         needle = needle_tokens(tok, prefix, s.answers[0])
         pre = prefill_once(model, prefix, suffix, 32)

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 
-def done_samples(path: Path) -> set[int]:
-    """Samples already in `path` (none if it does not exist)."""
-    return {json.loads(line)["sample"] for line in path.open()} if path.exists() else set()
+def pending(path: Path, samples: list, start: int, stop: int) -> list[tuple[int, object]]:
+    """(index, sample) of samples[start:stop] not yet in `path`."""
+    done = {json.loads(line)["sample"] for line in path.open()} if path.exists() else set()
+    return [(i, samples[i]) for i in range(start, stop) if i not in done]
 
 
 def append(path: Path, row: dict) -> None:

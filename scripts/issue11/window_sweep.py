@@ -17,18 +17,14 @@ from permkv.data import build_task, encode_sample
 from permkv.eval import bootstrap_ci
 from permkv.experiments.compression_quality import Full, Permkv, prefill_once, score_text
 from permkv.models import load_model
-from scripts.issue11.sample_log import append, done_samples, run_or_table
+from scripts.issue11.sample_log import append, pending, run_or_table
 
 
 def run(args) -> None:
     model, tok, spec = load_model(args.model)
     samples = build_task("niah_single", tok, spec, args.n, args.length, seed=0)
     path = Path(args.out) / f"window_{args.model}_{args.mode}_{args.start}.jsonl"
-    done = done_samples(path)
-    for i in range(args.start, args.stop):
-        if i in done:
-            continue
-        s = samples[i]
+    for i, s in pending(path, samples, args.start, args.stop):
         prefix, suffix = encode_sample(tok, spec, s, args.mode)
         pre = prefill_once(model, prefix, suffix, 32, max(args.windows))
         try:
