@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from permkv.compress import InferenceKVCacheCompression, kvzip_scores, repeat_prompt_ids
 from permkv.data import build_task, encode_sample
 from permkv.eval import bootstrap_ci
-from permkv.experiments.compression_quality import answer_on_fork, prefill_once, score_text
+from permkv.experiments.compression_quality import Full, answer_on_fork, prefill_once, score_text
 from permkv.models import load_model
 from scripts.issue11.sample_log import append, pending, run_or_table
 
@@ -67,21 +67,20 @@ def run(args) -> None:
                 text, _ = answer_on_fork(model, tok, pre, 32, lambda fork: compressor.compress(fork, ratio, scores=scores))
                 row[name] = score_text(s, text)
 
-            text, _ = answer_on_fork(model, tok, pre, 32, lambda fork: None)
-            row["full"] = score_text(s, text)
+            row["full"] = score_text(s, Full().answer(model, tok, pre, 1.0, 32)[0])
             kv = kvzip_scores(model, pre.cache, prefix, repeat_prompt_ids(tok, spec))
             recency = torch.linspace(0, 1e-3, len(prefix))  # ties (every other token) broken by recency
             oracle = {layer: (recency + torch.isin(torch.arange(len(prefix)), torch.tensor(needle)).float()).expand_as(v)
                       for layer, v in kv.items()}
             for r in (8, 32):
                 answer(f"oracle_{r}x", r, oracle)
+            variants = {"kvzip_max7": pooled(kv, 7), "kvzip_max15": pooled(kv, 15), "kvzip_consensus": consensus(kv),
+                        "kvzip_consensus_max7": pooled(consensus(kv), 7)}  # scored once, answered at each ratio
             for r in (4, 8):
                 answer(f"kvzip_uniform_{r}x", r, kv)
                 answer(f"kvzip_global_{r}x", r, kv, "global")
-                for k in (7, 15):
-                    answer(f"kvzip_max{k}_uniform_{r}x", r, pooled(kv, k))
-                answer(f"kvzip_consensus_uniform_{r}x", r, consensus(kv))
-                answer(f"kvzip_consensus_max7_uniform_{r}x", r, pooled(consensus(kv), 7))
+                for name, scores in variants.items():
+                    answer(f"{name}_uniform_{r}x", r, scores)
             for layer, v in kv.items():
                 rank = v[0, 0].argsort().argsort().float() / len(prefix)
                 row[f"needle_percentile_layer{layer}"] = float(rank[needle].median())
