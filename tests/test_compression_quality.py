@@ -80,6 +80,10 @@ def test_claim_metrics_on_a_small_input():
     assert m["claim.best_retention_8x_query_aware"] == pytest.approx(1.0)
     assert m["claim.retention_8x_query_aware"] == pytest.approx(0.5)
     assert m["diff_best_vs_kvpress_8x_query_aware"] == pytest.approx(2 / 6)
+    # without any press (Gemma-3: kvpress cannot run it) the best method's retention is still there
+    m = cq.claim_metrics([r for r in rows if not r["method"].startswith("kvpress")], "permkv", [8], ["query_aware"])
+    assert m["claim.best_retention_8x_query_aware"] == pytest.approx(1.0)
+    assert "claim.best_beats_kvpress_8x_query_aware" not in m
 
 
 def test_quality_table_feeds_compress_auto(smol, tmp_path):

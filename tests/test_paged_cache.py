@@ -127,6 +127,35 @@ def test_evict_half_of_one_head(smol):
     assert torch.isfinite(nxt.logits).all() and cache.seen == [n + 1]
 
 
+def test_several_new_tokens_attend_to_each_heads_own_tokens(smol):
+    """T > 1 new tokens (a prefill chunk, a suffix, KVzip's re-reading) against a hand reference, both when
+    every head holds the same tokens (one mask for all heads) and after one head evicted half of its own."""
+    model, tok, spec = smol
+    enc = batch(tok, [PROMPTS[1]])
+    cache = paged_cache(model, spec)
+    with paged_attention(model):
+        model(**enc, past_key_values=cache)
+    n, T, group, scale = enc.input_ids.shape[1], 3, spec.n_heads // spec.n_kv_heads, spec.head_dim**-0.5
+    keep = list(range(0, n, 2))
+    cache.evict(0, 7, 1, keep)
+    gen = torch.Generator().manual_seed(0)
+    for layer, head in [(5, None), (7, 1)]:  # layer 5: all heads alike; layer 7: head 1 evicted
+        before_keys, before_values, starts, lengths = cache.gather(layer)
+        assert lengths[0].tolist() == [len(keep) if h == head else n for h in range(spec.n_kv_heads)]
+        q = torch.randn(1, spec.n_heads, T, spec.head_dim, generator=gen)
+        k = torch.randn(1, spec.n_kv_heads, T, spec.head_dim, generator=gen)
+        v = torch.randn(1, spec.n_kv_heads, T, spec.head_dim, generator=gen)
+        out = paged_attend(cache, layer, q, k, v, None, scale)
+        for qh in range(spec.n_heads):
+            h = qh // group
+            rows = slice(starts[0, h], starts[0, h] + lengths[0, h])  # the head's own tokens in the view
+            for t in range(T):  # causal among the new tokens
+                K = torch.cat([before_keys[0, h, rows], k[0, h, : t + 1]])
+                V = torch.cat([before_values[0, h, rows], v[0, h, : t + 1]])
+                ref = torch.softmax(q[0, qh, t] @ K.T * scale, -1) @ V
+                torch.testing.assert_close(out[0, qh, t], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_without_paged_attention_is_a_clear_error(smol):
     model, tok, spec = smol
     enc = batch(tok, [PROMPTS[0]])

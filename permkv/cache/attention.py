@@ -91,17 +91,27 @@ def paged_attend(
         cache.append(layer_idx, key, value)
         keys, values, starts, lengths = cache.gather(layer_idx)
         L = keys.shape[2]
-        u = torch.arange(L, device=query.device) - starts[:, :, None, None]  # (B, Hkv, 1, L) token index
+        # Every head holds the same tokens (an uncompressed sequence, e.g. a prefill chunk or KVzip's
+        # re-reading): one (B, 1, T, L) mask serves all heads, 2x faster on a CPU than one per head
+        # (one KV head: its folded mask is that mask already).
+        shared = T > 1 and Hkv > 1 and bool((starts == starts[:, :1]).all()) and bool((lengths == lengths[:, :1]).all())
+        if shared:
+            starts, lengths = starts[:, :1], lengths[:, :1]
+        u = torch.arange(L, device=query.device) - starts[:, :, None, None]  # (B, Hkv or 1, 1, L) token index
         if T == 1 and window is None:  # decode: the one query sees all of its head's tokens
             mask = (u >= 0) & (u < lengths[:, :, None, None])  # (B, Hkv, 1, L), broadcast over the group
         else:
-            last = (lengths - T)[:, :, None, None] + torch.arange(T, device=query.device)[:, None]  # (B, Hkv, T, 1)
-            mask = (u >= 0) & (u <= last)  # (B, Hkv, T, L)
+            last = (lengths - T)[:, :, None, None] + torch.arange(T, device=query.device)[:, None]  # (B, Hkv or 1, T, 1)
+            mask = (u >= 0) & (u <= last)  # (B, Hkv or 1, T, L)
             if window is not None:
                 mask = mask & (u > last - window)
-            mask = mask[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
-        q = query.reshape(B, Hkv, G * T, D)  # query head h*G + g -> KV head h
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).reshape(B, Hq, T, D)
+        if shared:
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+        else:
+            if T > 1:
+                mask = mask[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
+            q = query.reshape(B, Hkv, G * T, D)  # query head h*G + g -> KV head h
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).reshape(B, Hq, T, D)
     cache.advance(layer_idx, T, counts)
     return out
 

@@ -112,8 +112,8 @@ def _max_attention(keys: torch.Tensor, queries: torch.Tensor, q_len: int) -> tor
     before the queries' own (only those are scored; the rest of the row normalises)."""
     _, H, K, D = keys.shape
     G = queries.shape[1] // H
-    q = queries[0].reshape(H, G * q_len, D)  # query head h*G + g -> KV head h
-    logits = q @ keys[0].transpose(1, 2) * D**-0.5  # (H, G*q_len, K)
+    q = queries[0].reshape(H, G * q_len, D) * D**-0.5  # query head h*G + g -> KV head h, scaled before the
+    logits = q @ keys[0].transpose(1, 2)  # (H, G*q_len, K) matmul (bit-exact when D is a power of 4)
     i = torch.arange(G * q_len, device=keys.device) % q_len  # index of each row within the re-read
     future = torch.arange(q_len, device=keys.device)[None, :] > i[:, None]  # the re-read's own keys after each row
     logits[..., K - q_len :].masked_fill_(future, float("-inf"))  # in place, on the re-read's own columns only
