@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
-from permkv.cache.attention import paged_attend
+from permkv.cache.attention import masked_attention, paged_attend
 
 PROMPTS = [
     "The capital of France is",
@@ -154,6 +154,25 @@ def test_several_new_tokens_attend_to_each_heads_own_tokens(smol):
                 V = torch.cat([before_values[0, h, rows], v[0, h, : t + 1]])
                 ref = torch.softmax(q[0, qh, t] @ K.T * scale, -1) @ V
                 torch.testing.assert_close(out[0, qh, t], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3])
+def test_masked_attention_shared_and_per_head_masks_agree_with_a_hand_reference(kv_heads):
+    """A mask for all heads (sdpa's grouped mode when several KV heads) and the same mask per KV head
+    (folded into the query axis) both equal attention written out, each query head on its group's KV head."""
+    gen = torch.Generator().manual_seed(1)
+    B, G, T, L, D = 2, 3, 4, 9, 8
+    q = torch.randn(B, kv_heads * G, T, D, generator=gen)
+    k, v = torch.randn(2, B, kv_heads, L, D, generator=gen)
+    mask = torch.rand(B, 1, T, L, generator=gen) < 0.6
+    mask[..., 0] = True  # no empty row
+    for m in (mask, mask.expand(B, kv_heads, T, L)):
+        out = masked_attention(q, k, v, m, D**-0.5)
+        for b in range(B):
+            for qh in range(kv_heads * G):
+                h = qh // G
+                w = (q[b, qh] @ k[b, h].T * D**-0.5).masked_fill(~m[b, min(h, m.shape[1] - 1)], float("-inf"))
+                torch.testing.assert_close(out[b, qh], torch.softmax(w, -1) @ v[b, h], atol=1e-5, rtol=1e-5)
 
 
 def test_without_paged_attention_is_a_clear_error(smol):

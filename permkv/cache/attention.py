@@ -42,9 +42,7 @@ def dense_attention(
     `(batch, T)` bool (False = padding) or None. Returns `(batch, q_heads, T, head_dim)`.
     A padding query attends to itself only, so no row is empty (empty rows give NaN).
     """
-    B, Hq, T, D = query.shape
-    Hkv = key.shape[1]
-    G = Hq // Hkv
+    T = query.shape[2]
     if (valid is None or bool(valid.all())) and (window is None or T <= window):
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     i = torch.arange(T, device=query.device)
@@ -53,10 +51,30 @@ def dense_attention(
         mask = mask & (i[None, :] > i[:, None] - window)[None]
     if valid is not None:
         mask = (mask & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=query.device)[None]
-    mask = mask[:, None, None].expand(mask.shape[0], 1, G, T, T).reshape(mask.shape[0], 1, G * T, T)
-    q = query.reshape(B, Hkv, G * T, D)  # query head h*G + g -> KV head h
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-    return out.view(B, Hq, T, D)
+    return masked_attention(query, key, value, mask[:, None], scaling)
+
+
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """sdpa over grouped-query heads with a bool mask (True = attend), K/V never repeated.
+
+    query `(batch, q_heads, T, head_dim)`, key/value `(batch, kv_heads, L, head_dim)`, mask
+    `(batch or 1, 1 or kv_heads, T or 1, L)`. Returns `(batch, q_heads, T, head_dim)`.
+    A mask shared by all heads goes to sdpa's grouped-query mode (on a CPU 2x faster than a mask per
+    head); a mask per KV head, or one KV head, folds the group into the query axis (head h*G + g
+    reads KV head h). One KV head keeps the folded path: it is its model's reference numerics.
+    """
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    if mask.shape[1] == 1 and Hkv > 1:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    if mask.shape[2] > 1:  # one mask row per query: repeat it for each query head of the group
+        n, h, _, L = mask.shape
+        mask = mask[:, :, None].expand(n, h, G, T, L).reshape(n, h, G * T, L)
+    q = query.reshape(B, Hkv, G * T, D)
+    return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling).view(B, Hq, T, D)
 
 
 def paged_attend(
@@ -73,9 +91,7 @@ def paged_attend(
     query `(batch, q_heads, T, head_dim)`, key/value `(batch, kv_heads, T, head_dim)`, valid
     `(batch, T)` bool or None. Returns `(batch, q_heads, T, head_dim)`.
     """
-    B, Hq, T, D = query.shape
-    Hkv = key.shape[1]
-    G = Hq // Hkv
+    B, T = query.shape[0], query.shape[2]
     cache.ensure_batch(B)
     counts = [T] * B if valid is None else valid.sum(1).tolist()
     if layer_idx == 0:
@@ -92,26 +108,18 @@ def paged_attend(
         keys, values, starts, lengths = cache.gather(layer_idx)
         L = keys.shape[2]
         # Every head holds the same tokens (an uncompressed sequence, e.g. a prefill chunk or KVzip's
-        # re-reading): one (B, 1, T, L) mask serves all heads, 2x faster on a CPU than one per head
-        # (one KV head: its folded mask is that mask already).
-        shared = T > 1 and Hkv > 1 and bool((starts == starts[:, :1]).all()) and bool((lengths == lengths[:, :1]).all())
-        if shared:
+        # re-reading): one (B, 1, T, L) mask serves all heads (`masked_attention`'s fast path).
+        if T > 1 and bool((starts == starts[:, :1]).all()) and bool((lengths == lengths[:, :1]).all()):
             starts, lengths = starts[:, :1], lengths[:, :1]
         u = torch.arange(L, device=query.device) - starts[:, :, None, None]  # (B, Hkv or 1, 1, L) token index
         if T == 1 and window is None:  # decode: the one query sees all of its head's tokens
-            mask = (u >= 0) & (u < lengths[:, :, None, None])  # (B, Hkv, 1, L), broadcast over the group
+            mask = (u >= 0) & (u < lengths[:, :, None, None])  # (B, Hkv, 1, L)
         else:
             last = (lengths - T)[:, :, None, None] + torch.arange(T, device=query.device)[:, None]  # (B, Hkv or 1, T, 1)
             mask = (u >= 0) & (u <= last)  # (B, Hkv or 1, T, L)
             if window is not None:
                 mask = mask & (u > last - window)
-        if shared:
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
-        else:
-            if T > 1:
-                mask = mask[:, :, None].expand(B, Hkv, G, T, L).reshape(B, Hkv, G * T, L)
-            q = query.reshape(B, Hkv, G * T, D)  # query head h*G + g -> KV head h
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).reshape(B, Hq, T, D)
+        out = masked_attention(query, keys, values, mask, scaling)
     cache.advance(layer_idx, T, counts)
     return out
 
