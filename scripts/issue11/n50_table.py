@@ -7,10 +7,10 @@ Prints every cell with its bootstrap CI and the ledger's claim metrics (`claim_m
 """
 
 import argparse
-import glob
 import json
 
 from permkv.experiments.compression_quality import claim_metrics, summarize_cells
+from scripts.issue11.tables import load
 
 LENGTH, MODEL = 4096, "smollm2-135m"
 
@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--headline", default="permkv_kvzip_global")
     args = ap.parse_args()
     profile = [r for r in json.load(open(args.profile)) if r["context_tokens"] == LENGTH and r["model"] == MODEL]
-    grid = [dict(r, model=MODEL) for p in sorted(glob.glob(f"{args.grid}/grid_*.json")) for r in json.load(open(p))["rows"]]
+    grid = [dict(r, model=MODEL) for r in load(f"{args.grid}/grid_*.json")]
     overlap = {r["sample"] for r in profile} & {r["sample"] for r in grid}
     if overlap:
         raise SystemExit(f"samples {sorted(overlap)} are in both the profile and the grid")
@@ -51,6 +51,7 @@ def main() -> None:
             print(f"| {r:g}x | {mode} | {m[f'n_{t}']} | {m[f'claim.retention_{t}']:.3f} [{m[f'retention_ci_low_{t}']:.3f}] | "
                   f"{m[f'diff_vs_kvpress_{t}']:+.2f} ({m[f'claim.beats_kvpress_{t}']:+.2f}) | "
                   f"{m[f'diff_vs_random_{t}']:+.2f} ({m[f'claim.vs_random_{t}']:+.2f}) |")
+
 
 if __name__ == "__main__":
     main()
