@@ -19,7 +19,8 @@
 # (KV-Compress, ANCHORS.md s1). Every method answers the same samples as the full cache (notebook
 # 00's answer), in both modes: **query-aware** (question inside the protected window, KV-Compress's
 # setting) and **query-agnostic** (context compressed before the question is seen). Each sample is
-# prefilled once per mode: permkv methods compress a copy-on-write fork of it, kvpress presses are
+# prefilled once: the context for the query-agnostic answers, then the question read on top of it for
+# the query-aware ones. permkv methods compress a copy-on-write fork of it, kvpress presses are
 # applied post hoc to the saved layer inputs (same kept tokens as inside prefill, tested). Retention
 # = mean score / full-cache mean score on the same samples; the full-cache score is shown beside it,
 # since a retention means little where the full cache already fails (ANCHORS.md s8).
@@ -72,7 +73,7 @@ LONG_RATIOS = [8]
 LONG_METHODS = ["permkv"]
 LONG_MODES = ["query_aware"]
 SEED = 0
-WORKERS = 1  # processes answering (sample, mode) pairs, one torch thread each (2 on this 2-core CPU)
+WORKERS = 1  # processes answering samples (both modes each), one torch thread each (2 on this 2-core CPU)
 
 # %%
 cfg = from_params(CompressionQualityConfig, globals())

@@ -16,7 +16,7 @@ from permkv.compress import (
     prefill_and_compress,
     repeat_prompt_ids,
 )
-from permkv.data import build_task
+from permkv.data import build_task, encode_sample
 from permkv.experiments import compression_quality as cq
 from permkv.experiments.scoring import evaluate
 
@@ -37,6 +37,38 @@ def test_full_answer_is_notebook_00s_and_one_prefill_serves_all(smol):
             assert by["permkv", 4.0]["achieved_ratio"] == pytest.approx(4, rel=0.1)
             assert by["kvpress_knorm", 4.0]["achieved_ratio"] == pytest.approx(4, rel=0.05)
             assert all(r["full_score"] == by["full", 1.0]["score"] for r in rows)
+
+
+@pytest.mark.slow
+def test_one_prefill_serves_both_modes(smol):
+    """The question read on top of the query-agnostic prefill (`Prefilled.extend`) gives what one prefill of
+    the query-aware prefix gives (logits, observed queries, kvpress inputs, keys, up to rounding), and
+    answer_sample over both modes answers as one call per mode (the query-agnostic rows exactly)."""
+    model, tok, spec = smol
+    sample = build_task("niah_single", tok, spec, 1, 600, seed=2)[0]
+    (pa, sa), (pw, sw) = (encode_sample(tok, spec, sample, m) for m in ("query_agnostic", "query_aware"))
+    assert pw[: len(pa)] == pa and len(pw) > len(pa)
+    one = cq.prefill_once(model, pw, sw, 8, observe=64)
+    ext = cq.prefill_once(model, pa, sa, 8, observe=64).extend(model, pw[len(pa) :], sw)
+    assert ext.prefix == pw and ext.suffix == sw and ext.cache.seen == [len(pw)]
+    torch.testing.assert_close(ext.logits, one.logits, atol=1e-3, rtol=1e-3)
+    for i in one.queries:
+        assert ext.queries[i].shape == one.queries[i].shape == (1, 9, 64, 64)
+        torch.testing.assert_close(ext.queries[i], one.queries[i], atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(ext.inputs[i].hidden_states, one.inputs[i].hidden_states, atol=1e-3, rtol=1e-3)
+        for a, b in zip(ext.inputs[i].kwargs["position_embeddings"], one.inputs[i].kwargs["position_embeddings"]):
+            torch.testing.assert_close(a, b)
+    for (k1, v1), (k2, v2) in zip(ext.keys_values(), one.keys_values()):
+        torch.testing.assert_close(k1, k2, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(v1, v2, atol=1e-3, rtol=1e-3)
+    one.release()
+    ext.release()
+    methods, modes = ["permkv", "kvpress_snapkv"], ["query_aware", "query_agnostic"]
+    both = cq.answer_sample(model, tok, sample, spec, modes, methods, [4], 12)
+    alone = [r for m in modes for r in cq.answer_sample(model, tok, sample, spec, m, methods, [4], 12)]
+    keys = ("mode", "method", "ratio", "output", "score", "kept")
+    assert [tuple(r.get(k) for k in keys) for r in both] == [tuple(r.get(k) for k in keys) for r in alone]
+    assert [r["mode"] for r in both] == ["query_aware"] * 3 + ["query_agnostic"] * 3
 
 
 def per_sample_rows():
@@ -164,13 +196,15 @@ def test_headline_at_1_01x_and_1_1x_keeps_the_needles_the_full_cache_finds(smol)
 
 @pytest.mark.slow
 def test_grid_in_worker_processes_matches_one_process(smol):
-    """quality_grid with 2 workers (one torch thread each) gives the one-process rows, in the same order."""
+    """quality_grid with 2 workers (one torch thread each) gives the one-process rows, in the same order:
+    by mode, then sample (each worker answers both modes of a sample)."""
     model, tok, spec = smol
-    args = (model, tok, spec, ["niah_single"], [300], 2, [4], ["permkv", "kvpress_streaming"], ["query_agnostic"], 1, 8)
+    modes = ["query_agnostic", "query_aware"]
+    args = (model, tok, spec, ["niah_single"], [300], 2, [4], ["permkv", "kvpress_streaming"], modes, 1, 8)
     _, serial = cq.quality_grid(*args)
     _, parallel = cq.quality_grid(*args, workers=2)
     keys = ("sample", "mode", "method", "ratio", "output", "score", "kept")
     assert [tuple(r.get(k) for k in keys) for r in parallel] == [tuple(r.get(k) for k in keys) for r in serial]
-    assert len(serial) == 2 * 3
+    assert [(r["mode"], r["sample"]) for r in serial] == [(m, i) for m in modes for i in (0, 1) for _ in range(3)]
     with pytest.raises(ValueError, match="workers"):
         cq.quality_grid(*args, workers=0)

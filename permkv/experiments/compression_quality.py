@@ -1,12 +1,15 @@
 """02_compression_quality: every compression method against the full cache on the same samples.
 
-One prefill per sample and mode (`prefill_once`): permkv methods compress a copy-on-write fork of
-the paged sequence and release it; kvpress presses are applied post hoc per layer to the saved
-hidden states / keys / values (`permkv.baselines.kvpress.compress_post_hoc`, same kept tokens as in
-prefill); KVzip runs its own prefill and re-reading, once for every ratio. The full-cache answer
-decodes an uncompressed fork of the same prefill and equals notebook 00's
-(`permkv.experiments.scoring.full_cache_answer`; a test pins it). Methods are a registry of small
-dataclasses (`METHODS`), each with `answer(...) -> (text, report)`.
+One prefill per sample serves both modes (`prefill_once`, then `Prefilled.extend`): the
+query-agnostic prefix (instruction and context) is read and answered first, then the question is
+read on top of it, as a chunked prefill would, and the query-aware answers follow. permkv methods
+compress a copy-on-write fork of the paged sequence and release it; kvpress presses are applied post
+hoc per layer to the saved hidden states / keys / values
+(`permkv.baselines.kvpress.compress_post_hoc`, same kept tokens as in prefill); KVzip runs its own
+prefill and re-reading, once for every ratio. The full-cache answer decodes an uncompressed fork of
+the same prefill and is notebook 00's (`permkv.experiments.scoring.full_cache_answer`; exactly for a
+prefix read in one piece, up to rounding after `extend`: tests pin both). Methods are a registry of
+small dataclasses (`METHODS`), each with `answer(...) -> (text, report)`.
 """
 
 from __future__ import annotations
@@ -41,12 +44,12 @@ from permkv.experiments.workers import process_pool
 from permkv.models import load_model
 
 
-# ----- one prefill per sample and mode ---------------------------------------------------------------
+# ----- one prefill per sample, both modes -------------------------------------------------------------
 @dataclass
 class Prefilled:
-    """One sample's prefix read once. `cache` holds it uncompressed in sequence 0 (never changed: methods
-    compress forks), `queries[layer]` `(1, q_heads, w, head_dim)` are the last w queries, `inputs` the
-    attention layers' inputs for kvpress presses."""
+    """One sample's prefix read once. `cache` holds it uncompressed in sequence 0 (methods compress forks;
+    only `extend` reads more into it), `queries[layer]` `(1, q_heads, w, head_dim)` are the last
+    w <= `observe` queries, `inputs` the attention layers' inputs for kvpress presses."""
 
     prefix: list[int]
     suffix: list[int]
@@ -54,6 +57,7 @@ class Prefilled:
     logits: torch.Tensor  # (vocab,) at the last prefix position
     queries: dict[int, torch.Tensor]
     inputs: dict[int, kvp.LayerInputs]
+    observe: int = 64
     repeat_prompt: list[int] = field(default_factory=list)  # KVzip's request to repeat the context
     _keys_values: list | None = field(default=None, repr=False)
     _kvzip: dict | None = field(default=None, repr=False)
@@ -79,6 +83,28 @@ class Prefilled:
                                  (self.cache.gather(i) for i in range(len(self.cache.layers)))]
         return self._keys_values
 
+    @torch.no_grad()
+    def extend(self, model, ids: list[int], suffix: list[int]) -> "Prefilled":
+        """The prefix read further by `ids` on the same cache (a second prefill chunk): the query-aware
+        prefix after the query-agnostic one, without reading the context twice. Queries and inputs
+        continue this prefix's (the same as one prefill of the longer prefix, up to rounding). This
+        object's scores and gathered keys are dropped; its cache now belongs to the returned one."""
+        positive_int("len(ids)", len(ids))
+        self._keys_values = self._kvzip = self._kvpress_kvzip = None
+        n = len(self.prefix)
+        positions = torch.arange(n, n + len(ids), device=model.device)[None]
+        with observing(model, window=self.observe) as recorder, kvp.capture_inputs(model) as inputs:
+            logits = model(torch.tensor([ids], device=model.device), past_key_values=self.cache, position_ids=positions,
+                           logits_to_keep=1).logits[0, -1]
+        queries = {i: torch.cat([q, recorder.queries[i]], dim=2)[:, :, -self.observe :]
+                   for i, q in self.queries.items()}
+        joined = {i: kvp.LayerInputs(torch.cat([old.hidden_states, inputs[i].hidden_states], dim=1),
+                                     dict(position_embeddings=tuple(torch.cat([a, b], dim=1) for a, b in zip(
+                                         old.kwargs["position_embeddings"], inputs[i].kwargs["position_embeddings"]))))
+                  for i, old in self.inputs.items()}
+        return Prefilled(self.prefix + list(ids), suffix, self.cache, logits, queries, joined, self.observe,
+                         self.repeat_prompt)
+
     def release(self) -> None:
         self.cache.reset()
         self._keys_values = self._kvzip = self._kvpress_kvzip = None
@@ -87,11 +113,12 @@ class Prefilled:
 @torch.no_grad()
 def prefill_once(model, prefix: list[int], suffix: list[int], max_new_tokens: int, observe: int = 64) -> Prefilled:
     """Prefill `prefix` into a PagedCache whose pool also has room for one compressed fork and its
-    decode, recording the last `observe` queries and every attention layer's inputs."""
-    cache = paged_cache_for(model, 2 * len(prefix) + len(suffix) + max_new_tokens + 64)
+    decode (of any longer prefix of `prefix + suffix`: `extend`), recording the last `observe` queries
+    and every attention layer's inputs."""
+    cache = paged_cache_for(model, 2 * (len(prefix) + len(suffix)) + max_new_tokens + 64)
     with observing(model, window=observe) as recorder, kvp.capture_inputs(model) as inputs:
         logits = model(torch.tensor([prefix], device=model.device), past_key_values=cache, logits_to_keep=1).logits[0, -1]
-    return Prefilled(prefix, suffix, cache, logits, recorder.queries, inputs)
+    return Prefilled(prefix, suffix, cache, logits, recorder.queries, inputs, observe)
 
 
 def answer_on_fork(model, tokenizer, pre: Prefilled, max_new_tokens: int, compress) -> tuple[str, CompressionReport]:
@@ -113,7 +140,8 @@ def answer_on_fork(model, tokenizer, pre: Prefilled, max_new_tokens: int, compre
 class Full:
     """The uncompressed reference, decoded from an uncompressed fork of the one prefill (no second
     prefill: a third of 02's time at 4K on a CPU). It is notebook 00's answer (`full_cache_answer`):
-    the same loop over the same keys and values, pinned by a test."""
+    the same loop over the same keys and values (up to rounding after `Prefilled.extend`), pinned by
+    tests."""
 
     kind = "full"
 
@@ -222,30 +250,51 @@ def score_text(sample: Sample, text: str) -> float:
     return TASK_METRIC[sample.task](first_line(text), sample.answers)
 
 
-def answer_sample(model, tokenizer, sample: Sample, spec, mode: str, methods: Sequence[str], ratios: Sequence[float],
-                  max_new_tokens: int = 32) -> list[dict]:
-    """Every (method, ratio) on one sample from one prefill; "full" answers once (ratio 1)."""
-    prefix, suffix = encode_sample(tokenizer, spec, sample, mode)
+def answer_sample(model, tokenizer, sample: Sample, spec, modes: str | Sequence[str], methods: Sequence[str],
+                  ratios: Sequence[float], max_new_tokens: int = 32) -> list[dict]:
+    """Every (mode, method, ratio) on one sample; "full" answers once per mode (ratio 1).
+
+    One prefill serves every mode: the shortest prefix (query-agnostic) is read and answered first,
+    then each longer one extends it (`Prefilled.extend`, its `prefill_seconds` the extension's). Rows
+    come in the order of `modes`."""
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    parts = {mode: encode_sample(tokenizer, spec, sample, mode) for mode in modes}
     observe = max([METHODS[m].observe for m in methods if isinstance(METHODS[m], Permkv)] + [1])
-    t0 = time.perf_counter()
-    pre = prefill_once(model, prefix, suffix, max_new_tokens, observe)
-    pre.repeat_prompt = repeat_prompt_ids(tokenizer, spec)
-    prefill_s = time.perf_counter() - t0
-    out = []
+    rows: dict[str, list[dict]] = {}
+    pre = None
     try:
-        for method in ["full"] + [m for m in methods if m != "full"]:
-            for ratio in [1.0] if method == "full" else ratios:
-                t0 = time.perf_counter()
-                text, report = METHODS[method].answer(model, tokenizer, pre, float(ratio), max_new_tokens)
-                out.append(dict(task=sample.task, mode=mode, method=method, ratio=float(ratio), output=text,
-                                score=score_text(sample, text), n_tokens=len(prefix) + len(suffix),
-                                seconds=time.perf_counter() - t0, prefill_seconds=prefill_s,
-                                **(_report_fields(report) if report else {})))
+        for mode in sorted(modes, key=lambda m: len(parts[m][0])):
+            prefix, suffix = parts[mode]
+            t0 = time.perf_counter()
+            if pre is not None and len(prefix) > len(pre.prefix) and prefix[: len(pre.prefix)] == pre.prefix:
+                pre = pre.extend(model, prefix[len(pre.prefix) :], suffix)
+            else:
+                if pre is not None:
+                    pre.release()
+                pre = prefill_once(model, prefix, suffix, max_new_tokens, observe)
+                pre.repeat_prompt = repeat_prompt_ids(tokenizer, spec)
+            rows[mode] = _answer_prefilled(model, tokenizer, sample, pre, mode, methods, ratios, max_new_tokens,
+                                           time.perf_counter() - t0)
     finally:
-        pre.release()
-    full = out[0]["score"]
+        if pre is not None:
+            pre.release()
+    return [row for mode in modes for row in rows[mode]]
+
+
+def _answer_prefilled(model, tokenizer, sample: Sample, pre: Prefilled, mode: str, methods: Sequence[str],
+                      ratios: Sequence[float], max_new_tokens: int, prefill_s: float) -> list[dict]:
+    """The full cache, then every (method, ratio), on one prefilled prefix."""
+    out = []
+    for method in ["full"] + [m for m in methods if m != "full"]:
+        for ratio in [1.0] if method == "full" else ratios:
+            t0 = time.perf_counter()
+            text, report = METHODS[method].answer(model, tokenizer, pre, float(ratio), max_new_tokens)
+            out.append(dict(task=sample.task, mode=mode, method=method, ratio=float(ratio), output=text,
+                            score=score_text(sample, text), n_tokens=len(pre.prefix) + len(pre.suffix),
+                            seconds=time.perf_counter() - t0, prefill_seconds=prefill_s,
+                            **(_report_fields(report) if report else {})))
     for row in out:
-        row["full_score"] = full
+        row["full_score"] = out[0]["score"]
     return out
 
 
@@ -263,8 +312,9 @@ def quality_grid(model, tokenizer, spec, tasks: Sequence[str], lengths: Sequence
     retention, measured bytes and achieved ratio) and `per_sample` (one per answer, with the
     per-(layer, head) tokens kept, for the budget heatmap).
 
-    workers > 1: the (sample, mode) answers go to that many processes with one torch thread each (each
-    loads the model by `spec.name`); rows come back in the same order as with one worker."""
+    Each sample is one job (`answer_sample`: one prefill for all modes). workers > 1: the jobs go to that
+    many processes with one torch thread each (each loads the model by `spec.name`), longest contexts
+    first; rows come back in the same order as with one worker."""
     positive_int("workers", workers)
     check_methods(methods)
     if "perplexity" in tasks or any(t not in TASKS for t in tasks):
@@ -272,20 +322,23 @@ def quality_grid(model, tokenizer, spec, tasks: Sequence[str], lengths: Sequence
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"modes must be of {MODES}, got {list(modes)!r}")
-    jobs = [(length, i, mode, sample) for task in tasks for length in lengths
-            for samples in [build_task(task, tokenizer, spec, n, length, seed=seed, max_new_tokens=max_new_tokens)]
-            for mode in modes for i, sample in enumerate(samples)]
-    desc = f"{spec.name}: {len(jobs)} (sample, mode)"
+    jobs = [(length, i, sample) for task in tasks for length in lengths for i, sample in
+            enumerate(build_task(task, tokenizer, spec, n, length, seed=seed, max_new_tokens=max_new_tokens))]
+    desc = f"{spec.name}: {len(jobs)} samples x {len(modes)} modes"
     if workers == 1:
-        answers = [answer_sample(model, tokenizer, sample, spec, mode, methods, ratios, max_new_tokens)
-                   for _, _, mode, sample in tqdm(jobs, desc=desc)]
+        answers = [answer_sample(model, tokenizer, sample, spec, modes, methods, ratios, max_new_tokens)
+                   for _, _, sample in tqdm(jobs, desc=desc)]
     else:
+        longest_first = sorted(range(len(jobs)), key=lambda j: -jobs[j][0])  # no worker ends on a long job alone
         with process_pool(workers) as pool:
-            futures = [pool.submit(_answer_in_worker, spec.name, str(model.device), sample, mode, methods, ratios,
-                                   max_new_tokens) for _, _, mode, sample in jobs]
-            answers = [f.result() for f in tqdm(futures, desc=f"{desc}, {workers} workers")]
+            futures = {j: pool.submit(_answer_in_worker, spec.name, str(model.device), jobs[j][2], modes, methods,
+                                      ratios, max_new_tokens) for j in longest_first}
+            done = {j: futures[j].result() for j in tqdm(longest_first, desc=f"{desc}, {workers} workers")}
+        answers = [done[j] for j in range(len(jobs))]
     per_sample = [dict(model=spec.name, context_tokens=length, sample=i, **row)
-                  for (length, i, _, _), rows in zip(jobs, answers) for row in rows]
+                  for (length, i, _), rows in zip(jobs, answers) for row in rows]
+    # rows by (task, length, mode, sample), as the tables read them
+    per_sample.sort(key=lambda s: (tasks.index(s["task"]), lengths.index(s["context_tokens"]), modes.index(s["mode"])))
     return summarize_cells(per_sample), per_sample
 
 
@@ -294,11 +347,11 @@ def _worker_model(name: str, device: str):
     return load_model(name, device=device)
 
 
-def _answer_in_worker(name: str, device: str, sample: Sample, mode: str, methods: Sequence[str],
+def _answer_in_worker(name: str, device: str, sample: Sample, modes: Sequence[str], methods: Sequence[str],
                       ratios: Sequence[float], max_new_tokens: int) -> list[dict]:
     """`answer_sample` in a worker process, which loads the model once."""
     model, tokenizer, spec = _worker_model(name, device)
-    return answer_sample(model, tokenizer, sample, spec, mode, methods, ratios, max_new_tokens)
+    return answer_sample(model, tokenizer, sample, spec, modes, methods, ratios, max_new_tokens)
 
 
 def summarize_cells(per_sample: Sequence[dict]) -> list[dict]:
@@ -455,7 +508,7 @@ class CompressionQualityConfig:
     long_methods: list = field(default_factory=lambda: ["permkv"])
     long_modes: list = field(default_factory=lambda: ["query_aware"])
     seed: int = 0
-    workers: int = 1  # processes answering (sample, mode) pairs, one torch thread each
+    workers: int = 1  # processes answering samples (both modes each), one torch thread each
 
     def __post_init__(self):
         check_methods(self.methods)
