@@ -15,6 +15,7 @@ import glob
 import json
 
 from permkv.experiments.compression_quality import paired_difference, summarize_cells
+from scripts.issue11.tables import cell_text
 
 MODE = "query_agnostic"
 OURS = "permkv_kvzip_global"
@@ -45,8 +46,7 @@ def main() -> None:
     print("| method | " + " | ".join(f"{r:g}x" for r in ratios) + " |\n|---|" + "---|" * len(ratios))
     for m in sorted({c["method"] for c in cells} - {"full"}):
         cell = {c["ratio"]: c for c in cells if c["method"] == m}
-        print(f"| {m} | " + " | ".join(f"{cell[r]['score']:.2f} [{cell[r]['ci_low']:.2f}, {cell[r]['ci_high']:.2f}] (n={cell[r]['n']})"
-                                       if r in cell else "" for r in ratios) + " |")
+        print(f"| {m} | " + " | ".join(cell_text(cell[r]) if r in cell else "" for r in ratios) + " |")
     print()
     for r in ratios:
         for other in args.against:

@@ -10,7 +10,7 @@ import argparse
 import json
 
 from permkv.experiments.compression_quality import claim_metrics, summarize_cells
-from scripts.issue11.tables import load
+from scripts.issue11.tables import cell_text, load
 
 LENGTH, MODEL = 4096, "smollm2-135m"
 
@@ -38,9 +38,7 @@ def main() -> None:
         print(f"| full cache | {mode} | {full['score']:.2f} (n={full['n']}) |" + " |" * (len(ratios) - 1))
         for m in sorted({c["method"] for c in cells if c["mode"] == mode} - {"full"}):
             cell = {c["ratio"]: c for c in cells if c["method"] == m and c["mode"] == mode}
-            print(f"| {m} | {mode} | " + " | ".join(
-                f"{cell[r]['score']:.2f} [{cell[r]['ci_low']:.2f}, {cell[r]['ci_high']:.2f}] (n={cell[r]['n']})" if r in cell else ""
-                for r in ratios) + " |")
+            print(f"| {m} | {mode} | " + " | ".join(cell_text(cell[r]) if r in cell else "" for r in ratios) + " |")
     m = claim_metrics(rows, args.headline, ratios, modes)
     print(f"\nThe ledger's claim metrics of {args.headline} on all samples (beats: lower end of the paired CI of the"
           " difference, > 0 = beats):\n")

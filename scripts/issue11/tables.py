@@ -26,6 +26,11 @@ def load(pattern: str) -> list[dict]:
     return list(rows.values())
 
 
+def cell_text(cell: dict) -> str:
+    """One `summarize_cells` cell as "score [CI] (n=...)"."""
+    return f"{cell['score']:.2f} [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}] (n={cell['n']})"
+
+
 def needle_table(rows: list[dict], title: str) -> None:
     cells = defaultdict(list)
     for r in rows:
