@@ -67,6 +67,13 @@ class LayerInputs:
     hidden_states: torch.Tensor
     kwargs: dict
 
+    def followed_by(self, later: "LayerInputs") -> "LayerInputs":
+        """These inputs and a later forward pass's of the same layer, joined along the sequence (a prefix
+        read in two chunks)."""
+        cos_sin = zip(self.kwargs["position_embeddings"], later.kwargs["position_embeddings"])
+        return LayerInputs(torch.cat([self.hidden_states, later.hidden_states], dim=1),
+                           dict(position_embeddings=tuple(torch.cat(pair, dim=1) for pair in cos_sin)))
+
 
 @contextmanager
 def capture_inputs(model) -> Iterator[dict[int, LayerInputs]]:

@@ -32,6 +32,7 @@ from permkv.compress import (
     KVZIP_SCORER,
     CompressionReport,
     InferenceKVCacheCompression,
+    QueryRecorder,
     fork_sequence,
     kvzip_scores,
     observing,
@@ -96,14 +97,12 @@ class Prefilled:
         with observing(model, window=self.observe) as recorder, kvp.capture_inputs(model) as inputs:
             logits = model(torch.tensor([ids], device=model.device), past_key_values=self.cache, position_ids=positions,
                            logits_to_keep=1).logits[0, -1]
-        queries = {i: torch.cat([q, recorder.queries[i]], dim=2)[:, :, -self.observe :]
-                   for i, q in self.queries.items()}
-        joined = {i: kvp.LayerInputs(torch.cat([old.hidden_states, inputs[i].hidden_states], dim=1),
-                                     dict(position_embeddings=tuple(torch.cat([a, b], dim=1) for a, b in zip(
-                                         old.kwargs["position_embeddings"], inputs[i].kwargs["position_embeddings"]))))
-                  for i, old in self.inputs.items()}
-        return Prefilled(self.prefix + list(ids), suffix, self.cache, logits, queries, joined, self.observe,
-                         self.repeat_prompt)
+        continued = QueryRecorder(self.observe, dict(self.queries))  # this prefix's last queries, then the new ones
+        for i, query in recorder.queries.items():
+            continued.record(i, query)
+        joined = {i: old.followed_by(inputs[i]) for i, old in self.inputs.items()}
+        return Prefilled(self.prefix + list(ids), suffix, self.cache, logits, continued.queries, joined,
+                         self.observe, self.repeat_prompt)
 
     def release(self) -> None:
         self.cache.reset()
