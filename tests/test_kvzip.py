@@ -20,8 +20,10 @@ from permkv.compress.kvzip import _max_attention
 from permkv.data import heldout_essays
 
 
-def test_max_attention_matches_hand_reference():
-    """Each key's score is the largest causal softmax weight any re-reading query of its group gives it."""
+@pytest.mark.parametrize("rows", [1, 4, 256])  # 4: a block that spans two query heads of a group
+def test_max_attention_matches_hand_reference(rows):
+    """Each key's score is the largest causal softmax weight any re-reading query of its group gives it,
+    however many query rows go at a time."""
     torch.manual_seed(0)
     keys, queries = torch.randn(1, 2, 10, 8), torch.randn(1, 4, 3, 8)  # 2 KV heads, groups of 2, 3 re-read tokens
     want = torch.zeros(2, 10)
@@ -30,7 +32,7 @@ def test_max_attention_matches_hand_reference():
             visible = 10 - 3 + i + 1
             a = (queries[0, qh, i] @ keys[0, qh // 2, :visible].T * 8**-0.5).softmax(-1)
             want[qh // 2, :visible] = torch.maximum(want[qh // 2, :visible], a)
-    assert torch.allclose(_max_attention(keys, queries, 3), want[:, :7], atol=1e-6)  # keys before the re-read's own
+    assert torch.allclose(_max_attention(keys, queries, 3, rows), want[:, :7], atol=1e-6)  # keys before the re-read's own
 
 
 @pytest.fixture(scope="module")
