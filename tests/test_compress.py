@@ -4,7 +4,7 @@ ratio = tokens seen / kept everywhere, copy-on-write forks, chunked prefill, cle
 import pytest
 import torch
 
-from permkv.cache import paged_attention
+from permkv.cache import forward, paged_attention
 from permkv.compress import (
     SCORERS,
     GlobalAdaptiveAllocator,
@@ -87,7 +87,7 @@ def test_protected_and_sink_tokens_survive(smol, prefix):
     model, _, spec = smol
     cache = paged_cache_for(model, len(prefix))
     with observing(model) as recorder, torch.no_grad():
-        model(torch.tensor([prefix]), past_key_values=cache)
+        forward(model, cache, torch.tensor([prefix]))
     assert recorder.queries[0].shape == (1, spec.n_heads, 64, spec.head_dim)
     before = [cache.gather(i)[0][0, :, : len(prefix)].clone() for i in range(spec.n_layers)]
     InferenceKVCacheCompression(allocator="layer").compress_auto(cache, 8, recorder.queries)
@@ -106,7 +106,7 @@ def test_compressing_a_fork_leaves_the_original_whole(smol, prefix):
     model, _, spec = smol
     cache = paged_cache_for(model, 2 * len(prefix))
     with observing(model) as recorder, torch.no_grad():
-        model(torch.tensor([prefix]), past_key_values=cache)
+        forward(model, cache, torch.tensor([prefix]))
     free, before = cache.pool.num_free, [cache.gather(i)[0][0, :, : len(prefix)].clone() for i in range(spec.n_layers)]
     fork = fork_sequence(cache, model.config)
     assert cache.pool.num_free == free  # shares everything
@@ -125,7 +125,7 @@ def test_ratio_means_tokens_seen_over_kept(smol, prefix):
     model, _, spec = smol
     cache = paged_cache_for(model, len(prefix))
     with observing(model) as recorder, torch.no_grad():
-        model(torch.tensor([prefix]), past_key_values=cache)
+        forward(model, cache, torch.tensor([prefix]))
     compression = InferenceKVCacheCompression()
     heads = spec.n_layers * spec.n_kv_heads
     first = sum(map(sum, compression.compress_auto(cache, 4, recorder.queries).kept))
@@ -139,11 +139,11 @@ def test_observer_nests_and_leaves_no_state(smol, prefix):
     cache = paged_cache_for(model, 64)
     with observing(model, window=4) as recorder, torch.no_grad():
         with observing(model, window=2) as inner:  # the inner block records alone
-            model(torch.tensor([prefix[:16]]), past_key_values=cache)
+            forward(model, cache, torch.tensor([prefix[:16]]))
         assert inner.queries[0].shape[2] == 2 and not recorder.queries
-        model(torch.tensor([prefix[16:32]]), past_key_values=cache, position_ids=torch.arange(16, 32)[None])
+        forward(model, cache, torch.tensor([prefix[16:32]]), torch.arange(16, 32)[None])
     assert recorder.queries[0].shape[2] == 4
-    assert all(getattr(m, "_permkv_recorder", None) is None for m in model.modules())
+    assert getattr(model, "_permkv_recorder", None) is None
     assert model.config._attn_implementation not in ("permkv_paged_observed",)
 
 
@@ -186,7 +186,7 @@ def test_clear_errors(smol, prefix):
         prefill_and_compress(model, prefix[:100], 1000, InferenceKVCacheCompression())
     cache = paged_cache_for(model, 100)
     with torch.no_grad(), paged_attention(model):
-        model(torch.tensor([prefix[:100]]), past_key_values=cache)
+        forward(model, cache, torch.tensor([prefix[:100]]))
     with pytest.raises(ValueError, match="needs queries"):
         InferenceKVCacheCompression().compress_auto(cache, 2)
 

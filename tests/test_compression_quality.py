@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from permkv.cache import forward
 from permkv.compress import (
     KVZIP_SCORER,
     InferenceKVCacheCompression,
@@ -136,7 +137,7 @@ def test_quality_table_feeds_compress_auto(smol, tmp_path):
     cache = paged_cache_for(model, 300)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 25, add_special_tokens=False).input_ids[:256]
     with observing(model) as rec, torch.no_grad():
-        model(torch.tensor([ids]), past_key_values=cache)
+        forward(model, cache, torch.tensor([ids]))
     report = compression.compress_auto(cache, queries=rec.queries, quality_floor=0.99)
     assert report.ratio == 2.0 and report.quality.retention == pytest.approx(1.0) and report.quality.n == 6
     with pytest.raises(ValueError, match="no measured ratio"):

@@ -5,6 +5,7 @@ parity of permkv's streaming and SnapKV scorers with kvpress's."""
 import pytest
 import torch
 
+from permkv.cache import forward
 from permkv.baselines.kvpress import (
     PRESSES,
     capture_inputs,
@@ -92,7 +93,7 @@ def test_kvzip_scored_once_masks_as_the_press_at_each_ratio(smol, prefix):
 def _paged(model, prefix):
     cache = paged_cache_for(model, 2 * len(prefix))
     with observing(model) as recorder, capture_inputs(model) as inputs, torch.no_grad():
-        model(torch.tensor([prefix]), past_key_values=cache)
+        forward(model, cache, torch.tensor([prefix]))
     n = len(prefix)
     keys_values = [(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v, _, _ in (cache.gather(i) for i in range(len(cache.layers)))]
     return cache, recorder.queries, inputs, keys_values

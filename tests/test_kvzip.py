@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import permkv.compress.prefill as prefill_module
+from permkv.cache import forward
 from permkv.compress import (
     InferenceKVCacheCompression,
     chunked_prefill_and_compress,
@@ -41,7 +42,7 @@ def prefilled(smol):
     ids = tok(heldout_essays()[:3000], add_special_tokens=False).input_ids[:300]
     cache = paged_cache_for(model, 2 * len(ids) + 64)
     with observing(model), torch.no_grad():
-        model(torch.tensor([ids]), past_key_values=cache)
+        forward(model, cache, torch.tensor([ids]))
     prompt = tok("\n\nRepeat the previous context exactly.", add_special_tokens=False).input_ids
     return cache, ids, prompt
 

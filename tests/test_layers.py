@@ -15,11 +15,11 @@ CORE = {"models", "eval", "cache", "compress", "speculate", "knowledge", "engine
 # system -> the permkv systems it may import (besides itself)
 ALLOWED = {
     "models": set(),
-    "eval": {"models"},
-    "cache": {"models", "eval"},
+    "cache": {"models"},
+    "eval": {"models", "cache"},
     "compress": {"models", "eval", "cache"},
     "speculate": {"models", "eval", "cache"},
-    "knowledge": {"models", "eval"},
+    "knowledge": {"models", "eval", "cache"},
     "engine": {"models", "eval", "cache", "compress", "speculate"},
     "rvs": {"models", "eval", "cache", "compress", "speculate", "engine"},
     "rlm": {"models", "eval", "cache", "compress", "speculate", "engine"},

@@ -1,11 +1,12 @@
-"""PagedCache on the real models: same tokens and logits as DynamicCache, eviction, errors."""
+"""PagedCache on the real models: same tokens and logits as DynamicCache (one sequence, and several of
+different lengths packed into one forward with decodes), eviction, explicit errors."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
-from permkv.cache.attention import masked_attention, paged_attend
+from permkv.cache import BlockPool, CacheFull, PagedBatch, PagedCache, Segment, forward, paged_attention, run
+from permkv.cache.attention import masked_attention
 
 PROMPTS = [
     "The capital of France is",
@@ -14,85 +15,96 @@ PROMPTS = [
 ]
 
 
-def batch(tok, texts):
-    tok.padding_side = "left"
-    return tok(texts, return_tensors="pt", padding=True)
-
-
 def paged_cache(model, spec, blocks=3000):
     return PagedCache(BlockPool(blocks, block_size=16, head_dim=spec.head_dim, device=model.device), model.config)
 
 
-def generate(model, tok, enc, cache, n):
-    """Greedy generation returning the tokens and the logits of every step."""
-    return model.generate(
-        **enc,
-        max_new_tokens=n,
-        do_sample=False,
-        past_key_values=cache,
-        pad_token_id=tok.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+@torch.no_grad()
+def dynamic_reference(model, ids: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens of one prompt on a DynamicCache and the logits that chose each."""
+    cache = DynamicCache(config=model.config)
+    logits = model(torch.tensor([ids]), past_key_values=cache).logits[0, -1]
+    tokens, steps = [], []
+    for _ in range(new_tokens):
+        steps.append(logits)
+        tokens.append(int(logits.argmax()))
+        logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache).logits[0, -1]
+    return tokens, steps
 
 
 @torch.no_grad()
-def assert_same_as_dynamic(model, tok, spec, texts, new_tokens):
-    """Greedy tokens identical and every step's logits within 1e-4 of DynamicCache's."""
-    enc = batch(tok, texts)
-    assert len(set(enc.attention_mask.sum(1).tolist())) == len(texts), "prompts must differ in length"
-    want = generate(model, tok, enc, DynamicCache(config=model.config), new_tokens)
-    cache = paged_cache(model, spec)
+def assert_packed_same_as_dynamic(model, tok, spec, texts, new_tokens):
+    """Prompts of different lengths prefilled in ONE packed forward, then decoded together one token
+    per forward: tokens identical and logits within 1e-4 of each prompt alone on a DynamicCache."""
+    prompts = [tok(t).input_ids for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts), "prompts must differ in length"
+    want = [dynamic_reference(model, p, new_tokens) for p in prompts]
+    pool = BlockPool(4000, 16, spec.head_dim)
+    caches = [PagedCache(pool, model.config) for _ in prompts]
+    for c in caches:
+        c.ensure_batch(1)
+    got = [[] for _ in prompts]
     with paged_attention(model):
-        got = generate(model, tok, enc, cache, new_tokens)
-    assert torch.equal(got.sequences, want.sequences)
-    for step, (a, b) in enumerate(zip(want.logits, got.logits)):
-        assert (a - b).abs().max() < 1e-4, f"step {step}"
-    return cache
+        batch = PagedBatch([Segment(c, 0, len(p)) for c, p in zip(caches, prompts)])
+        ids = torch.tensor([t for p in prompts for t in p])
+        positions = torch.cat([torch.arange(len(p)) for p in prompts])
+        logits = run(model, batch, ids, positions)  # (prompts, vocab): each prompt's last position
+        for step in range(new_tokens):
+            for b, (tokens, steps) in enumerate(want):
+                assert (logits[b] - steps[step]).abs().max() < 1e-4, f"prompt {b} step {step}"
+                got[b].append(int(logits[b].argmax()))
+            batch = PagedBatch([Segment(c, 0, 1) for c in caches])
+            positions = torch.tensor([c.seen[0] for c in caches])
+            logits = run(model, batch, torch.tensor([g[-1] for g in got]), positions)
+    assert got == [tokens for tokens, _ in want]
+    return caches, prompts
 
 
-def test_smollm2_batch_matches_dynamic_cache(smol):
+def test_smollm2_packed_prompts_match_dynamic_cache(smol):
     model, tok, spec = smol
-    cache = assert_same_as_dynamic(model, tok, spec, PROMPTS, new_tokens=10)
-    enc = batch(tok, PROMPTS)
-    lengths = enc.attention_mask.sum(1).tolist()
-    stats = cache.stats()
-    for s, n in enumerate(lengths):  # padding took no slot: each head holds only real tokens
-        assert stats.lengths[s] == [[n + 9] * spec.n_kv_heads] * spec.n_layers
-    assert cache.seen == [n + 9 for n in lengths]
-    assert cache.get_seq_length() == enc.input_ids.shape[1] + 9
-    assert stats.waste_pct < 50
+    caches, prompts = assert_packed_same_as_dynamic(model, tok, spec, PROMPTS, new_tokens=10)
+    for cache, p in zip(caches, prompts):  # each head holds exactly its sequence's tokens
+        assert cache.stats().lengths[0] == [[len(p) + 10] * spec.n_kv_heads] * spec.n_layers
+        assert cache.seen == [len(p) + 10] and cache.stats().waste_pct < 50
 
-    with torch.no_grad():  # prefill logits at every real position, not only the last
-        a = model(**enc, past_key_values=DynamicCache(config=model.config)).logits
+
+def test_one_sequence_forward_matches_dynamic_cache_at_every_position(smol):
+    model, tok, spec = smol
+    ids = torch.tensor([tok(PROMPTS[1]).input_ids])
+    with torch.no_grad():
+        a = model(ids, past_key_values=DynamicCache(config=model.config)).logits[0]
         with paged_attention(model):
-            b = model(**enc, past_key_values=paged_cache(model, spec)).logits
-    assert (a - b)[enc.attention_mask.bool()].abs().max() < 1e-4
+            b = forward(model, paged_cache(model, spec), ids, logits_to_keep=ids.shape[1])[0]
+    assert (a - b).abs().max() < 1e-4
 
 
 def test_gemma3_past_sliding_window_matches_dynamic_cache(gemma):
     model, tok, spec = gemma
     long = "The river runs past the old mill and the stone bridge. " * 50  # ~600 tokens > 512 window
     texts = [long + "The mill stands by the", "The capital of France is"]
-    cache = assert_same_as_dynamic(model, tok, spec, texts, new_tokens=4)
-    n_long = len(tok(texts[0]).input_ids)
+    caches, prompts = assert_packed_same_as_dynamic(model, tok, spec, texts, new_tokens=4)
+    n_long = len(prompts[0])
     assert n_long > spec.sliding_window + 16
-    types = model.config.layer_types
-    for layer, kind in enumerate(types):
-        held = cache.cached_tokens(0, layer, 0)
-        assert held == (spec.sliding_window - 1 if kind == "sliding_attention" else n_long + 3)
+    for layer, kind in enumerate(model.config.layer_types):
+        held = caches[0].cached_tokens(0, layer, 0)
+        assert held == (spec.sliding_window - 1 if kind == "sliding_attention" else n_long + 4)
         if kind == "sliding_attention":  # old blocks went back to the pool as the window slid
-            assert len(cache.layers[layer].tables[0][0].blocks) <= spec.sliding_window // 16 + 1
+            assert len(caches[0].layers[layer].tables[0][0].blocks) <= spec.sliding_window // 16 + 1
+
+
+def attend(cache, layer, q, k, v, scale):
+    """One layer's paged attention for T = q.shape[2] new tokens of sequence 0, as the model runs it."""
+    return PagedBatch([Segment(cache, 0, q.shape[2])]).attend(layer, q, k, v, scale)
 
 
 @torch.no_grad()
 def test_evict_half_of_one_head(smol):
     model, tok, spec = smol
-    enc = batch(tok, [PROMPTS[1]])
+    ids = torch.tensor([tok(PROMPTS[1]).input_ids])
     cache = paged_cache(model, spec)
     with paged_attention(model):
-        model(**enc, past_key_values=cache)
-    n, layer, head = enc.input_ids.shape[1], 5, 1
+        forward(model, cache, ids)
+    n, layer, head = ids.shape[1], 5, 1
     before_keys, before_values, _, _ = cache.gather(layer)
     free_before = cache.pool.num_free
     keep = list(range(0, n, 2))
@@ -105,14 +117,14 @@ def test_evict_half_of_one_head(smol):
         rows = list(range(n)) if h != head else keep
         assert torch.equal(keys[0, h, : len(rows)], before_keys[0, h, rows])
         assert torch.equal(values[0, h, : len(rows)], before_values[0, h, rows])
-    assert cache.seen == [n] and cache.get_seq_length() == n
+    assert cache.seen == [n]
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, spec.n_heads, 1, spec.head_dim, generator=gen)
     k = torch.randn(1, spec.n_kv_heads, 1, spec.head_dim, generator=gen)
     v = torch.randn(1, spec.n_kv_heads, 1, spec.head_dim, generator=gen)
     scale = spec.head_dim**-0.5
-    out = paged_attend(cache, layer, q, k, v, None, scale)
+    out = attend(cache, layer, q, k, v, scale)
     group = spec.n_heads // spec.n_kv_heads
     for qh in range(spec.n_heads):
         h = qh // group
@@ -123,19 +135,19 @@ def test_evict_half_of_one_head(smol):
         torch.testing.assert_close(out[0, qh], ref, atol=1e-5, rtol=1e-5)
 
     with paged_attention(model):  # the model keeps decoding after eviction
-        nxt = model(torch.tensor([[42]]), attention_mask=torch.ones(1, n + 2, dtype=torch.long), past_key_values=cache)
-    assert torch.isfinite(nxt.logits).all() and cache.seen == [n + 1]
+        nxt = forward(model, cache, torch.tensor([[42]]))
+    assert torch.isfinite(nxt).all() and cache.seen == [n + 1]
 
 
 def test_several_new_tokens_attend_to_each_heads_own_tokens(smol):
     """T > 1 new tokens (a prefill chunk, a suffix, KVzip's re-reading) against a hand reference, both when
     every head holds the same tokens (one mask for all heads) and after one head evicted half of its own."""
     model, tok, spec = smol
-    enc = batch(tok, [PROMPTS[1]])
+    ids = torch.tensor([tok(PROMPTS[1]).input_ids])
     cache = paged_cache(model, spec)
-    with paged_attention(model):
-        model(**enc, past_key_values=cache)
-    n, T, group, scale = enc.input_ids.shape[1], 3, spec.n_heads // spec.n_kv_heads, spec.head_dim**-0.5
+    with paged_attention(model), torch.no_grad():
+        forward(model, cache, ids)
+    n, T, group, scale = ids.shape[1], 3, spec.n_heads // spec.n_kv_heads, spec.head_dim**-0.5
     keep = list(range(0, n, 2))
     cache.evict(0, 7, 1, keep)
     gen = torch.Generator().manual_seed(0)
@@ -145,7 +157,7 @@ def test_several_new_tokens_attend_to_each_heads_own_tokens(smol):
         q = torch.randn(1, spec.n_heads, T, spec.head_dim, generator=gen)
         k = torch.randn(1, spec.n_kv_heads, T, spec.head_dim, generator=gen)
         v = torch.randn(1, spec.n_kv_heads, T, spec.head_dim, generator=gen)
-        out = paged_attend(cache, layer, q, k, v, None, scale)
+        out = attend(cache, layer, q, k, v, scale)
         for qh in range(spec.n_heads):
             h = qh // group
             rows = slice(starts[0, h], starts[0, h] + lengths[0, h])  # the head's own tokens in the view
@@ -175,12 +187,38 @@ def test_masked_attention_shared_and_per_head_masks_agree_with_a_hand_reference(
                 torch.testing.assert_close(out[b, qh], torch.softmax(w, -1) @ v[b, h], atol=1e-5, rtol=1e-5)
 
 
-def test_without_paged_attention_is_a_clear_error(smol):
+@torch.no_grad()
+def test_nothing_falls_back_silently(smol):
+    """A PagedCache as past_key_values, or a paged forward without the paged attention: clear errors."""
     model, tok, spec = smol
-    enc = batch(tok, [PROMPTS[0]])
-    with pytest.raises(RuntimeError, match="permkv_paged"):
-        model(**enc, past_key_values=paged_cache(model, spec))
+    ids = torch.tensor([tok(PROMPTS[0]).input_ids])
+    cache = paged_cache(model, spec)
+    with pytest.raises(TypeError, match="not a transformers past_key_values"):
+        model(ids, past_key_values=cache)
+    with pytest.raises(RuntimeError, match="paged_attention"):
+        forward(model, cache, ids)
+    cache.ensure_batch(1)
+    batch = PagedBatch([Segment(cache, 0, ids.shape[1])])
+    with pytest.raises(RuntimeError, match="attended through the paged cache in layers"):
+        model(ids, use_cache=False, paged=batch)  # sdpa ignores `paged`: caught when the forward ends
+        batch.finish(spec.n_layers)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_batch_layout_errors(smol):
+    model, _, spec = smol
+    cache = paged_cache(model, spec)
+    cache.ensure_batch(2)
+    with pytest.raises(ValueError, match="same sequence"):
+        PagedBatch([Segment(cache, 0, 2), Segment(cache, 0, 1)])
+    with pytest.raises(ValueError, match="one BlockPool"):
+        PagedBatch([Segment(cache, 0, 2), Segment(paged_cache(model, spec, 10), 0, 1)])
+    with pytest.raises(ValueError, match="at least one token"):
+        PagedBatch([Segment(cache, 0, 0)])
+    with pytest.raises(ValueError, match=r"seq must be an int in \[0, 2\)"):
+        PagedBatch([Segment(cache, 5, 1)])
+    with paged_attention(model), pytest.raises(ValueError, match=r"input_ids and position_ids must be \(3,\)"):
+        run(model, PagedBatch([Segment(cache, 0, 3)]), torch.tensor([1, 2]), torch.tensor([0, 1]))
 
 
 @torch.no_grad()
@@ -190,11 +228,11 @@ def test_full_pool_raises_before_any_layer_writes(smol):
     probe = paged_cache(model, spec, blocks=1)
     cache = paged_cache(model, spec, blocks=probe.blocks_needed(32) + 5)
     with paged_attention(model):
-        model(ids, past_key_values=cache)
+        forward(model, cache, ids)
         before = cache.stats()
         with pytest.raises(CacheFull, match=f"needed {spec.n_layers * spec.n_kv_heads} blocks, 5 free"):
-            model(torch.tensor([[7]]), past_key_values=cache)
-    assert cache.stats() == before and cache.seen == [32] and cache.get_seq_length() == 32
+            forward(model, cache, torch.tensor([[7]]))
+    assert cache.stats() == before and cache.seen == [32]
     assert cache.can_admit(0) and not cache.can_admit(1)
 
 

@@ -92,25 +92,27 @@ def test_bad_capacity_and_ids():
 
 def test_cache_bad_arguments():
     cache = PagedCache(BlockPool(8, block_size=2, head_dim=4), tiny_config())
-    with pytest.raises(ValueError, match=r"layer_idx must be an int in \[0, 2\), got 5"):
-        cache.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), 5)
+    with pytest.raises(TypeError, match="not a transformers past_key_values"):
+        cache.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), 0)
     with pytest.raises(ValueError, match="pool.head_dim must equal the model's head_dim 4, got 8"):
         PagedCache(BlockPool(8, head_dim=8), tiny_config())
     cache.ensure_batch(1)
     with pytest.raises(ValueError, match=r"seq must be an int in \[0, 1\), got 3"):
         cache.evict(3, 0, 0, [0])
+    with pytest.raises(ValueError, match=r"layer_idx must be an int in \[0, 2\), got 5"):
+        cache.append(5, 0, torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
     with pytest.raises(ValueError, match="keys must be"):
-        cache.append(0, torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))
+        cache.append(0, 0, torch.zeros(3, 1, 4), torch.zeros(3, 1, 4))
 
 
 def test_cache_full_leaves_sequences_intact():
     cache = PagedCache(BlockPool(6, block_size=2, head_dim=4), tiny_config())
     cache.ensure_batch(1)
     for layer in range(2):
-        cache.append(layer, torch.ones(1, 2, 2, 4), torch.ones(1, 2, 2, 4))  # 4 blocks used
+        cache.append(layer, 0, torch.ones(2, 2, 4), torch.ones(2, 2, 4))  # 4 blocks used
     assert not cache.can_admit(1) and cache.blocks_needed(1) == 4
     with pytest.raises(CacheFull, match="needed 4 blocks, 2 free of 6"):
-        cache.append(0, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+        cache.append(0, 0, torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
     with pytest.raises(CacheFull):
         cache.reserve(1)
     keys, _, starts, lengths = cache.gather(0)
@@ -151,14 +153,13 @@ def test_random_operations_keep_invariants(ops, seed):
         elif name == "append" and shadow:
             layer = arg % 2
             keys = torch.randn(len(shadow), 2, arg, 4, generator=gen)
-            try:
-                cache.append(layer, keys, -keys)
-            except CacheFull:
-                pass
-            else:
-                for s, rows in enumerate(shadow):
-                    for h in range(2):
-                        rows[layer][h].extend(keys[s, h])
+            for s, rows in enumerate(shadow):  # each sequence's append is all or nothing
+                try:
+                    cache.append(layer, s, keys[s], -keys[s])
+                except CacheFull:
+                    continue
+                for h in range(2):
+                    rows[layer][h].extend(keys[s, h])
         elif name == "fork" and shadow:
             s = arg % len(shadow)
             try:

@@ -23,7 +23,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from permkv.cache import paged_attention
+from permkv.cache import forward, paged_attention
 from permkv.baselines.kvpress import make_press
 from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress, observing, paged_cache_for
 from permkv.bench import peak_rss as bench_peak_rss
@@ -49,9 +49,9 @@ def bench_context(model, context: int, ratio: float, chunk: int, steps: int, rep
             if kind == "permkv":
                 full, cache = paged_cache_for(model, context + steps + 16), paged_cache_for(model, context + steps + 16)
                 with observing(model, compression.observe) as rec:
-                    s, _ = _timed(lambda: model(ids, past_key_values=cache))
+                    s, _ = _timed(lambda: forward(model, cache, ids))
                 with paged_attention(model):
-                    model(ids, past_key_values=full)
+                    forward(model, full, ids)
                 t["permkv_prefill"].append(s)
                 s, _ = _timed(lambda: compression.compress_auto(cache, ratio, rec.queries))
                 t["permkv_compress"].append(s)
@@ -69,7 +69,7 @@ def bench_context(model, context: int, ratio: float, chunk: int, steps: int, rep
             for step in range(steps):
                 for name in (["full", "compressed"] if step % 2 == 0 else ["compressed", "full"]):
                     pos = torch.tensor([[context + step]])
-                    s, _ = _timed(lambda: model(token, past_key_values=caches[name], position_ids=pos))
+                    s, _ = _timed(lambda: forward(model, caches[name], token, pos))
                     t[f"decode_{name}"].append(s)
     med = {k: statistics.median(v) for k, v in t.items()}
     per_k = 1000 / context

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from permkv.cache import BlockPool, PagedCache, paged_attention
+from permkv.cache import forward as cache_forward
 from permkv.bench import peak_rss as bench_peak_rss
 from permkv.models import load_model
 
@@ -52,7 +53,7 @@ def forward(kind: str, model, ids: torch.Tensor, cache) -> tuple[float, torch.Te
     with switch:
         sync(model.device)
         start = time.perf_counter()
-        logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = cache_forward(model, cache, ids)[:, -1]
         sync(model.device)
         seconds = time.perf_counter() - start
     return seconds, logits

@@ -1,4 +1,4 @@
-"""A transformers `Cache` whose K/V live in a `BlockPool`, one block table per (sequence, layer, KV head).
+"""A paged KV cache whose K/V live in a `BlockPool`, one block table per (sequence, layer, KV head).
 
 Every (sequence, layer, KV head) has its own block table and its own length, so eviction in one head
 returns whole blocks to the pool without touching the others. Two counts are kept apart:
@@ -6,26 +6,24 @@ returns whole blocks to the pool without touching the others. Two counts are kep
 `cached_tokens(seq, layer, head)` is how many of them a head still holds. Keys are stored after RoPE,
 so keeping any subset of them keeps their positions right.
 
-Use it with the attention function of `permkv.cache.attention` (`with paged_attention(model): ...`):
-`update()` hands the new keys and values to that function, which writes only the real (unpadded)
-tokens into blocks and reads each head's own tokens back.
+A model reads and writes it through `permkv.cache.forward(model, cache, ids)` (or `run` with a
+`PagedBatch`) inside `with paged_attention(model):`: the step's layout travels to the attention
+function as a forward kwarg, and that function stores each layer's new tokens here (`append`) and
+reads each head's tokens back (`gather`). It is not a transformers `past_key_values`: `update` refuses.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache
 
 from permkv.cache.pool import BlockPool, CacheFull
 from permkv.cache.tables import CacheStats, HeadTable, PagedLayer
 
-# Attribute set on the key tensor that `update()` returns, read by the paged attention function.
-# transformers passes attention only the tensors that `Cache.update` returns, so this is the channel
-# that tells the attention function which cache and layer the keys belong to.
-TAG = "_permkv_paged"
+NOT_PAST_KEY_VALUES = ("a PagedCache is not a transformers past_key_values: run the model with "
+                       "`permkv.cache.forward(model, cache, input_ids)` inside `with permkv.cache.paged_attention(model):`")
 
 
-class PagedCache(Cache):
+class PagedCache:
     """Paged KV cache for a decoder-only transformers model (SmolLM2, Gemma-3, other Llama-likes).
 
     `pool` stores the K/V; its `head_dim` must be the model's. Sequences are the batch rows the model
@@ -39,16 +37,12 @@ class PagedCache(Cache):
             raise ValueError(f"pool.head_dim must equal the model's head_dim {head_dim}, got {pool.head_dim}")
         window = getattr(text, "sliding_window", None)
         types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-        layers = [
-            PagedLayer(i, text.num_key_value_heads, window if kind == "sliding_attention" else None)
-            for i, kind in enumerate(types)
-        ]
-        super().__init__(layers=layers)
+        self.n_kv_heads = text.num_key_value_heads
+        self.layers = [PagedLayer(i, self.n_kv_heads, window if kind == "sliding_attention" else None)
+                       for i, kind in enumerate(types)]
         self.pool = pool
         self.config = config
-        self.n_kv_heads = text.num_key_value_heads
         self.seen: list[int] = []  # real tokens processed per sequence (positions)
-        self._pending: int | None = None
 
     # ----- sequences -------------------------------------------------------------------------------
     @property
@@ -136,40 +130,6 @@ class PagedCache(Cache):
             layer.changed()
         self.seen.pop(seq)
 
-    def adopt(self, other: "PagedCache") -> None:
-        """Move every sequence of `other` (same pool) to the end of this cache, blocks and all (no
-        copy); `other` is left empty. How a batch engine joins a separately prefilled sequence."""
-        if other is self or other.pool is not self.pool or len(other.layers) != len(self.layers):
-            raise ValueError("other must be another PagedCache of the same model on the same pool")
-        for mine, theirs in zip(self.layers, other.layers):
-            mine.tables.extend(theirs.tables)
-            mine.columns = max(mine.columns, theirs.columns)
-            theirs.tables, theirs.columns = [], 0
-            mine.changed()
-            theirs.changed()
-        self.seen.extend(other.seen)
-        other.seen = []
-
-    def detach(self, seq: int) -> "PagedCache":
-        """Move sequence `seq` out into a new one-sequence PagedCache on the same pool (no copy);
-        later sequences move down one index. `adopt` puts it back (at the end)."""
-        self._seq(seq)
-        single = PagedCache(self.pool, self.config)
-        for mine, theirs in zip(self.layers, single.layers):
-            theirs.tables = [mine.tables.pop(seq)]
-            theirs.columns = mine.columns
-            mine.changed()
-        single.seen = [self.seen.pop(seq)]
-        return single
-
-    def _select(self, indices: list[int]) -> None:
-        """Keep sequences `indices` in that order (repeats allowed), freeing the rest."""
-        old = self.num_sequences
-        for i in indices:
-            self.fork(self._seq(int(i)))
-        for _ in range(old):
-            self.release(0)
-
     # ----- eviction --------------------------------------------------------------------------------
     def evict(self, seq: int, layer_idx: int, head: int, keep: list[int] | torch.Tensor) -> int:
         """Keep only the cached tokens at indices `keep` (0 = oldest cached) of one head, compacted in
@@ -214,13 +174,29 @@ class PagedCache(Cache):
         bs, need, plan = self.pool.block_size, 0, []
         for seq, row in enumerate(layer.tables):
             n = counts[seq]
+            if n == 0:
+                continue
             for t in row:
                 end = t.start + t.length
                 new = self.pool.blocks_for(end + n) - len(t.blocks)
-                cow = n > 0 and end % bs != 0 and self.pool.ref_counts[t.blocks[-1]] > 1
+                cow = end % bs != 0 and self.pool.ref_counts[t.blocks[-1]] > 1
                 need += new + cow
                 plan.append((t, new, cow))
         return need, plan
+
+    def blocks_to_grow(self, counts: list[int]) -> int:
+        """Free blocks every layer together needs to take `counts[seq]` more tokens per sequence
+        (the sum of `_plan`'s, without building the plan: the scheduler asks every step)."""
+        if len(counts) != self.num_sequences:
+            raise ValueError(f"counts must have one entry per sequence ({self.num_sequences}), got {len(counts)}")
+        bs, refs, need = self.pool.block_size, self.pool.ref_counts, 0
+        for layer in self.layers:
+            for n, row in zip(counts, layer.tables):
+                if n:
+                    for t in row:
+                        end = t.start + t.length
+                        need += (end + n + bs - 1) // bs - len(t.blocks) + (end % bs != 0 and refs[t.blocks[-1]] > 1)
+        return need
 
     def check_room(self, counts: list[int]) -> None:
         """Raise CacheFull unless every layer can take `counts[seq]` more tokens per sequence.
@@ -228,103 +204,103 @@ class PagedCache(Cache):
         Called before a forward pass writes anything, so a full pool never leaves some layers a
         token ahead of others.
         """
-        need = sum(self._plan(layer, counts)[0] for layer in self.layers)
+        need = self.blocks_to_grow(counts)
         if need > self.pool.num_free:
             raise CacheFull(need, self.pool.num_free, self.pool.num_blocks)
 
-    def _grow(self, layer: PagedLayer, counts: list[int]) -> None:
-        """Make room for `counts[seq]` more tokens in every head of `layer`, all or nothing."""
+    def append(self, layer_idx: int, seq: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store new tokens of one sequence in one layer: keys, values `(kv_heads, new, head_dim)`.
+        Raises CacheFull (nothing written) when the pool is short."""
+        layer = self._layer(layer_idx)
+        H, T, D = keys.shape
+        if H != self.n_kv_heads or D != self.pool.head_dim:
+            raise ValueError(f"keys must be (kv_heads={self.n_kv_heads}, new, head_dim={self.pool.head_dim}), "
+                             f"got {tuple(keys.shape)}")
+        counts = [0] * self.num_sequences
+        counts[self._seq(seq)] = T
         need, plan = self._plan(layer, counts)
         if need > self.pool.num_free:
             raise CacheFull(need, self.pool.num_free, self.pool.num_blocks)
         for t, new, cow in plan:
             if cow:
                 t.blocks[-1] = self.pool.writable(t.blocks[-1])
-            if new or cow:
-                layer.changed()
             if new:
                 t.blocks.extend(self.pool.allocate(new))
-
-    def append(
-        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None
-    ) -> None:
-        """Store new tokens of every sequence in one layer.
-
-        keys, values: `(batch, kv_heads, new, head_dim)`; valid: `(batch, new)` bool, False for
-        padding, which takes no slot. Raises CacheFull (nothing written) when the pool is short.
-        """
-        layer = self._layer(layer_idx)
-        B, H, T, D = keys.shape
-        if B != self.num_sequences or H != self.n_kv_heads or D != self.pool.head_dim:
-            raise ValueError(
-                f"keys must be (batch={self.num_sequences}, kv_heads={self.n_kv_heads}, new, "
-                f"head_dim={self.pool.head_dim}), got {tuple(keys.shape)}"
-            )
-        if valid is None or bool(valid.all()):
-            n_new, rows = [T] * B, None
-        else:
-            n_new, rows = valid.sum(1).tolist(), valid
-        self._grow(layer, n_new)
+        if any(new or cow for _, new, cow in plan):
+            layer.changed()
         bs = self.pool.block_size
-        if T == 1 and rows is None:  # decode: one slot per (seq, head), computed in Python
+        row = layer.tables[seq]
+        if T == 1:  # decode: one slot per head, computed in Python
             slots = []
-            for row in layer.tables:
-                for t in row:
-                    pos = t.start + t.length
-                    slots.append(t.blocks[pos // bs] * bs + pos % bs)
-                    t.length += 1
+            for t in row:
+                pos = t.start + t.length
+                slots.append(t.blocks[pos // bs] * bs + pos % bs)
+                t.length += 1
             dst = torch.tensor(slots, dtype=torch.long, device=keys.device)
-            src_k, src_v = keys.reshape(B * H, D), values.reshape(B * H, D)
-            if layer._bounds is not None:  # a new tensor, so callers' earlier views stay as they were
-                layer._bounds = (layer._bounds[0], layer._bounds[1] + 1)
         else:
-            dst_parts, k_parts, v_parts = [], [], []
-            for b, row in enumerate(layer.tables):
-                k_b = keys[b] if rows is None else keys[b][:, rows[b]]  # (kv_heads, n_new[b], head_dim)
-                v_b = values[b] if rows is None else values[b][:, rows[b]]
-                for h, t in enumerate(row):
-                    dst_parts.append(self._slots(t, t.length, n_new[b], keys.device))
-                    layer._bounds = None
-                    t.length += n_new[b]
-                    k_parts.append(k_b[h])
-                    v_parts.append(v_b[h])
-            dst = torch.cat(dst_parts)
-            src_k, src_v = torch.cat(k_parts), torch.cat(v_parts)
-        self.pool.keys.view(-1, D).index_copy_(0, dst, src_k)
-        self.pool.values.view(-1, D).index_copy_(0, dst, src_v)
+            dst = torch.cat([self._slots(t, t.length, T, keys.device) for t in row])
+            for t in row:
+                t.length += T
+        layer.grew(seq, T)
+        self.pool.keys.view(-1, D).index_copy_(0, dst, keys.reshape(H * T, D))
+        self.pool.values.view(-1, D).index_copy_(0, dst, values.reshape(H * T, D))
 
-    def trim(self, layer_idx: int) -> None:
-        """On a sliding-window layer, drop tokens older than the window and free blocks left empty."""
+    @staticmethod
+    def append_decode(layer_idx: int, rows: list[tuple["PagedCache", int]], keys: torch.Tensor,
+                      values: torch.Tensor) -> None:
+        """Store one new token of each of several sequences (of caches on one pool) in one layer:
+        keys, values `(batch, kv_heads, head_dim)`, row b for `rows[b]` = (cache, seq). The caller
+        checked the room (`check_room` / `blocks_to_grow`) before the forward pass."""
+        pool = rows[0][0].pool
+        bs, refs, slots = pool.block_size, pool.ref_counts, []
+        for cache, seq in rows:
+            layer = cache.layers[layer_idx]
+            changed = False
+            for t in layer.tables[seq]:
+                end = t.start + t.length
+                block = end // bs
+                if block == len(t.blocks):
+                    t.blocks.extend(pool.allocate(1))
+                    changed = True
+                elif refs[t.blocks[block]] > 1:
+                    t.blocks[block] = pool.writable(t.blocks[block])
+                    changed = True
+                slots.append(t.blocks[block] * bs + end % bs)
+                t.length += 1
+            if changed:
+                layer.changed()
+            else:
+                layer.grew(seq, 1)
+        dst = torch.tensor(slots, dtype=torch.long, device=keys.device)
+        D = keys.shape[-1]
+        pool.keys.view(-1, D).index_copy_(0, dst, keys.reshape(-1, D))
+        pool.values.view(-1, D).index_copy_(0, dst, values.reshape(-1, D))
+
+    def trim(self, layer_idx: int, seq: int) -> None:
+        """On a sliding-window layer, drop a sequence's tokens older than the window and free blocks left empty."""
         layer = self._layer(layer_idx)
         limit = layer.keep_limit()
         if limit is None:
             return
         bs = self.pool.block_size
-        for row in layer.tables:
-            for t in row:
-                extra = t.length - limit
-                if extra <= 0:
-                    continue
-                t.start += extra
-                t.length -= extra
-                layer._bounds = None
-                n_drop = t.start // bs
-                if n_drop:
-                    self.pool.free(t.blocks[:n_drop])
-                    del t.blocks[:n_drop]
-                    t.start -= n_drop * bs
-                    layer.changed()
+        for t in layer.tables[self._seq(seq)]:
+            extra = t.length - limit
+            if extra <= 0:
+                continue
+            t.start += extra
+            t.length -= extra
+            layer._bounds = None
+            n_drop = t.start // bs
+            if n_drop:
+                self.pool.free(t.blocks[:n_drop])
+                del t.blocks[:n_drop]
+                t.start -= n_drop * bs
+                layer.changed()
 
-    def advance(self, layer_idx: int, columns: int, counts: list[int]) -> None:
-        """After a layer stored its new tokens: drop what slid out of a window, count the input columns
-        (padding included) and, once per forward pass (layer 0), the real tokens each sequence has seen."""
-        self.trim(layer_idx)
-        self.layers[layer_idx].columns += columns
-        if layer_idx == 0:
-            self.seen = [s + n for s, n in zip(self.seen, counts)]
-
-    def gather(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each head's tokens in a padded compute view (padding exists only here, not in the pool).
+    def gather(self, layer_idx: int, seqs: list[int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each head's tokens of sequences `seqs` (default all) in a padded compute view (padding exists
+        only here, not in the pool).
 
         Returns keys, values `(batch, kv_heads, view_len, head_dim)` and `starts`, `lengths`
         `(batch, kv_heads)`: head (b, h) holds view rows `starts[b, h] .. starts[b, h] + lengths[b, h]`.
@@ -332,88 +308,63 @@ class PagedCache(Cache):
         layer = self._layer(layer_idx)
         device = self.pool.keys.device
         index = layer.block_index(device)
+        starts, lengths = layer.bounds(device)
+        if seqs is not None:
+            pick = torch.tensor([self._seq(s) for s in seqs], device=device)
+            index, starts, lengths = index[pick], starts[pick], lengths[pick]
+            width = max(len(t.blocks) for s in seqs for t in layer.tables[s])
+            index = index[:, :, :width]
         B, H, W = index.shape
         bs, D = self.pool.block_size, self.pool.head_dim
         flat = index.reshape(-1)
         keys = self.pool.keys.index_select(0, flat).view(B, H, W * bs, D)
         values = self.pool.values.index_select(0, flat).view(B, H, W * bs, D)
-        starts, lengths = layer.bounds(device)
         return keys, values, starts, lengths
 
-    # ----- transformers Cache API ------------------------------------------------------------------
-    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
-        """Hand the new K/V `(batch, kv_heads, new, head_dim)` to the paged attention function, which
-        stores them (it alone knows which tokens are padding) and attends over each head's tokens."""
-        self._layer(layer_idx)
-        if self._pending is not None:
-            raise RuntimeError(
-                f"PagedCache layer {self._pending} was never stored: the model must use the "
-                "'permkv_paged' attention (wrap the call in `with permkv.cache.paged_attention(model):`)"
-            )
-        self._pending = layer_idx
-        setattr(key_states, TAG, (self, layer_idx))
-        return key_states, value_states
+    # ----- not a transformers Cache ------------------------------------------------------------------
+    def update(self, *args, **kwargs):
+        raise TypeError(NOT_PAST_KEY_VALUES)
 
-    def consume(self, layer_idx: int) -> None:
-        """Mark the pending update of `layer_idx` as stored by the attention function."""
-        self._pending = None
+    get_mask_sizes = update  # the first method transformers calls on a past_key_values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Input columns processed, padding included: what transformers' generation expects."""
-        return self.layers[layer_idx].columns if layer_idx < len(self.layers) else 0
-
-    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
-        return self.get_seq_length(layer_idx) + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        window = self.layers[layer_idx].sliding_window
-        return -1 if window is None else window
+        """Tokens seen by the one sequence (or the longest of several)."""
+        return max(self.seen, default=0)
 
     def reset(self) -> None:
+        """Give every sequence's blocks back to the pool."""
         while self.num_sequences:
             self.release(0)
-        for layer in self.layers:
-            layer.columns = 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(beam_idx.tolist())
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select([i for i in range(self.num_sequences) for _ in range(repeats)])
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(torch.as_tensor(indices).tolist())
 
     def crop(self, max_length: int) -> None:
         """Roll every sequence back to its first `max_length` tokens (speculative decoding's undo),
         dropping each head's newest tokens and giving emptied blocks back to the pool.
 
         The dropped tokens must have been appended after any eviction of their head (always so when
-        rolling back rejected drafts). Refused on a padded batch and on a sliding-window layer whose
-        oldest tokens have already slid off (they cannot come back).
+        rolling back rejected drafts). Refused on a sliding-window layer whose oldest tokens have
+        already slid off (they cannot come back).
         """
         if max_length < 0:
             raise ValueError(f"max_length must be >= 0, got {max_length}")
-        if any(n != self.layers[0].columns for n in self.seen):
-            raise ValueError("crop needs an unpadded batch: every sequence must hold all its columns")
-        for layer in self.layers:
-            drop = layer.columns - max_length
+        for seq, seen in enumerate(self.seen):
+            drop = seen - max_length
             if drop <= 0:
                 continue
-            for seq, row in enumerate(layer.tables):
-                for head, t in enumerate(row):
-                    if t.length < drop or (layer.is_sliding and t.length < self.seen[seq]):
+            for layer in self.layers:
+                for head, t in enumerate(layer.tables[seq]):
+                    if t.length < drop or (layer.is_sliding and t.length < seen):
                         raise ValueError(
                             f"cannot crop layer {layer.index} head {head} of sequence {seq} by {drop} tokens: "
-                            f"it holds {t.length} of {self.seen[seq]} (older tokens left the window or were evicted)"
+                            f"it holds {t.length} of {seen} (older tokens left the window or were evicted)"
                         )
+            for layer in self.layers:
+                for t in layer.tables[seq]:
                     t.length -= drop
                     n_keep = self.pool.blocks_for(t.start + t.length)
                     self.pool.free(t.blocks[n_keep:])
                     del t.blocks[n_keep:]
-            layer.columns = max_length
-            layer.changed()
-        self.seen = [min(n, max_length) for n in self.seen]
+                layer.changed()
+            self.seen[seq] = max_length
 
     def stats(self) -> CacheStats:
         """Blocks this cache holds, tokens they hold, waste and per-(layer, head) lengths."""

@@ -57,7 +57,6 @@ class PagedLayer:
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.tables: list[list[HeadTable]] = []
-        self.columns = 0  # input columns processed, padding included (transformers' seq length)
         self._index: torch.Tensor | None = None  # cached (batch, kv_heads, n_blocks) block ids
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # cached starts, lengths
 
@@ -66,9 +65,14 @@ class PagedLayer:
         self._index = None
         self._bounds = None
 
-    @property
-    def is_initialized(self) -> bool:
-        return self.columns > 0
+    def grew(self, seq: int, n: int) -> None:
+        """Every head of sequence `seq` took `n` more tokens in blocks it already had (a decode step):
+        the cached lengths follow without a rebuild (a new tensor: earlier views stay as they were)."""
+        if self._bounds is not None:
+            starts, lengths = self._bounds
+            lengths = lengths.clone()
+            lengths[seq] += n
+            self._bounds = (starts, lengths)
 
     def keep_limit(self) -> int | None:
         """Most tokens a head keeps between steps: the window minus the next query (as transformers)."""

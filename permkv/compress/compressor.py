@@ -79,11 +79,15 @@ class Compressor:
     observe: int = 64  # attention scorers read the last `observe` recorded queries (measured in notebook 02)
 
     def compress(self, cache: PagedCache, ratio: float, queries: dict[int, torch.Tensor] | None = None,
-                 scores: dict[int, torch.Tensor] | None = None) -> CompressionReport:
+                 scores: dict[int, torch.Tensor] | None = None, keep: dict[int, list[int]] | None = None
+                 ) -> CompressionReport:
         """Compress every sequence of `cache` to seen / ratio tokens; `queries[layer]`
         `(batch, q_heads, w, head_dim)` are the last queries of each layer (from
         `permkv.compress.observing`, w >= 1; the last `observe` are used), needed by attention scorers.
         `scores[layer]` `(batch, kv_heads, cached)`, if given, replace the scorer (e.g. `kvzip_scores`).
+        `keep[layer][head]`: that head's oldest cached tokens always stay, besides the sinks and the window
+        (a context compressed before, whose generated tokens are compressed now); the rest of the budget
+        goes to the other tokens, and nothing kept is evicted even when that holds more than seen / ratio.
 
         If the budget is smaller than the protected tokens, each head keeps its sinks and then its
         most recent tokens, up to an equal share of the budget.
@@ -93,13 +97,16 @@ class Compressor:
             raise ValueError(f"{type(self.scorer).__name__} needs queries: prefill inside `permkv.compress.observing(model)`")
         if cache.num_sequences == 0:
             raise ValueError("cache holds no sequence: prefill it before compressing")
-        kept = [self._compress_sequence(cache, seq, ratio, queries, scores) for seq in range(cache.num_sequences)]
+        if keep is not None and cache.num_sequences != 1:
+            raise ValueError(f"keep is for a one-sequence cache, got {cache.num_sequences} sequences")
+        kept = [self._compress_sequence(cache, seq, ratio, queries, scores, keep) for seq in range(cache.num_sequences)]
         report = report_of(cache, ratio)
         report.kept_indices = kept[0]
         return report
 
     @torch.no_grad()
-    def _compress_sequence(self, cache: PagedCache, seq: int, ratio: float, queries, given) -> dict[int, list[torch.Tensor]]:
+    def _compress_sequence(self, cache: PagedCache, seq: int, ratio: float, queries, given, keep
+                           ) -> dict[int, list[torch.Tensor]]:
         """Evict from sequence `seq`; returns each full-attention layer's kept indices per head."""
         layers = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
         n_heads = cache.n_kv_heads
@@ -126,7 +133,9 @@ class Compressor:
                 qh = q[:, h * group : (h + 1) * group] if q is not None else None
                 s = (given[i][seq, h, :nh] if given is not None else self.scorer.score(k, v, qh)[0, 0]).float().clone()  # (nh,)
                 prot = protected_indices(nh, self.sinks, self.window)
-                if prot.numel() > quota:  # budget below the protected set: sinks, then most recent
+                if keep is not None:
+                    prot = torch.cat([torch.arange(min(keep[i][h], nh)), prot]).unique(sorted=True)
+                elif prot.numel() > quota:  # budget below the protected set: sinks, then most recent
                     prot = protected_indices(nh, min(self.sinks, quota), quota - min(self.sinks, quota))
                 s[prot] = float("-inf")
                 scores[row, h, :nh] = s

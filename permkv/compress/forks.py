@@ -31,7 +31,6 @@ def fork_sequence(cache: PagedCache, config, seq: int = 0) -> PagedCache:
     copy = PagedCache(cache.pool, config)
     for src, dst in zip(cache.layers, copy.layers):
         dst.tables = [[HeadTable(cache.pool.fork(t.blocks), t.start, t.length) for t in src.tables[seq]]]
-        dst.columns = cache.seen[seq]
         dst.changed()
     copy.seen = [cache.seen[seq]]
     return copy

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from permkv.cache import PagedCache
+from permkv.cache import PagedCache, forward
 from permkv.checks import positive_int
 from permkv.compress.forks import fork_sequence
 from permkv.compress.observe import observing
@@ -82,27 +82,36 @@ def _reread(model, cache: PagedCache, chunk: Sequence[int], prompt_ids: Sequence
     """Re-read `prompt_ids + chunk` on a fork of sequence 0 and score, per full-attention layer, the
     `len(chunk)` cached tokens from index `begin` of every head (None: the last ones before the
     re-read): `(kv_heads, len(chunk))`, softmax over the first `sinks`, those tokens and the re-read."""
-    reread, c = list(prompt_ids) + list(chunk), len(chunk)
-    q_len, n = len(reread), cache.seen[0]
+    reread = list(prompt_ids) + list(chunk)
+    n = cache.seen[0]
     fork = fork_sequence(cache, model.config)
     try:
-        pos = torch.arange(n, n + q_len, device=model.device)[None]
-        with observing(model, window=q_len) as recorder:
-            model(torch.tensor([reread], device=model.device), past_key_values=fork, position_ids=pos, logits_to_keep=1)
-        out = {}
-        for i, layer in enumerate(fork.layers):
-            if layer.is_sliding:
-                continue
-            keys, _, starts, lengths = fork.gather(i)  # (1, H, view, D); (1, H)
-            ends = lengths[0, :, None] - q_len  # each head's first re-read row, relative to its start
-            first = ends - c if begin is None else torch.full_like(ends, begin)
-            rows = torch.cat([torch.arange(sinks, device=keys.device).expand(len(ends), sinks),
-                              first + torch.arange(c, device=keys.device), ends + torch.arange(q_len, device=keys.device)],
-                             dim=1) + starts[0, :, None]  # (H, sinks + c + q_len)
-            picked = keys[0].gather(1, rows[..., None].expand(-1, -1, keys.shape[-1]))[None]
-            out[i] = _max_attention(picked, recorder.queries[i], q_len)[:, sinks : sinks + c].float().cpu()
+        pos = torch.arange(n, n + len(reread), device=model.device)[None]
+        with observing(model, window=len(reread)) as recorder:
+            forward(model, fork, torch.tensor([reread], device=model.device), pos)
+        return reread_scores(fork, 0, recorder.queries, len(reread), len(chunk), begin, sinks)
     finally:
         fork.reset()
+
+
+def reread_scores(cache: PagedCache, row: int, queries: dict[int, torch.Tensor], q_len: int, c: int,
+                  begin: int | None, sinks: int) -> dict[int, torch.Tensor]:
+    """Scores `(kv_heads, c)` per full-attention layer from a re-read that sequence `row` of `cache` just
+    took: its last `q_len` cached tokens are the re-read, whose queries are `queries[layer]`
+    `(1, q_heads, q_len, head_dim)`; the scored tokens are the `c` from index `begin` of every head (None:
+    the last `c` before the re-read), each query's softmax over the first `sinks`, those and the re-read."""
+    out = {}
+    for i, layer in enumerate(cache.layers):
+        if layer.is_sliding:
+            continue
+        keys, _, starts, lengths = cache.gather(i, [row])  # (1, H, view, D); (1, H)
+        ends = lengths[0, :, None] - q_len  # each head's first re-read row, relative to its start
+        first = ends - c if begin is None else torch.full_like(ends, begin)
+        rows = torch.cat([torch.arange(sinks, device=keys.device).expand(len(ends), sinks),
+                          first + torch.arange(c, device=keys.device), ends + torch.arange(q_len, device=keys.device)],
+                         dim=1) + starts[0, :, None]  # (H, sinks + c + q_len)
+        picked = keys[0].gather(1, rows[..., None].expand(-1, -1, keys.shape[-1]))[None]
+        out[i] = _max_attention(picked, queries[i], q_len)[:, sinks : sinks + c].float().cpu()
     return out
 
 

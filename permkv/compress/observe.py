@@ -1,10 +1,10 @@
-"""Capture the post-RoPE queries of the last `window` positions while a model prefills a PagedCache.
+"""Capture the post-RoPE queries of the last `window` positions while a model reads a PagedCache.
 
 Attention-based scorers need the queries that will look at the cache. transformers passes them,
-already rotated, to the attention function only, so `observing(model)` switches the model to a
-registered attention function that records them and then runs permkv's paged attention unchanged.
-The recorder is attached to the model's attention modules for the duration of the block (no module
-state): nested or concurrent models each have their own.
+already rotated, to the attention function only: `observing(model)` runs the model with permkv's
+paged attention and gives every forward's segments an observation window (`Segment.observe`), and
+the recorder keeps the last `window` queries of each layer. The recorder is attached to the model
+for the duration of the block; blocks nest (an inner block records alone until it ends).
 """
 
 from __future__ import annotations
@@ -14,15 +14,9 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from permkv.cache.attention import NAME as PAGED
-from permkv.cache.attention import paged_attention_forward
+from permkv.cache.attention import NAME, RECORDER, PagedBatch
 from permkv.checks import positive_int
-
-NAME = "permkv_paged_observed"
-ATTR = "_permkv_recorder"  # attribute an attention module carries while it is observed
 
 
 @dataclass
@@ -42,17 +36,14 @@ class QueryRecorder:
         new = query.detach() if old is None else torch.cat([old, query.detach()], dim=2)
         self.queries[layer_idx] = new[:, :, -self.window :].clone()
 
-
-def _observed_forward(module, query, key, value, attention_mask, *args, **kwargs):
-    """Record `query` `(batch, q_heads, T, head_dim)` for the module's recorder, then paged attention."""
-    recorder = getattr(module, ATTR, None)
-    if recorder is not None:
-        recorder.record(module.layer_idx, query)
-    return paged_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-
-
-AttentionInterface.register(NAME, _observed_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS[PAGED])
+    def record_batch(self, batch: PagedBatch) -> None:
+        """The queries a forward's segments kept, stacked `(segments, q_heads, w, head_dim)` per layer
+        (segments of equal length: a rectangular `(batch, T)` input)."""
+        if len({s.count for s in batch.segments}) != 1:
+            raise ValueError("observing records inputs whose rows have one length; give a mixed batch's "
+                             "segments their own `observe` instead")
+        for layer_idx in batch.segments[0].queries:
+            self.record(layer_idx, torch.cat([s.queries[layer_idx] for s in batch.segments], dim=0))
 
 
 def attention_modules(model) -> list:
@@ -62,20 +53,14 @@ def attention_modules(model) -> list:
 
 @contextmanager
 def observing(model, window: int = 64) -> Iterator[QueryRecorder]:
-    """Run `model` with paged attention inside the block and record its last `window` queries.
-
-    Blocks nest: an inner block records alone until it ends, then the outer recorder is back (the
-    engine observes decode steps while a chunked prefill observes its own chunks)."""
+    """Run `model` with paged attention inside the block and record its last `window` queries."""
     recorder = QueryRecorder(window)
-    modules = attention_modules(model)
-    outer = [getattr(m, ATTR, None) for m in modules]
+    outer = getattr(model, RECORDER, None)
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
-    for m in modules:
-        setattr(m, ATTR, recorder)
+    setattr(model, RECORDER, recorder)
     try:
         yield recorder
     finally:
-        for m, r in zip(modules, outer):
-            setattr(m, ATTR, r)
+        setattr(model, RECORDER, outer)
         model.set_attn_implementation(previous)

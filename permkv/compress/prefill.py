@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from permkv.cache import PagedCache
+from permkv.cache import PagedCache, forward
 from permkv.compress.compressor import CompressionReport, InferenceKVCacheCompression, check_ratio
 from permkv.compress.forks import paged_cache_for
 from permkv.compress.kvzip import kvzip_scores, last_chunk_scores
@@ -51,7 +51,7 @@ def prefill_and_compress(model, prefix: list[int], ratio: float, compression: In
     room = _reread_room(reread, min(len(prefix), KVZIP_CHUNK))
     cache = paged_cache_for(model, len(prefix) + extra_tokens + room) if cache is None else cache
     with observing(model, window=compression.observe) as recorder:
-        logits = model(torch.tensor([prefix], device=model.device), past_key_values=cache, logits_to_keep=1).logits[0, -1]
+        logits = forward(model, cache, torch.tensor([prefix], device=model.device))[0, -1]
     if reread is None:
         return cache, logits, compression.compress_auto(cache, ratio, recorder.queries)
     scores = kvzip_scores(model, cache, prefix, list(reread), KVZIP_CHUNK, compression.sinks)
@@ -89,8 +89,7 @@ def chunked_prefill_and_compress(model, prefix: list[int], ratio: float, compres
         chunk = prefix[start : start + chunk_tokens]
         pos = torch.arange(start, start + len(chunk), device=model.device)[None]
         with observing(model, window=compression.observe) as recorder:
-            logits = model(torch.tensor([chunk], device=model.device), past_key_values=cache, position_ids=pos,
-                           logits_to_keep=1).logits[0, -1]
+            logits = forward(model, cache, torch.tensor([chunk], device=model.device), pos)[0, -1]
         if reread is None:
             report = compressor.compress(cache, ratio, recorder.queries)
         else:  # the new chunk scored by re-reading it; older tokens keep the scores their chunks gave them

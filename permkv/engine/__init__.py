@@ -1,9 +1,10 @@
-"""A continuous-batching engine on the paged KV pool, with per-request compression (KV-Compress style).
+"""A step-driven serving engine on the paged KV pool, with per-request compression.
 
-    from permkv.engine import Engine, EngineConfig, Request
+    from permkv.engine import Engine, EngineConfig, EngineLoop, Request
 """
 
 from permkv.engine.engine import Engine, EngineConfig, EngineStats
-from permkv.engine.sequence import Request, Result
+from permkv.engine.loop import EngineLoop, Stream
+from permkv.engine.sequence import Request, RequestOutput, Result
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "Request", "Result"]
+__all__ = ["Engine", "EngineConfig", "EngineLoop", "EngineStats", "Request", "RequestOutput", "Result", "Stream"]

@@ -1,71 +1,109 @@
-"""The engine loop: admit and prefill what fits, then one batched decode step over all running sequences.
+"""A serving engine you call once per step, on one paged KV pool, compressing each request's cache.
 
     from permkv.engine import Engine, EngineConfig, Request
     pool = BlockPool(6000, block_size=16, head_dim=spec.head_dim)
-    engine = Engine(model, pool, EngineConfig(), stop=stop_ids(model, tok))
-    results = engine.generate([Request(ids, max_new_tokens=64, ratio=8) for ids in prompts])
-    engine.stats.output_tps, engine.stats.mean_batch, engine.stats.preemptions
+    engine = Engine(model, pool, EngineConfig(), stop=stop_ids(model, tok), reread=repeat_prompt_ids(tok, spec))
+    rid = engine.add_request(Request(ids, max_new_tokens=64, ratio=8))
+    while engine.has_unfinished():
+        for out in engine.step():            # new tokens of each request, and the finished ones
+            ...
+    engine.generate([Request(...), ...])     # the same loop, results in the order given
 
-All sequences live in one batch `PagedCache` on the pool, one row each, with per-(layer, KV head)
-block tables. A new request is prefilled into its own cache on the same pool and then `adopt`ed as the
-batch's last row; a finished one is `release`d, giving its blocks back. With ratio > 1 the prompt is
-compressed chunk by chunk while it is read, and every `compress_every` generated tokens the sequence is
-compressed again back to 1/ratio of all it has seen (KV-Compress's continual compression), so the
-freed blocks admit more requests. Greedy decoding only.
+A step is schedule -> run -> postprocess (nano-vllm's `step`). The scheduler shares one token budget
+between every decoding sequence and the prefill work of the others (`permkv.engine.scheduler`); the
+runner packs it all into one forward (`permkv.cache.run`); postprocessing samples, compresses and
+finishes. Each request owns a one-sequence `PagedCache` on the shared pool, found by its id.
+
+Compression (ratio > 1), with KVzip-style scores (`compression.scorer == "kvzip"`, the default):
+the request's context is read uncompressed, then re-read after KVzip's repeat prompt one
+`reread_chunk` at a time on a copy-on-write fork (scored by the attention each cached token gets,
+`permkv.compress.kvzip`), and compressed once to 1/ratio with the configured allocator (notebook
+02's best measured method: one global top-k). This costs about one more prefill of the context,
+counted in the engine's time. With an attention scorer (e.g. "kvcompress") the cache is compressed
+after every prefill chunk from the chunk's last queries instead (KV-Compress). Either way, every
+`compress_every` generated tokens the generated part is compressed again from the last decode
+queries (continual compression), so the whole cache stays near 1/ratio of all it has seen; the
+compressed context is never evicted by that.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
+from permkv.cache import BlockPool, PagedCache, paged_attention
 from permkv.checks import positive_int
-from permkv.compress import InferenceKVCacheCompression
-from permkv.engine.runner import ModelRunner
-from permkv.engine.scheduler import Scheduler
-from permkv.engine.sequence import Request, Result, Sequence, Status
+from permkv.compress import ALLOCATORS, Compressor, InferenceKVCacheCompression, KVCompressScore, get_scorer
+from permkv.compress.kvzip import reread_scores
+from permkv.engine.runner import ModelRunner, sample
+from permkv.engine.scheduler import Item, Scheduler, Work
+from permkv.engine.sequence import Phase, Request, RequestOutput, Result, Sequence
 from permkv.eval import stop_ids
+
+KVZIP = "kvzip"  # the scorer name that means KVzip-style re-reading (needs the repeat prompt)
+
+
+def _default_compression() -> InferenceKVCacheCompression:
+    return InferenceKVCacheCompression(scorer=KVZIP, allocator="global")
 
 
 @dataclass
 class EngineConfig:
     """How the engine runs; a request's own `ratio` says how much its cache is compressed."""
 
-    chunk_tokens: int = 512  # prompt tokens per prefill forward (the pool needs room for one chunk)
+    step_tokens: int = 2048  # tokens per forward: every running decode, then prefill chunks and re-reads
+    chunk_tokens: int = 512  # most context tokens one sequence reads per step
+    reread_chunk: int = 1024  # context tokens per KVzip-style re-read (the chunk notebook 02 measured)
     compress_every: int = 32  # generated tokens between two compressions of a sequence (ratio > 1)
     watermark: float = 0.01  # fraction of the pool kept free at admission for running sequences to grow
-    compression: InferenceKVCacheCompression = field(default_factory=InferenceKVCacheCompression)
+    compression: InferenceKVCacheCompression = field(default_factory=_default_compression)
 
     def __post_init__(self):
-        for name in ("chunk_tokens", "compress_every"):
+        for name in ("step_tokens", "chunk_tokens", "reread_chunk", "compress_every"):
             positive_int(name, getattr(self, name))
-        protected = self.compression.sinks + self.compression.window
-        if self.chunk_tokens < max(self.compression.observe, protected):
-            raise ValueError(f"chunk_tokens must be >= the observation window and the protected tokens "
-                             f"({max(self.compression.observe, protected)}), got {self.chunk_tokens}")
+        if self.chunk_tokens > self.step_tokens:
+            raise ValueError(f"chunk_tokens must be <= step_tokens ({self.step_tokens}), got {self.chunk_tokens}")
+        if self.compression.scorer != KVZIP:
+            get_scorer(self.compression.scorer)  # a clear error for an unknown scorer
+            protected = max(self.compression.observe, self.compression.sinks + self.compression.window)
+            if self.chunk_tokens < protected:
+                raise ValueError(f"chunk_tokens must be >= the observation window and the protected tokens "
+                                 f"({protected}) of the attention scorer, got {self.chunk_tokens}")
+        if self.compression.allocator not in ALLOCATORS:
+            raise ValueError(f"allocator must be one of {sorted(ALLOCATORS)}, got {self.compression.allocator!r}")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
+
+    @property
+    def kvzip(self) -> bool:
+        return self.compression.scorer == KVZIP
 
 
 @dataclass
 class EngineStats:
-    """What one `run` did. Times are wall-clock seconds; `batch_sizes[i]` is decode step i's batch."""
+    """What the engine did so far. Times are wall-clock seconds inside `step`; `batch_sizes[i]` is
+    step i's number of decoding sequences."""
 
     wall: float = 0.0
+    steps: int = 0
     prompt_tokens: int = 0  # of finished requests
     output_tokens: int = 0  # of finished requests
-    prefill_seconds: float = 0.0  # includes compression during prefill
-    decode_seconds: float = 0.0
-    compress_seconds: float = 0.0  # decode-time compression
+    computed_tokens: int = 0  # every token a forward ran: prefill, re-reads, decodes, recompute
+    reread_tokens: int = 0  # of which KVzip-style re-reading
+    prefill_seconds: float = 0.0  # steps that read or re-read a context (with the decodes riding along)
+    decode_seconds: float = 0.0  # steps of decodes only
+    compress_seconds: float = 0.0  # scoring and eviction after the forwards
     preemptions: int = 0
-    recomputed_tokens: int = 0  # generated tokens thrown away by preemption
-    compressions: int = 0
+    recomputed_tokens: int = 0  # generated tokens read again after a preemption
+    compressions: int = 0  # decode-time compressions
+    aborted: int = 0
     batch_sizes: list[int] = field(default_factory=list)
-    used_blocks: list[int] = field(default_factory=list)  # pool blocks in use at each decode step
+    used_blocks: list[int] = field(default_factory=list)  # pool blocks in use at each step with decodes
+    ttfts: list[float] = field(default_factory=list)  # of finished requests
     capacity_blocks: int = 0
 
     @property
@@ -87,14 +125,14 @@ class EngineStats:
 
     @property
     def mean_occupancy(self) -> float:
-        """Mean fraction of the pool in use over decode steps."""
+        """Mean fraction of the pool in use over steps with decodes."""
         return sum(self.used_blocks) / len(self.used_blocks) / self.capacity_blocks if self.used_blocks else 0.0
 
     @property
     def blocks_per_sequence(self) -> float:
         """Mean pool blocks one running sequence holds during decoding (generated tokens included):
         `capacity_blocks / blocks_per_sequence` sequences fit in the pool at once."""
-        per = [u / b for u, b in zip(self.used_blocks, self.batch_sizes)]
+        per = [u / b for u, b in zip(self.used_blocks, self.batch_sizes) if b]
         return sum(per) / len(per) if per else 0.0
 
     @property
@@ -102,184 +140,271 @@ class EngineStats:
         return self.prefill_seconds / self.wall if self.wall else 0.0
 
     def summary(self) -> dict[str, float]:
-        return dict(wall=self.wall, output_tps=self.output_tps, total_tps=self.total_tps, mean_batch=self.mean_batch,
-                    max_batch=self.max_batch, preemptions=self.preemptions, recomputed_tokens=self.recomputed_tokens,
-                    compressions=self.compressions, prefill_share=self.prefill_share,
-                    decode_seconds=self.decode_seconds, compress_seconds=self.compress_seconds,
-                    mean_occupancy=self.mean_occupancy, blocks_per_sequence=self.blocks_per_sequence,
-                    output_tokens=self.output_tokens,
-                    prompt_tokens=self.prompt_tokens)
+        return dict(wall=self.wall, steps=self.steps, output_tps=self.output_tps, total_tps=self.total_tps,
+                    mean_batch=self.mean_batch, max_batch=self.max_batch, preemptions=self.preemptions,
+                    recomputed_tokens=self.recomputed_tokens, compressions=self.compressions,
+                    prefill_share=self.prefill_share, decode_seconds=self.decode_seconds,
+                    compress_seconds=self.compress_seconds, mean_occupancy=self.mean_occupancy,
+                    blocks_per_sequence=self.blocks_per_sequence, output_tokens=self.output_tokens,
+                    prompt_tokens=self.prompt_tokens, computed_tokens=self.computed_tokens,
+                    reread_tokens=self.reread_tokens)
 
 
 class Engine:
-    """Continuous batching of greedy requests over one `BlockPool` (see the module docstring)."""
+    """Continuous batching over one `BlockPool` (see the module docstring).
 
-    def __init__(self, model, pool: BlockPool, config: EngineConfig | None = None, stop: set[int] | None = None):
+    `stop`: token ids that end a request (default: the model's EOS). `reread`: KVzip's repeat prompt
+    as token ids (`permkv.compress.repeat_prompt_ids(tokenizer, spec)`), needed for ratio > 1 with the
+    default KVzip-style scorer.
+    """
+
+    def __init__(self, model, pool: BlockPool, config: EngineConfig | None = None, stop: set[int] | None = None,
+                 reread: list[int] | None = None):
         self.model = model
-        self.config = config or EngineConfig()
-        self.cache = PagedCache(pool, model.config)  # the batch: one row per running sequence
         self.pool = pool
+        self.config = config or EngineConfig()
         self.stop = stop_ids(model) if stop is None else set(stop)
-        self.runner = ModelRunner(model, self.config.compression, self.config.chunk_tokens)
-        self.scheduler = Scheduler(self.cache, self.config.chunk_tokens, self.config.compress_every, self.config.watermark)
+        c = self.config.compression
+        self.reread = list(reread) if reread else None
+        if self.reread and self.config.step_tokens < len(self.reread) + self.config.reread_chunk:
+            raise ValueError(f"step_tokens must hold one re-read ({len(self.reread)} + {self.config.reread_chunk} "
+                             f"tokens), got {self.config.step_tokens}")
+        scorer = KVCompressScore() if self.config.kvzip else get_scorer(c.scorer)  # kvzip: decode-time part
+        self.compressor = Compressor(scorer, ALLOCATORS[c.allocator](c.min_share), c.sinks, c.window, c.observe)
+        self.runner = ModelRunner(model, self.reread)
+        self.probe = PagedCache(pool, model.config)  # holds no sequence: block counts per layer and head
+        self.scheduler = Scheduler(pool, self.probe, self.config.step_tokens, self.config.chunk_tokens,
+                                   self.config.watermark, self._peak_tokens, self._reread_len)
         self.max_positions = model.config.get_text_config(decoder=True).max_position_embeddings
-        self.n_layers = len(self.cache.layers)
-        self.sequences: list[Sequence] = []
+        self.sequences: dict[int, Sequence] = {}
+        self._next_id = 0
         self.stats = EngineStats(capacity_blocks=pool.num_blocks)
 
     # ----- requests --------------------------------------------------------------------------------
-    def add(self, request: Request) -> int:
-        """Queue a request; returns its id. Raises ValueError if it could never run."""
+    def check(self, request: Request) -> None:
+        """Raise ValueError for a request that could never run here (nothing changes)."""
         if not isinstance(request, Request):
             raise ValueError(f"request must be a permkv.engine.Request, got {type(request).__name__}")
-        seq = Sequence(len(self.sequences), request, time.perf_counter())
-        if seq.prompt_len + request.max_new_tokens > self.max_positions:
-            raise ValueError(f"prompt ({seq.prompt_len} tokens) + max_new_tokens ({request.max_new_tokens}) must fit "
+        n = len(request.prompt_ids)
+        if n + request.max_new_tokens > self.max_positions:
+            raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) must fit "
                              f"the model's context of {self.max_positions} tokens")
-        if request.ratio > min(self.config.chunk_tokens, seq.prompt_len):
-            raise ValueError(f"ratio must be <= the prompt's length ({seq.prompt_len}) and chunk_tokens "
-                             f"({self.config.chunk_tokens}): every head keeps at least one token, got {request.ratio:g}")
-        needed = self.cache.blocks_needed(self.scheduler.peak_tokens(seq))
+        if request.ratio > 1:
+            if self.config.kvzip and not self.reread:
+                raise ValueError("ratio > 1 with KVzip-style scores needs the repeat prompt: "
+                                 "Engine(..., reread=permkv.compress.repeat_prompt_ids(tokenizer, spec))")
+            limit = n if self.config.kvzip else min(self.config.chunk_tokens, n)
+            if request.ratio > limit:
+                raise ValueError(f"ratio must be <= the prompt's length ({n})" + ("" if self.config.kvzip else
+                                 f" and chunk_tokens ({self.config.chunk_tokens})") +
+                                 f": every head keeps at least one token, got {request.ratio:g}")
+        probe = Sequence(-1, request, 0.0)
+        needed = self.probe.blocks_needed(max(self._peak_tokens(probe), self._decode_peak(probe)))
         if needed > self.pool.num_blocks:
-            raise ValueError(f"request needs up to {needed} KV blocks at ratio {request.ratio:g} (prompt {seq.prompt_len} "
+            raise ValueError(f"request needs up to {needed} KV blocks at ratio {request.ratio:g} (prompt {n} "
                              f"+ {request.max_new_tokens} new tokens) but the whole pool has {self.pool.num_blocks}")
-        self.sequences.append(seq)
+
+    def add_request(self, request: Request) -> int:
+        """Queue a request (it joins the next step); returns its id. Raises ValueError if it could never run."""
+        self.check(request)
+        seq = Sequence(self._next_id, request, time.perf_counter())
+        self._next_id += 1
+        self.sequences[seq.id] = seq
         self.scheduler.waiting.append(seq)
         return seq.id
 
+    def abort(self, request_id: int) -> bool:
+        """Stop a request now and give its blocks back; False if it is unknown or already finished."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.done:
+            return False
+        self._finish(seq, "abort")
+        self.stats.aborted += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
     def generate(self, requests: list[Request], progress: bool = True) -> list[Result]:
-        """Add `requests` and run them all; results in the order given."""
-        ids = [self.add(r) for r in requests]
-        done = {r.id: r for r in self.run(progress)}
+        """Add `requests` and step until all are done; results in the order given."""
+        ids = [self.add_request(r) for r in requests]
+        done: dict[int, Result] = {}
+        bar = tqdm(total=len(ids), desc="engine", disable=not progress)
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.id] = out.result
+                    bar.update()
+            bar.set_postfix(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                            preempted=self.stats.preemptions)
+        bar.close()
         return [done[i] for i in ids]
 
-    # ----- the loop --------------------------------------------------------------------------------
-    def run(self, progress: bool = True) -> list[Result]:
-        """Run until every queued request has finished; returns the results of this run in finishing order."""
-        sched = self.scheduler
-        compressing = any(s.request.ratio > 1 for s in sched.waiting)
-        results: list[Result] = []
-        bar = tqdm(total=len(sched.waiting), desc="engine", disable=not progress)
+    # ----- one step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward, postprocess. Returns what each touched request got."""
         start = time.perf_counter()
-        with paged_attention(self.model):
-            while sched.waiting or sched.running:
-                finished = self._admit() + self._decode(compressing)
-                for seq in finished:
-                    results.append(self._finish(seq))
-                bar.update(len(finished))
-                bar.set_postfix(batch=len(sched.running), waiting=len(sched.waiting), preempted=self.stats.preemptions)
-        bar.close()
-        self.stats.wall += time.perf_counter() - start
-        return results
-
-    def _admit(self) -> list[Sequence]:
-        """Prefill waiting requests, oldest first, while the pool has room; returns those already done."""
-        sched, finished = self.scheduler, []
-        while (seq := sched.next_waiting()) is not None:
-            sched.admit(seq)
-            t0 = time.perf_counter()
-            single = PagedCache(self.pool, self.model.config)
-            try:
-                logits = self.runner.prefill(single, seq.request.prompt_ids, seq.request.ratio)
-            except CacheFull:  # the estimate was short: give the blocks back, retry when memory frees
-                single.reset()
-                sched.waiting.appendleft(seq)
-                if not sched.running:
-                    raise RuntimeError(f"request {seq.id} cannot be prefilled even in an empty pool of "
-                                       f"{self.pool.num_blocks} blocks") from None
-                break
-            finally:
-                self.stats.prefill_seconds += time.perf_counter() - t0
-            seq.compressed_at = seq.prompt_len
-            if seq.first_token_time is None:
-                seq.first_token_time = time.perf_counter()
-            if self._append(seq, int(logits.argmax())):
-                single.reset()
-                finished.append(seq)
-            else:
-                self.cache.adopt(single)
-                sched.start(seq)
-        return finished
-
-    def _append(self, seq: Sequence, token: int) -> bool:
-        """Add a sampled token to `seq`; returns whether it finished (stop token not kept, as greedy_decode)."""
-        if token in self.stop:
-            return True
-        seq.tokens.append(token)
-        return len(seq.tokens) >= seq.request.max_new_tokens
-
-    def _make_room(self) -> None:
-        """Preempt the youngest running sequences until every running one can write one more token."""
-        sched = self.scheduler
-        while True:
-            try:
-                self.cache.check_room([1] * len(sched.running))
-                return
-            except CacheFull as full:
-                if len(sched.running) == 1:
-                    raise RuntimeError(f"the one running request cannot grow: {full}") from None
-            i = sched.youngest()
-            seq = sched.running.pop(i)
-            self.cache.release(i)
-            self.stats.preemptions += 1
+        items = self.scheduler.schedule()
+        self.stats.preemptions += len(self.scheduler.preempted)
+        for seq in self.scheduler.preempted:
             self.stats.recomputed_tokens += len(seq.tokens)
-            sched.requeue(seq)
-
-    def _decode(self, observe: bool) -> list[Sequence]:
-        """One batched decode step over all running sequences (recording their queries when some
-        compress), then compression where due."""
-        sched = self.scheduler
-        if not sched.running:
+        if not items:
+            if self.has_unfinished():
+                raise RuntimeError(f"nothing can run: {len(self.scheduler.waiting)} waiting requests do not fit "
+                                   f"the {self.pool.num_free} free blocks of {self.pool.num_blocks}")
             return []
-        self._make_room()
-        t0 = time.perf_counter()
-        logits, step_queries = self.runner.decode(self.cache, [s.tokens[-1] for s in sched.running],
-                                                  [s.position for s in sched.running], observe)
-        next_tokens = logits.argmax(-1).tolist()
-        self.stats.decode_seconds += time.perf_counter() - t0
-        self.stats.batch_sizes.append(len(sched.running))
-        self.stats.used_blocks.append(self.pool.num_blocks - self.pool.num_free)
-        if step_queries is not None:  # (batch, q_heads, layers, head_dim)
-            window = self.config.compression.observe
-            for b, seq in enumerate(sched.running):
-                seq.queries.append(step_queries[b])
-                while len(seq.queries) > window:
-                    seq.queries.popleft()
-        finished, done_rows = [], []
-        for b, (seq, token) in enumerate(zip(sched.running, next_tokens)):
-            if self._append(seq, token):
-                finished.append(seq)
-                done_rows.append(b)
-        for b in reversed(done_rows):
-            sched.running.pop(b)
-            self.cache.release(b)
-        if finished:
-            sched.hold = False
-        self._compress_due()
-        return finished
+        observe = {i.seq.id: self._observe(i) for i in items}
+        with paged_attention(self.model):
+            logits, segments = self.runner.run(items, observe)
+            forward_end = time.perf_counter()
+            outputs = self._postprocess(items, logits, segments)
+        end = time.perf_counter()
+        decodes = sum(i.work is Work.DECODE for i in items)
+        self.stats.steps += 1
+        self.stats.computed_tokens += sum(i.count for i in items)
+        self.stats.reread_tokens += sum(i.count for i in items if i.work is Work.REREAD)
+        self.stats.compress_seconds += end - forward_end
+        if decodes == len(items):
+            self.stats.decode_seconds += end - start
+        else:
+            self.stats.prefill_seconds += end - start
+        if decodes:
+            self.stats.batch_sizes.append(decodes)
+            self.stats.used_blocks.append(self.pool.num_blocks - self.pool.num_free)
+        self.stats.wall += end - start
+        return outputs
 
-    def _compress_due(self) -> None:
-        """Compress every running sequence that generated `compress_every` tokens since its last compression."""
-        sched = self.scheduler
-        due = [s for s in sched.running if s.request.ratio > 1 and s.seen - s.compressed_at >= self.config.compress_every]
-        if not due:
-            return
+    def _observe(self, item: Item) -> int:
+        """Queries that `item`'s segment keeps per layer: a re-read's own, a compressing decode's one,
+        an attention scorer's last `observe` of a prefill chunk."""
+        seq, c = item.seq, self.config.compression
+        if item.work is Work.REREAD:
+            return item.count
+        if seq.request.ratio == 1:
+            return 0
+        if item.work is Work.DECODE:
+            return 1
+        return 0 if self.config.kvzip else c.observe
+
+    def _postprocess(self, items: list[Item], logits: dict[int, torch.Tensor], segments) -> list[RequestOutput]:
+        outputs = []
+        for item, segment in zip(items, segments):
+            seq = item.seq
+            if seq.done:  # preempted or finished by an earlier item of this step
+                continue
+            if item.work is Work.REREAD:
+                self._score(seq, item, segment)
+                continue
+            if item.work is Work.PREFILL:
+                seq.read += item.count
+                if seq.request.ratio > 1 and not self.config.kvzip:
+                    self.compressor.compress(seq.cache, seq.request.ratio, segment.queries)
+                if seq.read < len(seq.context):
+                    continue
+                self._context_read(seq)
+            elif seq.request.ratio > 1:
+                seq.queries.append(segment.queries)
+                while len(seq.queries) > self.config.compression.observe:
+                    seq.queries.popleft()
+            token = sample(logits[seq.id], seq)
+            out = self._append(seq, token)
+            if out is not None:
+                outputs.append(out)
+            if not seq.done and seq.phase is Phase.DECODE and seq.request.ratio > 1 \
+                    and seq.cache.seen[0] - seq.compressed_at >= self.config.compress_every:
+                self._compress_generated(seq)
+        return outputs
+
+    def _context_read(self, seq: Sequence) -> None:
+        """The whole context is in the cache: re-read it next (KVzip) or decode."""
+        if seq.request.ratio > 1 and self.config.kvzip:
+            seq.phase = Phase.SCORE
+        else:
+            self._start_decoding(seq)
+
+    def _start_decoding(self, seq: Sequence) -> None:
+        seq.phase = Phase.DECODE
+        seq.compressed_at = seq.cache.seen[0]
+        full = [layer for layer in seq.cache.layers if not layer.is_sliding]
+        held = [t.length for layer in full for t in layer.tables[0]]
+        seq.kv_tokens = sum(held) / len(held) if held else None
+        seq.kv_bytes = seq.cache.stats().allocated_bytes
+        seq.prompt_kept = {i: [t.length for t in layer.tables[0]] for i, layer in enumerate(seq.cache.layers)
+                           if not layer.is_sliding}
+
+    def _score(self, seq: Sequence, item: Item, segment) -> None:
+        """A re-read of one chunk ran on the fork `segment.row`: keep its scores, drop the fork; after the
+        last chunk, compress the context once to 1/ratio."""
         t0 = time.perf_counter()
-        for seq in due:
-            row = sched.running.index(seq)
-            single = self.cache.detach(row)
-            # the cache holds tokens[:-1] (tokens[-1] is the next input) and their queries
-            if self.runner.compress(single, seq.request.ratio, torch.stack(list(seq.queries), dim=2)):
-                seq.compressions += 1
-                self.stats.compressions += 1
-            seq.compressed_at = seq.seen
-            self.cache.adopt(single)
-            sched.running.append(sched.running.pop(row))
+        c = item.count - len(self.reread)
+        begin, sinks = seq.scored, min(self.config.compression.sinks, seq.scored)
+        chunk = reread_scores(seq.cache, segment.row, segment.queries, item.count, c, begin, sinks)
+        seq.cache.release(segment.row)
+        for i, s in chunk.items():
+            seq.scores.setdefault(i, []).append(s)
+        seq.scored += c
+        if seq.scored == len(seq.context):
+            scores = {i: torch.cat(parts, dim=1)[None] for i, parts in seq.scores.items()}  # (1, kv_heads, context)
+            self.compressor.compress(seq.cache, seq.request.ratio, scores=scores)
+            seq.scores = {}
+            self._start_decoding(seq)
         self.stats.compress_seconds += time.perf_counter() - t0
 
-    def _finish(self, seq: Sequence) -> Result:
-        seq.status, seq.finish_time = Status.FINISHED, time.perf_counter()
-        self.stats.prompt_tokens += seq.prompt_len
-        self.stats.output_tokens += len(seq.tokens)
-        return Result(seq.id, seq.prompt_len, list(seq.tokens), seq.first_token_time - seq.arrival,
-                      seq.finish_time - seq.arrival, seq.preemptions, seq.compressions)
+    def _compress_generated(self, seq: Sequence) -> None:
+        """Continual compression: the generated part back to 1/ratio, scored from the last decode queries;
+        the compressed context stays."""
+        queries = {i: torch.cat([q[i] for q in seq.queries], dim=2) for i in seq.queries[0]}  # (1, q_heads, w, D)
+        before = seq.cache.stats().used_tokens
+        self.compressor.compress(seq.cache, seq.request.ratio, queries, keep=seq.prompt_kept)
+        if seq.cache.stats().used_tokens < before:
+            seq.compressions += 1
+            self.stats.compressions += 1
+        seq.compressed_at = seq.cache.seen[0]
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput | None:
+        """Add a sampled token to `seq` (a stop token is not kept); finishes it at a stop or the length."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        if token in self.stop and not seq.request.ignore_eos:
+            return self._finish(seq, "stop")
+        seq.tokens.append(token)
+        if len(seq.tokens) >= seq.request.max_new_tokens:
+            return self._finish(seq, "length", [token])
+        return RequestOutput(seq.id, [token], False)
+
+    def _finish(self, seq: Sequence, reason: str, new: list[int] | None = None) -> RequestOutput:
+        self.scheduler.finish(seq)
+        seq.phase, seq.finish_time, seq.finish_reason = Phase.FINISHED, time.perf_counter(), reason
+        ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival
+        result = Result(seq.id, seq.prompt_len, list(seq.tokens), reason, ttft, seq.finish_time - seq.arrival,
+                        seq.preemptions, seq.compressions, seq.kv_tokens, seq.kv_bytes)
+        if reason != "abort":
+            self.stats.prompt_tokens += seq.prompt_len
+            self.stats.output_tokens += len(seq.tokens)
+            if ttft is not None:
+                self.stats.ttfts.append(ttft)
+        del self.sequences[seq.id]
+        return RequestOutput(seq.id, new or [], True, result)
+
+    # ----- block accounting ------------------------------------------------------------------------
+    def _reread_len(self, seq: Sequence) -> int:
+        """Tokens of `seq`'s next re-read: the repeat prompt and the next chunk of its context."""
+        return len(self.reread or []) + min(self.config.reread_chunk, len(seq.context) - seq.scored)
+
+    def _peak_tokens(self, seq: Sequence) -> int:
+        """Most tokens per head `seq` holds while it reads its context (and, at ratio 1, decodes)."""
+        n, r = len(seq.context), seq.request.ratio
+        if r == 1:
+            return n + seq.request.max_new_tokens - len(seq.tokens)
+        if self.config.kvzip:
+            return n + len(self.reread or []) + min(self.config.reread_chunk, n) + self.pool.block_size
+        return min(n, math.ceil(n / r) + self.config.chunk_tokens)
+
+    def _decode_peak(self, seq: Sequence) -> int:
+        """Most tokens per head `seq` holds while decoding at ratio > 1: 1/ratio of all it will have
+        seen plus the tokens generated between two compressions (at most everything)."""
+        everything = seq.prompt_len + seq.request.max_new_tokens
+        if seq.request.ratio == 1:
+            return everything
+        return min(everything, math.ceil(everything / seq.request.ratio) + self.config.compress_every
+                   + self.config.compression.window + self.config.compression.sinks)

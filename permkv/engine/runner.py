@@ -1,60 +1,72 @@
-"""The model side: chunked prefill (compressed by `permkv.compress`), one batched decode forward,
-compression of one sequence. The caller holds `paged_attention(model)` around every call.
+"""The model side of a step: pack every item into one input, run one forward, sample.
 
 Positions are explicit everywhere: a compressed cache holds fewer tokens than it has seen.
+The caller holds `paged_attention(model)` around every call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from permkv.cache import PagedCache
-from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress, observing
+from permkv.cache import PagedBatch, Segment, run
+from permkv.engine.scheduler import Item, Work
+from permkv.engine.sequence import Sequence
 
 
 class ModelRunner:
-    """Runs `model` on `PagedCache`s of one pool."""
+    """Runs `model` over the items of a step; `reread` is KVzip's repeat prompt (token ids)."""
 
-    def __init__(self, model, compression: InferenceKVCacheCompression, chunk_tokens: int):
+    def __init__(self, model, reread: list[int] | None):
         self.model = model
         self.device = model.device
-        self.compression = compression
-        self.compressor = compression.compressor()
-        self.chunk_tokens = chunk_tokens
-        self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.reread = list(reread or [])
 
     @torch.no_grad()
-    def prefill(self, cache: PagedCache, prompt: list[int], ratio: float) -> torch.Tensor:
-        """Read `prompt` into the empty one-sequence `cache`, `chunk_tokens` at a time; with ratio > 1
-        the cache is compressed to seen / ratio after every chunk (`chunked_prefill_and_compress`).
-        Returns the last position's logits `(vocab,)`. Raises CacheFull."""
-        if ratio > 1:
-            return chunked_prefill_and_compress(self.model, prompt, ratio, self.compression, self.chunk_tokens, cache=cache)[1]
-        for start in range(0, len(prompt), self.chunk_tokens):
-            chunk = prompt[start : start + self.chunk_tokens]
-            ids = torch.tensor([chunk], device=self.device)
-            pos = torch.arange(start, start + len(chunk), device=self.device)[None]
-            logits = self.model(ids, past_key_values=cache, position_ids=pos, logits_to_keep=1).logits[0, -1]
-        return logits
+    def run(self, items: list[Item], observe: dict[int, int]) -> tuple[dict[int, torch.Tensor], list[Segment]]:
+        """One forward over `items` (in order); `observe[seq id]` queries kept per layer for that item's
+        segment. Returns the next-token logits `(vocab,)` of every item that needs them (decodes and the
+        last chunk of a context), by request id, and the segments (their `queries`; a re-read's fork row)."""
+        ids, positions, segments, wants = [], [], [], []
+        for item in items:
+            seq = item.seq
+            if item.work is Work.DECODE:
+                tokens, start, row = [seq.tokens[-1]], seq.position, 0
+                wants.append(True)
+            elif item.work is Work.PREFILL:
+                tokens, start, row = seq.context[seq.read : seq.read + item.count], seq.read, 0
+                wants.append(seq.read + item.count == len(seq.context))
+            else:  # the fork re-reads one chunk after the repeat prompt, right after the context
+                c = item.count - len(self.reread)
+                tokens, start = self.reread + seq.context[seq.scored : seq.scored + c], len(seq.context)
+                row = seq.cache.fork(0)
+                wants.append(False)
+            assert len(tokens) == item.count, f"item of {item.count} tokens holds {len(tokens)}"
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            segments.append(Segment(seq.cache, row, item.count, observe.get(seq.id, 0)))
+        batch = PagedBatch(segments)
+        last = batch.last_positions()
+        at = last[torch.tensor(wants)]
+        logits = run(self.model, batch, torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                     at) if ids else None
+        out, k = {}, 0
+        for item, want in zip(items, wants):
+            if want:
+                out[item.seq.id] = logits[k]
+                k += 1
+        return out, segments
 
-    @torch.no_grad()
-    def decode(self, cache: PagedCache, tokens: list[int], positions: list[int], observe: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One forward pass over every sequence of `cache`: row b feeds `tokens[b]` at `positions[b]`;
-        each (sequence, layer, KV head) attends over its own cached tokens. Returns logits
-        `(batch, vocab)` and, with `observe`, the step's queries `(batch, q_heads, layers, head_dim)`."""
-        ids = torch.tensor(tokens, device=self.device)[:, None]  # (batch, 1)
-        pos = torch.tensor(positions, device=self.device)[:, None]
-        if not observe:
-            return self.model(ids, past_key_values=cache, position_ids=pos, logits_to_keep=1).logits[:, -1], None
-        with observing(self.model, window=1) as recorder:
-            logits = self.model(ids, past_key_values=cache, position_ids=pos, logits_to_keep=1).logits[:, -1]
-        return logits, torch.cat([recorder.queries[i] for i in range(self.n_layers)], dim=2)
 
-    def compress(self, cache: PagedCache, ratio: float, queries: torch.Tensor) -> bool:
-        """Compress the one sequence of `cache` to seen / ratio tokens per full-attention head.
-        `queries` `(q_heads, layers, w, head_dim)`: its last w decode queries. Returns whether it evicted."""
-        before = cache.stats().used_tokens
-        by_layer = {i: queries[:, i][None] for i in range(self.n_layers)}  # layer -> (1, q_heads, w, head_dim)
-        self.compressor.compress(cache, ratio, by_layer)
-        return cache.stats().used_tokens < before
+def sample(logits: torch.Tensor, seq: Sequence) -> int:
+    """The next token of `seq` from `logits` `(vocab,)`: greedy at temperature 0, else nucleus
+    sampling with the sequence's own seeded generator."""
+    r = seq.request
+    if r.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / r.temperature, dim=-1)
+    if r.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        cut = (sorted_p.cumsum(0) - sorted_p) >= r.top_p  # tokens after the nucleus
+        sorted_p[cut] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))

@@ -1,79 +1,162 @@
-"""Who runs next: a FIFO waiting queue, admission by the pool's free blocks, preemption of the youngest.
+"""Who runs in the next step: one token budget shared by every running decode and the prefill work.
 
-Block accounting asks the batch `PagedCache` (its `blocks_needed` knows layers, KV heads and sliding
-windows). A request is admitted when the blocks its prefill can hold at its peak fit in the free blocks
-with `watermark` of the pool left over for the running sequences' growth (vLLM's watermark). When a
-decode step finds no room, the most recently admitted sequence gives all its blocks back and goes to
-the front of the queue to be recomputed (vLLM's recompute preemption), so the oldest keep going; no
-request is admitted again until a running one finishes (else the one just preempted would be prefilled
-again at once and preempted again at the next step).
+Each step takes, in this order (vLLM v1's scheduler, simplified):
+1. one token for every decoding sequence, oldest first. When the pool cannot hold them, the most
+   recently admitted sequence gives all its blocks back and goes to the front of the queue
+   (recompute preemption: it will read its prompt and what it generated again), until they fit;
+2. the next piece of work of every sequence still reading its context, oldest first, within what is
+   left of `step_tokens`: a prefill chunk of at most `chunk_tokens`, or one KVzip-style re-read;
+3. waiting requests, first come first served, while the budget lasts and the pool holds each one's
+   peak during prefill on top of what the sequences already reading will still take, plus
+   `watermark` of the pool for the decoders' growth. Nothing is admitted after a preemption until a
+   sequence finishes (else the one just preempted would come back and be preempted again).
+
+The first piece of prefill work of a step is taken even beyond the budget, so a long re-read never
+waits behind a large batch of decodes. Sequences are keyed by request id, never by position.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
+from enum import Enum
 
-from permkv.cache import PagedCache
-from permkv.engine.sequence import Sequence, Status
+from permkv.cache import BlockPool, PagedCache
+from permkv.engine.sequence import Phase, Sequence
+
+
+class Work(Enum):
+    DECODE = "decode"  # feed tokens[-1]
+    PREFILL = "prefill"  # read `count` more tokens of the context
+    REREAD = "reread"  # re-read one chunk of the context after the repeat prompt, on a fork
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sequence's share of a step: `count` tokens of `work`."""
+
+    seq: Sequence
+    work: Work
+    count: int
 
 
 class Scheduler:
-    """`waiting` (FIFO) and `running` (in the batch cache's row order) sequences."""
+    """`waiting` (FIFO) and `running` (admission order, by request id) sequences on one pool.
 
-    def __init__(self, cache: PagedCache, chunk_tokens: int, compress_every: int, watermark: float):
-        self.cache = cache
+    `peak_tokens(seq)` is the most tokens per head a sequence holds while it reads its context;
+    `reread_len(seq)` the tokens of a sequence's next re-read.
+    """
+
+    def __init__(self, pool: BlockPool, probe: PagedCache, step_tokens: int, chunk_tokens: int, watermark: float,
+                 peak_tokens, reread_len):
+        self.pool = pool
+        self.probe = probe  # an empty cache of the model: block counts per layer and head
+        self.step_tokens = step_tokens
         self.chunk_tokens = chunk_tokens
-        self.compress_every = compress_every
-        self.watermark_blocks = math.ceil(watermark * cache.pool.num_blocks)
+        self.watermark_blocks = math.ceil(watermark * pool.num_blocks)
+        self.peak_tokens = peak_tokens
+        self.reread_len = reread_len
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: dict[int, Sequence] = {}
+        self.hold = False  # set by a preemption, cleared when a sequence finishes
         self._admissions = 0
-        self.hold = False  # set by a preemption, cleared when a running sequence finishes
+        self.preempted: list[Sequence] = []  # preempted in the last `schedule`
 
-    def prefill_tokens(self, seq: Sequence) -> int:
-        """Most tokens per head the sequence's cache holds during its prefill: the whole prompt, or with
-        compression the compressed part read so far plus one uncompressed chunk."""
-        n, ratio = seq.prompt_len, seq.request.ratio
-        return n if ratio == 1 else min(n, math.ceil(n / ratio) + self.chunk_tokens)
+    def schedule(self) -> list[Item]:
+        """The next step's work (empty when nothing can run)."""
+        self.preempted = []
+        items = self._decodes()
+        budget = self.step_tokens - len(items)
+        free = self.pool.num_free - sum(self._blocks(i) for i in items)
+        for seq in [s for s in self.running.values() if s.phase in (Phase.PREFILL, Phase.SCORE)]:
+            item = self._next_work(seq, budget, first=len(items) == len(self._decoding()))
+            if item is None:
+                continue
+            need = self._blocks(item)
+            if need > free:
+                continue
+            items.append(item)
+            budget, free = budget - item.count, free - need
+        reserved = sum(self._still_needed(s) for s in self.running.values() if s.phase in (Phase.PREFILL, Phase.SCORE))
+        while self.waiting and budget > 0 and not (self.hold and self.running):
+            seq = self.waiting[0]
+            peak = self.probe.blocks_needed(self.peak_tokens(seq))
+            if peak + reserved + (self.watermark_blocks if self.running else 0) > free:
+                break
+            self.waiting.popleft()
+            self._admit(seq)
+            item = self._next_work(seq, budget, first=len(items) == len(self._decoding()))
+            need = self._blocks(item)
+            items.append(item)
+            budget, free = budget - item.count, free - need
+            reserved += peak - need
+        return items
 
-    def peak_tokens(self, seq: Sequence) -> int:
-        """Most tokens per head the sequence holds alone: its prefill peak, or 1/ratio of all it has seen
-        plus the tokens generated between two compressions (at most everything, uncompressed)."""
-        r = seq.request
-        everything = seq.prompt_len + r.max_new_tokens
-        if r.ratio == 1:
-            return everything
-        return min(everything, max(self.prefill_tokens(seq), math.ceil(everything / r.ratio) + self.compress_every))
+    # ----- pieces of a step -------------------------------------------------------------------------
+    def _decoding(self) -> list[Sequence]:
+        return [s for s in self.running.values() if s.phase is Phase.DECODE]
 
-    def can_admit(self, seq: Sequence) -> bool:
-        needed = self.cache.blocks_needed(self.prefill_tokens(seq))
-        return needed + self.watermark_blocks <= self.cache.pool.num_free
+    def _decodes(self) -> list[Item]:
+        """One token for each decoding sequence, preempting the youngest until the pool holds them."""
+        while True:
+            decoding = self._decoding()
+            need = sum(s.cache.blocks_to_grow([1]) for s in decoding)
+            if need <= self.pool.num_free:
+                return [Item(s, Work.DECODE, 1) for s in decoding]
+            if len(self.running) == 1:
+                raise RuntimeError(f"the one running request ({next(iter(self.running))}) cannot grow: it needs "
+                                   f"{need} blocks, {self.pool.num_free} of {self.pool.num_blocks} are free")
+            self.preempt(max(self.running.values(), key=lambda s: s.admitted))
 
-    def next_waiting(self) -> Sequence | None:
-        """The head of the queue if it can be admitted now (FIFO: nobody overtakes it)."""
-        if self.hold and self.running:
-            return None
-        return self.waiting[0] if self.waiting and self.can_admit(self.waiting[0]) else None
+    def _next_work(self, seq: Sequence, budget: int, first: bool) -> Item | None:
+        """The next prefill chunk or re-read of `seq` within `budget` (`first`: the step's first prefill
+        work, taken whole whatever the budget)."""
+        if seq.phase is Phase.PREFILL:
+            count = min(self.chunk_tokens, len(seq.context) - seq.read)
+            count = count if first else min(count, budget)
+            return Item(seq, Work.PREFILL, count) if count > 0 else None
+        count = self.reread_len(seq)
+        return Item(seq, Work.REREAD, count) if first or count <= budget else None
 
-    def admit(self, seq: Sequence) -> None:
-        """Take `seq` off the queue; it joins `running` once prefilled (`start`)."""
-        assert self.waiting[0] is seq, "admit must take the head of the waiting queue"
-        self.waiting.popleft()
-        seq.admitted = self._admissions
+    def _blocks(self, item: Item) -> int:
+        """Free blocks `item` takes: its tokens' new blocks; a re-read's fork also copies each head's
+        partly filled last block (copy-on-write)."""
+        cache = item.seq.cache
+        need = cache.blocks_to_grow([item.count])
+        if item.work is Work.REREAD:
+            bs = self.pool.block_size
+            need += sum((t.start + t.length) % bs != 0 for layer in cache.layers for t in layer.tables[0])
+        return need
+
+    def _still_needed(self, seq: Sequence) -> int:
+        """Blocks a sequence reading its context will still take before its peak."""
+        held = sum(len(t.blocks) for layer in seq.cache.layers for t in layer.tables[0])
+        return max(self.probe.blocks_needed(self.peak_tokens(seq)) - held, 0)
+
+    # ----- state changes ----------------------------------------------------------------------------
+    def _admit(self, seq: Sequence) -> None:
+        seq.cache = PagedCache(self.pool, self.probe.config)
+        seq.cache.ensure_batch(1)
+        seq.phase, seq.admitted = Phase.PREFILL, self._admissions
         self._admissions += 1
+        self.running[seq.id] = seq
 
-    def start(self, seq: Sequence) -> None:
-        """`seq` was prefilled and its cache joined the batch cache as its last row."""
-        seq.status = Status.RUNNING
-        self.running.append(seq)
-
-    def requeue(self, seq: Sequence) -> None:
-        """Put a sequence whose blocks were given back at the front of the queue, to run again."""
+    def preempt(self, seq: Sequence) -> None:
+        """Give all of `seq`'s blocks back and queue it first, to read its context again."""
+        del self.running[seq.id]
+        seq.cache.reset()
         seq.restart()
         self.waiting.appendleft(seq)
         self.hold = True
+        self.preempted.append(seq)
 
-    def youngest(self) -> int:
-        """Row of the most recently admitted running sequence."""
-        return max(range(len(self.running)), key=lambda i: self.running[i].admitted)
+    def finish(self, seq: Sequence) -> None:
+        """`seq` is done (or aborted): its blocks go back to the pool."""
+        if seq.id in self.running:
+            del self.running[seq.id]
+            seq.cache.reset()
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.cache = None
+        self.hold = False

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+from permkv.cache import forward
+
 
 def stop_ids(model, tokenizer=None) -> set[int]:
     """Token ids that end a generation: the model's EOS ids and the tokenizer's EOS."""
@@ -34,20 +36,22 @@ def greedy_decode(
     stop: set[int],
     suffix: Sequence[int] = (),
     after_step: Callable[[object, int], None] | None = None,
+    on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Feed `suffix` at positions `start..`, then decode greedily; returns the new token ids.
 
     `logits` `(vocab,)`: the last prefix position's logits (used when `suffix` is empty). Stops at a
     stop id (not returned) or after `max_new_tokens`; the last token is never fed back (no wasted pass).
     `after_step(cache, position)` runs after each token is written to the cache (decode-time
-    compression hooks in here); `position` is the next free position.
+    compression hooks in here); `position` is the next free position. `on_token(token)` sees each
+    new token as soon as it is chosen (streaming; an exception it raises stops the loop).
     """
     device = model.device
     pos = start
     if suffix:
         ids = torch.tensor([list(suffix)], device=device)
         positions = torch.arange(start, start + len(suffix), device=device)[None]
-        logits = model(ids, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits[0, -1]
+        logits = forward(model, cache, ids, positions)[0, -1]
         pos += len(suffix)
         if after_step is not None:
             after_step(cache, pos)
@@ -57,10 +61,11 @@ def greedy_decode(
         if token in stop:
             break
         out.append(token)
+        if on_token is not None:
+            on_token(token)
         if step == max_new_tokens - 1:
             break
-        logits = model(torch.tensor([[token]], device=device), past_key_values=cache,
-                       position_ids=torch.tensor([[pos]], device=device)).logits[0, -1]
+        logits = forward(model, cache, torch.tensor([[token]], device=device), torch.tensor([[pos]], device=device))[0, -1]
         pos += 1
         if after_step is not None:
             after_step(cache, pos)
@@ -74,8 +79,7 @@ def prefill(model, ids: Sequence[int], cache=None):
     if not ids:
         raise ValueError("ids must hold at least one token")
     cache = DynamicCache(config=model.config) if cache is None else cache
-    logits = model(torch.tensor([list(ids)], device=model.device), past_key_values=cache,
-                   logits_to_keep=1).logits[0, -1]
+    logits = forward(model, cache, torch.tensor([list(ids)], device=model.device))[0, -1]
     return cache, logits
 
 

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from permkv.baselines import kvpress as kvp
-from permkv.cache import PagedCache, paged_attention
+from permkv.cache import PagedCache, forward, paged_attention
 from permkv.checks import positive_int
 from permkv.compress import (
     KVZIP_SCORER,
@@ -95,8 +95,7 @@ class Prefilled:
         n = len(self.prefix)
         positions = torch.arange(n, n + len(ids), device=model.device)[None]
         with observing(model, window=self.observe) as recorder, kvp.capture_inputs(model) as inputs:
-            logits = model(torch.tensor([ids], device=model.device), past_key_values=self.cache, position_ids=positions,
-                           logits_to_keep=1).logits[0, -1]
+            logits = forward(model, self.cache, torch.tensor([ids], device=model.device), positions)[0, -1]
         continued = QueryRecorder(self.observe, dict(self.queries))  # this prefix's last queries, then the new ones
         for i, query in recorder.queries.items():
             continued.record(i, query)
@@ -116,7 +115,7 @@ def prefill_once(model, prefix: list[int], suffix: list[int], max_new_tokens: in
     and every attention layer's inputs."""
     cache = paged_cache_for(model, 2 * (len(prefix) + len(suffix)) + max_new_tokens + 64)
     with observing(model, window=observe) as recorder, kvp.capture_inputs(model) as inputs:
-        logits = model(torch.tensor([prefix], device=model.device), past_key_values=cache, logits_to_keep=1).logits[0, -1]
+        logits = forward(model, cache, torch.tensor([prefix], device=model.device))[0, -1]
     return Prefilled(prefix, suffix, cache, logits, recorder.queries, inputs, observe)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from permkv.cache import BlockPool, CacheFull, PagedCache, paged_attention
+from permkv.cache import BlockPool, CacheFull, PagedBatch, PagedCache, Segment, paged_attention, run
 from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress
 from permkv.data import Sample, encode_sample, load_hotpot, load_squad
 from permkv.models import model_config
@@ -249,24 +249,36 @@ def compressed_admission(model, spec, requests: list[Request], cfg: PagedAttenti
 
 @torch.no_grad()
 def paged_demo(model, tokenizer, spec, cfg: PagedAttentionConfig) -> dict:
-    """Real greedy generation of `demo_prompts` SQuAD prompts (one per article, so lengths differ) in
-    one left-padded batch through a PagedCache: the paged cache's waste vs a padded (batch, length) cache."""
+    """Real greedy generation of `demo_prompts` SQuAD prompts (one per article, so lengths differ) as one
+    batch on one pool: the prompts packed into one forward, then one batched decode forward per token.
+    The paged caches' waste vs a padded (batch, longest) tensor per table."""
     first_of_article: dict[str, dict] = {}
     for r in load_squad():
         first_of_article.setdefault(r["title"], r)
     ids = [sum(encode_sample(tokenizer, spec, Sample("squad", r["context"], r["question"], r["answers"]), "query_aware"), [])
            for r in list(first_of_article.values())[: cfg.demo_prompts]]
-    tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
-    cache = PagedCache(BlockPool.from_bytes(int(cfg.pool_gib * 2**30), cfg.block_size, spec.head_dim, device=model.device),
-                       model.config)
+    pool = BlockPool.from_bytes(int(cfg.pool_gib * 2**30), cfg.block_size, spec.head_dim, device=model.device)
+    caches = [PagedCache(pool, model.config) for _ in ids]
+    for cache in caches:
+        cache.ensure_batch(1)
     with paged_attention(model):
-        model.generate(**batch, max_new_tokens=cfg.demo_new_tokens, do_sample=False, past_key_values=cache,
-                       pad_token_id=tokenizer.pad_token_id)
-    stats = cache.stats()
-    slots = batch.input_ids.shape[0] * (batch.input_ids.shape[1] + cfg.demo_new_tokens - 1)  # a padded tensor per table
-    return dict(tokens_seen=list(cache.seen), paged_blocks=stats.allocated_blocks, paged_waste_pct=stats.waste_pct,
-                padded_waste_pct=100 * (slots - sum(cache.seen)) / slots)
+        batch = PagedBatch([Segment(c, 0, len(p)) for c, p in zip(caches, ids)])
+        tokens = torch.tensor([t for p in ids for t in p], device=model.device)
+        positions = torch.cat([torch.arange(len(p)) for p in ids]).to(model.device)
+        nxt = run(model, batch, tokens, positions).argmax(-1)
+        for _ in range(cfg.demo_new_tokens - 1):
+            batch = PagedBatch([Segment(c, 0, 1) for c in caches])
+            nxt = run(model, batch, nxt, torch.tensor([c.seen[0] for c in caches], device=model.device)).argmax(-1)
+    stats = [c.stats() for c in caches]
+    allocated = sum(s.allocated_blocks for s in stats)
+    used = sum(s.used_tokens for s in stats)
+    seen = [c.seen[0] for c in caches]
+    slots = len(ids) * max(seen)  # a padded (batch, longest) tensor per table
+    for cache in caches:
+        cache.reset()
+    return dict(tokens_seen=seen, paged_blocks=allocated,
+                paged_waste_pct=100 * (allocated * cfg.block_size - used) / (allocated * cfg.block_size),
+                padded_waste_pct=100 * (slots - sum(seen)) / slots)
 
 
 def claim_metrics(admission: list[dict], compressed: list[dict], demo: dict, mean_request_tokens: float) -> dict[str, float]:

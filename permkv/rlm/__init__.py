@@ -7,7 +7,17 @@
     result.answer, result.stats()  # calls, read_calls, depth_reached, tokens_read, peak_kv_bytes, ...
 """
 
-from permkv.rlm.backend import Backend, ContextTooLong, EngineBackend, Generation, SequentialBackend, check_request
+from permkv.rlm.backend import (
+    GREEDY,
+    Backend,
+    ContextTooLong,
+    EngineBackend,
+    Generation,
+    Sampling,
+    SequentialBackend,
+    TokenStream,
+    check_request,
+)
 from permkv.rlm.lm import LM, ClientLM, LocalLM, Reply, as_lm
 from permkv.rlm.model import (
     AGGREGATE,
@@ -23,6 +33,7 @@ from permkv.rlm.model import (
 from permkv.rlm.pieces import sentences, split_pieces
 
 __all__ = [
-    "AGGREGATE", "Backend", "ContextTooLong", "EngineBackend", "Generation", "SequentialBackend", "check_request", "LM", "POLICIES", "READ", "Call", "ClientLM", "LocalLM", "RLMBudgetExceeded", "RLMResult",
+    "AGGREGATE", "GREEDY", "Backend", "ContextTooLong", "EngineBackend", "Generation", "Sampling", "SequentialBackend",
+    "TokenStream", "check_request", "LM", "POLICIES", "READ", "Call", "ClientLM", "LocalLM", "RLMBudgetExceeded", "RLMResult",
     "RecursiveLanguageModel", "Reply", "as_lm", "evidence", "is_none", "sentences", "split_pieces",
 ]

@@ -1,11 +1,13 @@
-"""What the RLM and `permkv serve` call to generate: `Backend.generate(prompt_ids, max_new_tokens, ratio)`.
+"""What the RLM and `permkv serve` call to generate: `Backend.generate(prompt_ids, max_new_tokens, ratio)`,
+or `Backend.stream(...)` for the tokens as they come.
 
 `SequentialBackend` answers one request at a time on one model: ratio 1 reads the prompt into a full
 `DynamicCache`; ratio > 1 reads it through chunked prefill with compression into a `PagedCache`
 (`permkv.compress.chunked_prefill_and_compress`), so a call holds about len(prompt) / ratio + one chunk of
 tokens (`kvzip=True`: what it keeps is scored by KVzip-style re-reading of each chunk). Both decode with
-`permkv.eval.greedy_decode`, the one decode loop. A batched backend over the engine, `EngineBackend`,
-has the same `generate` shape and batches calls that arrive together.
+`permkv.eval.greedy_decode`, the one decode loop; greedy only. `EngineBackend` serves the same calls
+from the step-driven engine (`permkv.engine`) on one paged pool: concurrent calls join the next step
+and decode together; it also samples (temperature, top_p, seed).
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import math
 import queue
 import threading
 import time
-from concurrent.futures import Future
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +30,7 @@ from permkv.compress import (
     prefill_and_compress,
     repeat_prompt_ids,
 )
-from permkv.engine import Engine, EngineConfig, Request
+from permkv.engine import Engine, EngineConfig, EngineLoop, Request
 from permkv.eval import greedy_decode, prefill, stop_ids
 from permkv.models import ModelSpec
 
@@ -51,6 +52,7 @@ class Generation:
     seconds: float  # wall time of the call
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
     decode_s: float | None = None  # wall time after the prompt was read
+    ttft: float | None = None  # time to the first token
 
     @property
     def achieved_ratio(self) -> float | None:
@@ -60,22 +62,73 @@ class Generation:
     def as_dict(self) -> dict:
         return dict(prompt_tokens=self.prompt_tokens, ratio=self.ratio, kv_tokens=self.kv_tokens,
                     kv_bytes=self.kv_bytes, kv_pool_bytes=self.kv_pool_bytes, achieved_ratio=self.achieved_ratio,
-                    seconds=self.seconds, finish_reason=self.finish_reason)
+                    seconds=self.seconds, finish_reason=self.finish_reason, ttft=self.ttft)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen: temperature 0 is greedy; above 0 nucleus sampling, seeded."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+class TokenStream:
+    """One generation's tokens as they come: iterating yields lists of new token ids; then `generation`
+    holds the finished call. `abort()` stops it (the backend gives its memory back)."""
+
+    def __init__(self, abort=None):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._abort = abort
+        self.generation: Generation | None = None
+
+    def put(self, item) -> None:
+        """New tokens (list), the finished `Generation`, or an exception; None ends an aborted stream."""
+        self._queue.put(item)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                return
+            if isinstance(item, Generation):
+                self.generation = item
+                return
+            yield item
+
+    def abort(self) -> None:
+        if self._abort is not None:
+            self._abort()
 
 
 class Backend(Protocol):
-    """A model behind `generate`; `check` says whether a request fits before any compute."""
+    """A model behind `generate` / `stream`; `check` says whether a request fits before any compute."""
 
     name: str
     tokenizer: object
     spec: ModelSpec
 
-    def check(self, n_prompt: int, max_new_tokens: int, ratio: float) -> None:
+    def check(self, n_prompt: int, max_new_tokens: int, ratio: float, sampling: Sampling = GREEDY,
+              speculate: bool = False) -> None:
         """Raise ValueError / ContextTooLong for a request that cannot run."""
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
-                 speculate: bool = False) -> Generation:
-        """Greedy continuation of `prompt_ids` with the KV cache compressed `ratio` times."""
+                 speculate: bool = False, sampling: Sampling = GREEDY) -> Generation:
+        """The continuation of `prompt_ids` with the KV cache compressed `ratio` times."""
+
+    def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
+               speculate: bool = False, sampling: Sampling = GREEDY) -> TokenStream:
+        """The same, its tokens as they come."""
 
 
 def check_request(n_prompt: int, max_new_tokens: int, ratio, chunk_tokens: int, max_kv_tokens: int,
@@ -141,47 +194,84 @@ class SequentialBackend:
         self._stop = stop_ids(self.model, self.tokenizer)
         self._reread = repeat_prompt_ids(self.tokenizer, self.spec) if self.kvzip else None
 
-    def check(self, n_prompt: int, max_new_tokens: int, ratio: float) -> None:
+    def check(self, n_prompt: int, max_new_tokens: int, ratio: float, sampling: Sampling = GREEDY,
+              speculate: bool = False) -> None:
         check_request(n_prompt, max_new_tokens, ratio, self.chunk_tokens, self.max_kv_tokens, self.spec.max_positions)
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
-                 speculate: bool = False) -> Generation:
-        """Greedy continuation; `speculate` (ratio 1 only) decodes with prompt lookup (lossless)."""
-        ids = list(prompt_ids)
-        self.check(len(ids), max_new_tokens, ratio)
+        if not sampling.greedy:
+            raise ValueError("temperature > 0 needs the engine backend (`permkv serve --engine`): the sequential "
+                             "backend decodes greedily")
         if speculate and ratio != 1:
             raise ValueError(f"speculate needs ratio 1 (prompt lookup rolls back an uncompressed cache), got {ratio}")
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
+                 speculate: bool = False, sampling: Sampling = GREEDY) -> Generation:
+        """Greedy continuation; `speculate` (ratio 1 only) decodes with prompt lookup (lossless)."""
+        ids = list(prompt_ids)
+        self.check(len(ids), max_new_tokens, ratio, sampling, speculate)
         with self._lock:
-            t0 = time.perf_counter()
-            if speculate:
-                return self._speculative(ids, max_new_tokens, t0)
-            if ratio == 1:
-                cache, logits = prefill(self.model, ids)
-                kv_tokens, kv_bytes = float(len(ids)), _dense_bytes(cache)
-                t_read = time.perf_counter()
-                out = greedy_decode(self.model, cache, logits, start=len(ids), max_new_tokens=max_new_tokens,
-                                    stop=self._stop)
-                pool = max(kv_bytes, _dense_bytes(cache))
+            return self._generate(ids, max_new_tokens, ratio, speculate, None)
+
+    def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
+               speculate: bool = False, sampling: Sampling = GREEDY) -> TokenStream:
+        """`generate` in a thread of its own, each token handed over as soon as it is chosen."""
+        ids = list(prompt_ids)
+        self.check(len(ids), max_new_tokens, ratio, sampling, speculate)
+        stop = threading.Event()
+        stream = TokenStream(abort=stop.set)
+
+        def on_token(token: int) -> None:
+            if stop.is_set():
+                raise _Aborted
+            stream.put([token])
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    gen = self._generate(ids, max_new_tokens, ratio, speculate, on_token)
+            except _Aborted:
+                stream.put(None)
+            except Exception as err:  # the caller sees the failure
+                stream.put(err)
             else:
-                if len(ids) > self.chunk_tokens:
-                    cache, logits, report = chunked_prefill_and_compress(
-                        self.model, ids, ratio, self.compression, self.chunk_tokens, extra_tokens=max_new_tokens + 16,
-                        reread=self._reread)
-                else:
-                    cache, logits, report = prefill_and_compress(self.model, ids, ratio, self.compression,
-                                                                 extra_tokens=max_new_tokens + 16, reread=self._reread)
-                full = [row for row, layer in zip(report.kept, cache.layers) if not layer.is_sliding]
-                kv_tokens = sum(map(sum, full)) / max(sum(map(len, full)), 1)
-                kv_bytes = report.compressed_bytes
-                t_read = time.perf_counter()
-                with paged_attention(self.model):
-                    out = greedy_decode(self.model, cache, logits, start=len(ids), max_new_tokens=max_new_tokens,
-                                        stop=self._stop)
-                pool = cache.pool.stats().capacity_bytes
-            reason = "length" if len(out) == max_new_tokens else "stop"
-            end = time.perf_counter()
-            return Generation(out, len(ids), float(ratio), kv_tokens, kv_bytes, pool, end - t0, reason, end - t_read)
+                if speculate:  # speculation hands its tokens over at the end
+                    stream.put(list(gen.tokens))
+                stream.put(gen)
+
+        threading.Thread(target=work, daemon=True).start()
+        return stream
+
+    @torch.no_grad()
+    def _generate(self, ids: list[int], max_new_tokens: int, ratio: float, speculate: bool, on_token) -> Generation:
+        t0 = time.perf_counter()
+        if speculate:
+            return self._speculative(ids, max_new_tokens, t0)
+        if ratio == 1:
+            cache, logits = prefill(self.model, ids)
+            kv_tokens, kv_bytes = float(len(ids)), _dense_bytes(cache)
+            t_read = time.perf_counter()
+            out = greedy_decode(self.model, cache, logits, start=len(ids), max_new_tokens=max_new_tokens,
+                                stop=self._stop, on_token=on_token)
+            pool = max(kv_bytes, _dense_bytes(cache))
+        else:
+            if len(ids) > self.chunk_tokens:
+                cache, logits, report = chunked_prefill_and_compress(
+                    self.model, ids, ratio, self.compression, self.chunk_tokens, extra_tokens=max_new_tokens + 16,
+                    reread=self._reread)
+            else:
+                cache, logits, report = prefill_and_compress(self.model, ids, ratio, self.compression,
+                                                             extra_tokens=max_new_tokens + 16, reread=self._reread)
+            full = [row for row, layer in zip(report.kept, cache.layers) if not layer.is_sliding]
+            kv_tokens = sum(map(sum, full)) / max(sum(map(len, full)), 1)
+            kv_bytes = report.compressed_bytes
+            t_read = time.perf_counter()
+            with paged_attention(self.model):
+                out = greedy_decode(self.model, cache, logits, start=len(ids), max_new_tokens=max_new_tokens,
+                                    stop=self._stop, on_token=on_token)
+            pool = cache.pool.stats().capacity_bytes
+        reason = "length" if len(out) == max_new_tokens else "stop"
+        end = time.perf_counter()
+        return Generation(out, len(ids), float(ratio), kv_tokens, kv_bytes, pool, end - t0, reason, end - t_read,
+                          t_read - t0)
 
     def _speculative(self, ids: list[int], max_new_tokens: int, t0: float) -> Generation:
         from permkv.speculate import Backoff, PromptLookup, speculative_generate
@@ -198,69 +288,76 @@ class SequentialBackend:
                           time.perf_counter() - t0, reason, decode_s=result.stats.decode_s)
 
 
-class EngineBackend:
-    """Concurrent `generate` calls batched on the continuous-batching engine (`permkv.engine.Engine`).
+class _Aborted(Exception):
+    """Raised inside a sequential generation whose stream was aborted."""
 
-    Calls wait in a queue; a worker thread takes everything queued (after waiting `window_s` for
-    stragglers) and runs it as one engine batch, so calls that arrive together (the server's concurrent
-    requests, one RLM level's sub-calls) decode together over one paged pool of `pool_bytes`. The engine
-    keeps each sequence `ratio` times smaller during decoding too (continual compression). Per-request
-    KV numbers are not reported by the engine: `kv_tokens` is None and `kv_pool_bytes` is the shared
-    pool's size.
+
+class EngineBackend:
+    """`generate` / `stream` on the step-driven engine (`permkv.engine.Engine`), driven by one background
+    loop (`permkv.engine.EngineLoop`): a call joins the next step whenever it arrives, so concurrent calls
+    (the server's requests, one RLM level's sub-calls) decode together over one paged pool of
+    `pool_bytes`. Compressed requests are scored as `config.compression` says (default KVzip-style
+    re-reading with one global top-k) and kept `ratio` times smaller while they decode too.
     """
 
     def __init__(self, model, tokenizer, spec: ModelSpec, name: str = "", pool_bytes: int = 2**30,
-                 max_kv_tokens: int | None = None, chunk_tokens: int = 512, window_s: float = 0.01):
+                 max_kv_tokens: int | None = None, config: EngineConfig | None = None):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.name = name or spec.name
         self.max_kv_tokens = max_kv_tokens or spec.max_positions
-        self.chunk_tokens = chunk_tokens
-        self.window_s = window_s
+        self.config = config or EngineConfig()
         pool = BlockPool.from_bytes(pool_bytes, block_size=16, head_dim=spec.head_dim, dtype=model.dtype,
                                     device=model.device)
-        self.engine = Engine(model, pool, EngineConfig(chunk_tokens=chunk_tokens), stop=stop_ids(model, tokenizer))
-        self.batches: list[int] = []  # size of every engine batch run (how much batching happened)
-        self._queue: queue.Queue = queue.Queue()
-        self._worker = threading.Thread(target=self._work, daemon=True)
-        self._worker.start()
+        reread = repeat_prompt_ids(tokenizer, spec) if self.config.kvzip else None
+        self.engine = Engine(model, pool, self.config, stop=stop_ids(model, tokenizer), reread=reread)
+        self.loop = EngineLoop(self.engine)
 
-    def check(self, n_prompt: int, max_new_tokens: int, ratio: float) -> None:
-        check_request(n_prompt, max_new_tokens, ratio, self.chunk_tokens, self.max_kv_tokens, self.spec.max_positions)
+    def check(self, n_prompt: int, max_new_tokens: int, ratio: float, sampling: Sampling = GREEDY,
+              speculate: bool = False) -> None:
+        check_request(n_prompt, max_new_tokens, ratio, self.config.chunk_tokens, self.max_kv_tokens,
+                      self.spec.max_positions)
+        if speculate:
+            raise ValueError("speculate is not available on the engine backend (batched decoding)")
+
+    def _request(self, prompt_ids, max_new_tokens, ratio, sampling: Sampling) -> Request:
+        return Request(list(prompt_ids), max_new_tokens, float(ratio), sampling.temperature, sampling.top_p, sampling.seed)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
-                 speculate: bool = False) -> Generation:
-        if speculate:
-            raise ValueError("speculate is not available on the engine backend (batched greedy decoding)")
-        self.check(len(prompt_ids), max_new_tokens, ratio)
-        done: Future = Future()
-        self._queue.put((Request(list(prompt_ids), max_new_tokens, float(ratio)), done))
-        return done.result()
+                 speculate: bool = False, sampling: Sampling = GREEDY) -> Generation:
+        stream = self.stream(prompt_ids, max_new_tokens, ratio, speculate, sampling)
+        for _ in stream:
+            pass
+        return stream.generation
 
-    def _work(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            time.sleep(self.window_s)
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            self.batches.append(len(batch))
-            waiting = {}
-            for request, done in batch:  # a request the engine refuses fails alone
-                try:
-                    waiting[self.engine.add(request)] = (request, done)
-                except ValueError as err:
-                    done.set_exception(err)
-            if not waiting:
-                continue
+    def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
+               speculate: bool = False, sampling: Sampling = GREEDY) -> TokenStream:
+        self.check(len(prompt_ids), max_new_tokens, ratio, sampling, speculate)
+        inner = self.loop.submit(self._request(prompt_ids, max_new_tokens, ratio, sampling))
+        stream = TokenStream(abort=lambda: self.loop.abort(inner))
+        pool = self.engine.pool.stats().capacity_bytes
+
+        def relay() -> None:
             try:
-                with torch.no_grad():
-                    results = self.engine.run(progress=False)
-            except Exception as err:  # every waiting caller gets the error, the worker goes on
-                for _, done in waiting.values():
-                    done.set_exception(err)
-                continue
-            pool = self.engine.pool.stats().capacity_bytes
-            for result in results:
-                request, done = waiting[result.id]
-                reason = "length" if len(result.tokens) >= request.max_new_tokens else "stop"
-                done.set_result(Generation(list(result.tokens), result.prompt_tokens, request.ratio, None, 0, pool,
-                                           result.latency, reason))
+                for out in inner:
+                    if out.new_tokens:
+                        stream.put(list(out.new_tokens))
+            except Exception as err:
+                stream.put(err)
+                return
+            r = inner.result
+            if r is None:  # aborted
+                stream.put(None)
+                return
+            reason = "length" if r.finish_reason == "length" else "stop"
+            stream.put(Generation(list(r.tokens), r.prompt_tokens, float(ratio), r.kv_tokens, r.kv_bytes, pool,
+                                  r.latency, reason, None, r.ttft))
+
+        threading.Thread(target=relay, daemon=True).start()
+        return stream
+
+    def metrics(self) -> dict[str, float]:
+        """The engine's gauges and counters, for the server's /metrics."""
+        e, s = self.engine, self.engine.stats
+        return {"running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
+                "kv_blocks_used": e.pool.num_blocks - e.pool.num_free, "kv_blocks_free": e.pool.num_free,
+                "preemptions": s.preemptions, "steps": s.steps, "computed_tokens": s.computed_tokens}

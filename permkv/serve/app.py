@@ -1,32 +1,42 @@
-"""An OpenAI-compatible HTTP server over a `Backend`: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+"""An OpenAI-compatible HTTP server over a `Backend`: `/v1/chat/completions`, `/v1/completions`,
+`/v1/models`, `/health` and Prometheus text at `/metrics`.
 
-Greedy decoding only (temperature and top_p are accepted and ignored; n must be 1; no streaming).
-The KV compression ratio is a server default that a request may override with the extra field
-`kv_cache_compression_ratio` (openai client: `extra_body={"kv_cache_compression_ratio": 8}`). Each
-response carries the usual `usage` and a `permkv` object with what the call measured (KV tokens and
-bytes held, achieved ratio, seconds). Errors use OpenAI's shape, `{"error": {"message", "type",
-"param", "code"}}`, with a 4xx status for every bad request and 500 only for a failure of our own.
+Greedy by default; `temperature` > 0 (with `top_p`, `seed`) samples on the engine backend and is
+refused with a 400 by the sequential one, never ignored. `stream: true` sends Server-Sent Events in
+OpenAI's chunk format (`data: {chunk}` ... `data: [DONE]`); a client that goes away aborts its
+request, which gives its KV blocks back. permkv's extra request fields (openai client:
+`extra_body={...}`): `kv_cache_compression_ratio` (x times smaller KV, >= 1; default the server's
+`--ratio`) and `speculative` (lossless prompt-lookup speculation, sequential backend). Each response
+carries the usual `usage` and a `permkv` object with what the call measured (KV tokens and bytes
+held, achieved ratio, seconds, time to first token). Errors use OpenAI's shape, `{"error": {"message",
+"type", "param", "code"}}`, with a 4xx status for every bad request and 500 only for our own failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from permkv.checks import check_ratio
 from permkv.models import encode_prompt
-from permkv.rlm.backend import Backend, ContextTooLong
+from permkv.rlm.backend import Backend, ContextTooLong, Generation, Sampling, TokenStream
 
 DEFAULT_MAX_TOKENS = 256  # new tokens when a request names no max_tokens
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # role -> template role
 
 
 class APIError(Exception):
@@ -43,15 +53,25 @@ class Message(BaseModel):
     content: str | list[dict] | None = None
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, seed, ...)
+    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, ...)
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    logprobs: bool | None = None
     kv_cache_compression_ratio: float | None = None  # permkv's extra: x times smaller KV (>= 1)
+    speculative: bool = False  # permkv's extra: lossless prompt-lookup speculation
 
 
 class ChatRequest(_Request):
@@ -72,8 +92,13 @@ def _text(content) -> str:
 
 
 def chat_ids(backend: Backend, messages: list[Message]) -> list[int]:
-    """Prompt ids of a conversation: the chat template (instruct models) or plain "role: text" lines."""
-    turns = [{"role": m.role, "content": _text(m.content)} for m in messages]
+    """Prompt ids of a conversation: the chat template (instruct models) or plain "role: text" lines.
+    An unknown role is a 400."""
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.role!r}", "invalid_value",
+                           f"messages[{i}].role")
+    turns = [{"role": ROLES[m.role], "content": _text(m.content)} for m in messages]
     if backend.spec.chat:
         ids = backend.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -81,10 +106,94 @@ def chat_ids(backend: Backend, messages: list[Message]) -> list[int]:
     return encode_prompt(backend.tokenizer, backend.spec, text, chat=False)
 
 
-def _cut_at_stop(text: str, stop) -> tuple[str, bool]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    cuts = [text.index(s) for s in stops if s and s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+class TextStream:
+    """Decoded text of a growing token list, handed out as deltas, cut at the first stop string."""
+
+    def __init__(self, tokenizer, stop):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def add(self, tokens: list[int]) -> str:
+        """The text the new tokens add (held back while it ends inside a multi-byte character)."""
+        self.tokens += tokens
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cuts = [text.index(s) for s in self.stops if s in text]
+        if cuts:
+            text, self.stopped = text[: min(cuts)], True
+        elif text.endswith("\ufffd"):
+            return ""
+        elif self.stops:  # hold back what could still become a stop string
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            text = text[: max(len(self.sent), len(text) - hold)]
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def rest(self) -> str:
+        """Everything not yet handed out, at the end of the generation."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+class Metrics:
+    """The server's Prometheus metrics (one registry per app), plus the backend's own gauges."""
+
+    def __init__(self, backend: Backend):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("permkv_requests", "Finished requests by outcome", ["outcome"], registry=self.registry)
+        self.prompt_tokens = Counter("permkv_prompt_tokens", "Prompt tokens of finished requests", registry=self.registry)
+        self.generated = Counter("permkv_generation_tokens", "Generated tokens", registry=self.registry)
+        self.ttft = Histogram("permkv_time_to_first_token_seconds", "Time to first token", registry=self.registry,
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128))
+        self.latency = Histogram("permkv_request_latency_seconds", "End-to-end request latency", registry=self.registry,
+                                 buckets=(0.1, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.in_flight = 0
+        self._ratios: list[float] = []
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last 30 s
+        self._lock = threading.Lock()
+        self.backend = backend
+        self.registry.register(self)
+
+    def tokens(self, n: int) -> None:
+        with self._lock:
+            self.generated.inc(n)
+            self._recent.append((time.monotonic(), n))
+
+    def finished(self, gen: Generation, outcome: str = "ok") -> None:
+        self.requests.labels(outcome).inc()
+        self.prompt_tokens.inc(gen.prompt_tokens)
+        self.latency.observe(gen.seconds)
+        if gen.ttft is not None:
+            self.ttft.observe(gen.ttft)
+        if gen.ratio > 1 and gen.achieved_ratio:
+            with self._lock:
+                self._ratios.append(gen.achieved_ratio)
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - 30:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / 30
+
+    def collect(self):
+        """prometheus_client collector protocol: gauges read when /metrics is scraped."""
+        yield GaugeMetricFamily("permkv_requests_in_flight", "Requests being answered", value=self.in_flight)
+        yield GaugeMetricFamily("permkv_generation_tokens_per_second", "Generated tokens per second, last 30 s",
+                                value=self.tokens_per_second())
+        with self._lock:
+            mean = sum(self._ratios) / len(self._ratios) if self._ratios else 0.0
+        yield GaugeMetricFamily("permkv_achieved_ratio", "Mean achieved KV compression of compressed requests "
+                                "(prompt tokens / tokens held per head)", value=mean)
+        counters = {"preemptions", "steps", "computed_tokens"}
+        for name, value in getattr(self.backend, "metrics", dict)().items():
+            family = CounterMetricFamily if name in counters else GaugeMetricFamily
+            yield family(f"permkv_{name}", f"engine {name.replace('_', ' ')}", value=value)
 
 
 def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
@@ -92,6 +201,8 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
     ratio = check_ratio(ratio)
     app = FastAPI(title="permkv", version="0.1.0")
     created = int(time.time())
+    metrics = Metrics(backend)
+    app.state.metrics = metrics
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -110,53 +221,141 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
         return JSONResponse({"error": dict(message=f"{type(err).__name__}: {err}", type="server_error",
                                            param=None, code="internal_error")}, 500)
 
-    def run(req: _Request, ids: list[int]):
+    def start(req: _Request, ids: list[int]) -> tuple[TokenStream, int, float]:
+        """Check the request and start its generation: (stream, max new tokens, ratio)."""
         if req.model != backend.name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {backend.name!r}",
                            "model_not_found", "model")
         if req.n != 1:
-            raise APIError(400, f"n must be 1 (greedy decoding gives one answer), got {req.n}", "invalid_value", "n")
-        if req.stream:
-            raise APIError(400, "stream=true is not supported", "invalid_value", "stream")
+            raise APIError(400, f"n must be 1, got {req.n}", "invalid_value", "n")
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported", "invalid_value", "logprobs")
         r = ratio if req.kv_cache_compression_ratio is None else req.kv_cache_compression_ratio
         max_new = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
+        sampling = Sampling(req.temperature or 0.0, 1.0 if req.top_p is None else req.top_p, req.seed)
+        if sampling.greedy and req.top_p not in (None, 1):
+            raise APIError(400, "top_p needs temperature > 0 (temperature 0 is greedy)", "invalid_value", "top_p")
         try:
-            backend.check(len(ids), max_new, r)
+            stream = backend.stream(ids, max_new, r, req.speculative, sampling)
         except ContextTooLong as err:
             raise APIError(400, str(err), "context_length_exceeded", "messages") from err
         except ValueError as err:
-            raise APIError(400, str(err), "invalid_value", "kv_cache_compression_ratio" if "ratio" in str(err) else None) from err
+            param = next((p for p in ("ratio", "temperature", "speculat") if p in str(err)), None)
+            param = {"ratio": "kv_cache_compression_ratio", "speculat": "speculative"}.get(param, param)
+            raise APIError(400, str(err), "invalid_value", param) from err
+        return stream, max_new, r
+
+    limiter = anyio.CapacityLimiter(1024)  # threads waiting for tokens (not the default pool of 40)
+
+    async def events(stream: TokenStream, http: Request, text: TextStream) -> AsyncIterator[str]:
+        """The generated text as it comes, cut at a stop string; aborts the generation when the client
+        goes away or a stop string ends it."""
+        it = iter(stream)
+        done = False
+        metrics.in_flight += 1
         try:
-            gen = backend.generate(ids, max_new, r)
-        except ValueError as err:  # e.g. the engine's pool can never hold the request
-            raise APIError(400, str(err), "invalid_request") from err
-        text, stopped = _cut_at_stop(backend.tokenizer.decode(gen.tokens, skip_special_tokens=True), req.stop)
-        reason = "stop" if stopped else gen.finish_reason
-        usage = dict(prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.tokens),
-                     total_tokens=gen.prompt_tokens + len(gen.tokens))
-        return text, reason, usage, gen.as_dict()
+            while (tokens := await anyio.to_thread.run_sync(next, it, None, limiter=limiter)) is not None:
+                metrics.tokens(len(tokens))
+                delta = text.add(tokens)
+                if delta:
+                    yield delta
+                if text.stopped or await http.is_disconnected():
+                    return
+            done = True
+        finally:
+            metrics.in_flight -= 1
+            if not done:
+                stream.abort()
+
+    def outcome(stream: TokenStream, text: TextStream) -> Generation | None:
+        """Count the finished request; its Generation (None when a stop string or the client ended it)."""
+        gen = stream.generation
+        if gen is not None:
+            metrics.finished(gen)
+        else:
+            metrics.requests.labels("ok" if text.stopped else "aborted").inc()
+        return gen
+
+    def usage(n_prompt: int, n_tokens: int) -> dict:
+        return dict(prompt_tokens=n_prompt, completion_tokens=n_tokens, total_tokens=n_prompt + n_tokens)
+
+    async def answer(req: _Request, ids: list[int], http: Request, kind: str):
+        stream, max_new, r = start(req, ids)
+        text = TextStream(backend.tokenizer, req.stop)
+        rid, now = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+
+        def body(content: str | None, reason: str | None, first: bool = False, final: bool = False) -> dict:
+            """A response (`final`) or a stream chunk of `kind`."""
+            if kind == "chat":
+                if final:
+                    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
+                else:
+                    delta = {} if content is None else {"content": content}
+                    choice = {"index": 0, "delta": {"role": "assistant", **delta} if first else delta,
+                              "finish_reason": reason}
+                obj = "chat.completion" if final else "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": content or "", "finish_reason": reason, "logprobs": None}
+                obj = "text_completion"
+            return {"id": rid, "object": obj, "created": now, "model": backend.name, "choices": [choice]}
+
+        def ending(gen: Generation | None) -> tuple[str, dict]:
+            reason = "stop" if text.stopped or gen is None else gen.finish_reason
+            stats = gen.as_dict() if gen is not None else {"prompt_tokens": len(ids), "finish_reason": reason}
+            return reason, stats
+
+        if req.stream:
+            async def sse() -> AsyncIterator[str]:
+                yield f"data: {json.dumps(body('', None, first=True))}\n\n"
+                async for delta in events(stream, http, text):
+                    yield f"data: {json.dumps(body(delta, None))}\n\n"
+                if stream.generation is None and not text.stopped:  # the client went away
+                    outcome(stream, text)
+                    return
+                rest = text.rest()
+                if rest:
+                    yield f"data: {json.dumps(body(rest, None))}\n\n"
+                reason, stats = ending(outcome(stream, text))
+                end = body(None, reason) | {"permkv": stats}
+                if req.stream_options and req.stream_options.include_usage:
+                    end["usage"] = usage(len(ids), len(text.tokens))
+                yield f"data: {json.dumps(end)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        async for _ in events(stream, http, text):
+            pass
+        if stream.generation is None and not text.stopped:
+            outcome(stream, text)
+            raise APIError(499, "the client closed the request", "client_closed")
+        content = text.sent + text.rest()
+        reason, stats = ending(outcome(stream, text))
+        return body(content, reason, final=True) | {"usage": usage(len(ids), len(text.tokens)), "permkv": stats}
 
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": created, "owned_by": "permkv"}]}
 
+    @app.get("/health")
+    def health():
+        alive = getattr(getattr(backend, "loop", None), "alive", True)
+        return JSONResponse({"status": "ok" if alive else "engine loop stopped"}, 200 if alive else 503)
+
+    @app.get("/metrics")
+    def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+
     @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest):
-        text, reason, usage, stats = run(req, chat_ids(backend, req.messages))
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": backend.name, "usage": usage, "permkv": stats,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}]}
+    async def chat(req: ChatRequest, http: Request):
+        return await answer(req, chat_ids(backend, req.messages), http, "chat")
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, f"prompt must be one string, got a list of {len(prompts)}", "invalid_value", "prompt")
-        ids = encode_prompt(backend.tokenizer, backend.spec, prompts[0], chat=False)
-        text, reason, usage, stats = run(req, ids)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": backend.name, "usage": usage, "permkv": stats,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+        return await answer(req, encode_prompt(backend.tokenizer, backend.spec, prompts[0], chat=False), http, "text")
 
     return app
 

@@ -8,7 +8,7 @@ from permkv.models import DEFAULT_MODEL, MODELS
 
 
 def serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (greedy decoding)")
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="model to load")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -18,12 +18,14 @@ def serve_parser(sub) -> None:
     p.add_argument("--max-kv-tokens", type=int, default=None,
                    help="per-request KV budget in tokens per head (default: the model's window)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="chunk size of the compressed prefill")
-    p.add_argument("--kvzip", action="store_true",
-                   help="compressed requests keep what KVzip-style re-reading of each chunk scores highest "
-                        "(query-agnostic, about twice the reading compute; default: the attention scorer)")
+    p.add_argument("--scorer", default="kvzip",
+                   help="what compressed requests keep: 'kvzip' (KVzip-style re-reading, one global top-k: the best "
+                        "measured; about one more prefill of compute) or an attention scorer ('kvcompress', 'snapkv', ...)")
     p.add_argument("--engine", action="store_true",
-                   help="batch concurrent requests on the continuous-batching engine (default: one at a time)")
+                   help="serve from the step-driven engine: concurrent requests join the next step and decode "
+                        "together; sampling (temperature) (default: one request at a time, greedy)")
     p.add_argument("--pool-gib", type=float, default=1.0, help="KV pool of the engine, GiB")
+    p.add_argument("--step-tokens", type=int, default=2048, help="engine: tokens per step (decodes + prefill chunks)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU if there is one)")
 
@@ -32,21 +34,25 @@ def serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
+    from permkv.compress import InferenceKVCacheCompression
+    from permkv.engine import EngineConfig
     from permkv.models import load_model
     from permkv.rlm import EngineBackend, SequentialBackend
     from permkv.serve import create_app
 
-    if args.engine and args.kvzip:
-        raise SystemExit("permkv serve: --kvzip is not available with --engine (the engine scores with attention)")
+    kvzip = args.scorer == "kvzip"
+    compression = InferenceKVCacheCompression(scorer=args.scorer, allocator="global" if kvzip else "uniform")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, spec = load_model(args.model, device=args.device)
     if args.engine:
+        config = EngineConfig(step_tokens=args.step_tokens, chunk_tokens=args.chunk_tokens, compression=compression)
         backend = EngineBackend(model, tokenizer, spec, pool_bytes=int(args.pool_gib * 2**30),
-                                max_kv_tokens=args.max_kv_tokens, chunk_tokens=args.chunk_tokens)
+                                max_kv_tokens=args.max_kv_tokens, config=config)
     else:
         backend = SequentialBackend(model, tokenizer, spec, max_kv_tokens=args.max_kv_tokens,
-                                    chunk_tokens=args.chunk_tokens, kvzip=args.kvzip)
+                                    chunk_tokens=args.chunk_tokens, compression=None if kvzip else compression,
+                                    kvzip=kvzip)
     print(f"permkv: serving {spec.name} on http://{args.host}:{args.port}/v1 (default ratio {args.ratio:g})", flush=True)
     uvicorn.run(create_app(backend, args.ratio), host=args.host, port=args.port, log_level="info")
 

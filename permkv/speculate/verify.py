@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from permkv.cache import forward
 from permkv.speculate.drafts import DraftSource
 class RollbackCache(Protocol):
     """What the decoding loop needs from a KV cache to undo rejected drafts."""
@@ -120,9 +121,7 @@ def speculative_generate(
         drafter.start(seq)
 
     # Prefill: the prompt's K/V go into the cache; the last logit gives the first new token.
-    logits = model(
-        input_ids=torch.tensor([seq], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1
-    ).logits  # (1, 1, vocab)
+    logits = forward(model, cache, torch.tensor([seq], device=dev))  # (1, 1, vocab)
     stats.forward_passes = 1
     tok = int(logits[0, -1].argmax())
     stats.prefill_s = time.perf_counter() - t0
@@ -135,12 +134,7 @@ def speculative_generate(
         if drafts:
             drafts = drafts[:room]
         chunk = [tok] + (drafts or [])  # the last accepted token is not cached yet
-        logits = model(
-            input_ids=torch.tensor([chunk], device=dev),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=len(chunk),
-        ).logits  # (1, len(chunk), vocab)
+        logits = forward(model, cache, torch.tensor([chunk], device=dev), logits_to_keep=len(chunk))  # (1, len(chunk), vocab)
         stats.forward_passes += 1
         preds = logits[0].argmax(-1).tolist()  # the model's greedy choice after each chunk position
         n = 0
