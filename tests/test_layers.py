@@ -27,7 +27,7 @@ ALLOWED = {
     "data": {"models"},
     "baselines": {"models", "eval", "cache", "compress", "speculate", "engine"},
     "experiments": CORE | {"data", "baselines", "serve", "experiments"},
-    "bench": CORE | {"data", "baselines", "experiments", "harness"},
+    "bench": CORE | {"data", "baselines", "experiments", "harness", "serve"},
     "harness": CORE | {"data", "baselines", "experiments", "serve"},
 }
 # permkv/checks.py (argument checks) is the bottom layer: it imports nothing of permkv, everyone may use it

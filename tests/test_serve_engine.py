@@ -1,11 +1,15 @@
-"""`permkv serve` over the continuous-batching engine: concurrent requests decode as one batch and give
-the same greedy answers as one at a time; an RLM level's sub-calls batch the same way."""
+"""`permkv serve` over the step-driven engine, driven by the official openai client: concurrent requests
+decode together and give the answers of one at a time; streaming; a client that hangs up frees its
+blocks; seeded sampling; /health and /metrics; an RLM level's sub-calls batch the same way."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 
+from permkv.engine import EngineConfig
 from permkv.models import encode_prompt
 from permkv.rlm import EngineBackend, RecursiveLanguageModel, SequentialBackend
 from permkv.serve import create_app, running
@@ -15,40 +19,110 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What i
 
 
 @pytest.fixture(scope="module")
-def engine_backend(smol):
-    return EngineBackend(*smol, pool_bytes=256 * 2**20, chunk_tokens=64, window_s=0.05)
+def backend(smol):
+    return EngineBackend(*smol, pool_bytes=256 * 2**20, config=EngineConfig(step_tokens=1100, chunk_tokens=64))
 
 
-def test_concurrent_requests_batch_and_match_sequential(engine_backend, smol):
+@pytest.fixture(scope="module")
+def server(backend):
+    with running(create_app(backend)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+
+
+def idle(backend, timeout=30):
+    deadline = time.time() + timeout
+    while backend.engine.has_unfinished() and time.time() < deadline:
+        time.sleep(0.05)
+    return not backend.engine.has_unfinished()
+
+
+def ask(client, q, **kw):
+    out = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": q}], **kw)
+    return out.choices[0].message.content
+
+
+def test_concurrent_requests_batch_and_match_sequential(backend, client, smol):
     model, tok, spec = smol
     sequential = SequentialBackend(model, tok, spec)
     expected = [tok.decode(sequential.generate(encode_prompt(tok, spec, q), 12).tokens, skip_special_tokens=True)
                 for q in QUESTIONS]
-    with running(create_app(engine_backend)) as url:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-
-        def ask(q):
-            out = client.chat.completions.create(model=spec.name, messages=[{"role": "user", "content": q}], max_tokens=12)
-            return out.choices[0].message.content
-
-        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
-            answers = list(pool.map(ask, QUESTIONS))
-        with pytest.raises(openai.BadRequestError, match="ratio must be a finite number >= 1"):
-            client.chat.completions.create(model=spec.name, messages=[{"role": "user", "content": "hi"}],
-                                           extra_body={"kv_cache_compression_ratio": 0})
+    before = backend.engine.stats.max_batch
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        answers = list(pool.map(lambda q: ask(client, q, max_tokens=12), QUESTIONS))
+    with pytest.raises(openai.BadRequestError, match="ratio must be a finite number >= 1"):
+        ask(client, "hi", extra_body={"kv_cache_compression_ratio": 0})
     assert answers == expected
-    assert max(engine_backend.batches) > 1  # requests that arrived together ran as one batch
+    assert backend.engine.stats.max_batch > max(before, 1)  # requests that arrived together decoded together
 
 
-def test_rlm_level_runs_as_one_engine_batch(engine_backend, smol):
+def test_streaming_gives_the_same_text_and_usage(client):
+    want = ask(client, QUESTIONS[0], max_tokens=12)
+    chunks = list(client.chat.completions.create(model="smollm2-135m", max_tokens=12, stream=True,
+                                                  messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                                  stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens <= 12
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_blocks(backend, client):
+    aborted = backend.engine.stats.aborted
+    stream = client.chat.completions.create(model="smollm2-135m", max_tokens=200, stream=True,
+                                            messages=[{"role": "user", "content": "Tell a long story about a lighthouse."}])
+    got = 0
+    for chunk in stream:
+        got += bool(chunk.choices[0].delta.content)
+        if got == 3:
+            stream.close()
+            break
+    assert idle(backend)
+    assert backend.engine.stats.aborted == aborted + 1
+    assert backend.engine.pool.num_free == backend.engine.pool.num_blocks
+
+
+def test_sampling_is_seeded(client):
+    kw = dict(max_tokens=12, temperature=0.9, top_p=0.95)
+    a, b, c = (ask(client, QUESTIONS[1], seed=s, **kw) for s in (3, 3, 4))
+    assert a == b and a != c
+    assert ask(client, QUESTIONS[1], max_tokens=12, temperature=0) == ask(client, QUESTIONS[1], max_tokens=12)
+    with pytest.raises(openai.BadRequestError, match="top_p needs temperature"):
+        ask(client, "hi", top_p=0.5)
+
+
+def test_bad_roles_and_requests_are_400(client):
+    with pytest.raises(openai.BadRequestError, match="role must be one of"):
+        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="speculate"):
+        ask(client, "hi", extra_body={"speculative": True})
+
+
+def test_health_and_prometheus_metrics(backend, server):
+    base = server.removesuffix("/v1")
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    text = httpx.get(base + "/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    for name in ("permkv_running", "permkv_waiting", "permkv_kv_blocks_used", "permkv_kv_blocks_free",
+                 "permkv_preemptions_total", "permkv_generation_tokens_per_second", "permkv_achieved_ratio",
+                 "permkv_time_to_first_token_seconds_count"):
+        assert name in values, name
+    assert values["permkv_kv_blocks_free"] + values["permkv_kv_blocks_used"] == backend.engine.pool.num_blocks
+    assert values['permkv_requests_total{outcome="ok"}'] >= 1
+
+
+def test_rlm_level_runs_as_one_engine_batch(backend, smol):
     context = " ".join(f"Sentence {i} is here to fill the page with plain words." for i in range(60))
     context += " One of the special magic numbers for amber-delta is: 4829173."
     query = "What is the special magic number for amber-delta mentioned in the provided text?"
-    before = len(engine_backend.batches)
-    batched = RecursiveLanguageModel(engine_backend, context_chunk_size=200, max_new_tokens=24,
+    backend.engine.stats.batch_sizes.clear()
+    batched = RecursiveLanguageModel(backend, context_chunk_size=200, max_new_tokens=24,
                                      concurrency=8).completion(query, context)
     alone = RecursiveLanguageModel(SequentialBackend(*smol), context_chunk_size=200,
                                    max_new_tokens=24).completion(query, context)
     assert batched.read_calls == alone.read_calls >= 4
     assert [c.answer for c in batched.calls] == [c.answer for c in alone.calls]
-    assert max(engine_backend.batches[before:]) > 1
+    assert max(backend.engine.stats.batch_sizes) > 1

@@ -8,6 +8,7 @@ from permkv.baselines.hf import continuous_batching, hf_blocks, sequential_gener
 from permkv.cache import BlockPool
 from permkv.engine import Engine, Request
 from permkv.eval import stop_ids
+from permkv.eval.stats import retention_ci
 from permkv.experiments.throughput import ThroughputConfig, claim_metrics, fit_cost, summarize
 from permkv.models import encode_prompt
 
@@ -21,38 +22,51 @@ def test_config_is_checked():
         ThroughputConfig(output_tokens=0)
     with pytest.raises(ValueError, match="dtype"):
         ThroughputConfig(dtype="int8")
+    with pytest.raises(ValueError, match="scorer"):
+        ThroughputConfig(scorers=["nonsense"])
 
 
-def _row(system, ratio, repeat, out, total, batch, prefill=0.5):
-    return dict(system=system, ratio=ratio, repeat=repeat, output_tps=out, total_tps=total, wall=1.0,
+def _row(system, scorer, ratio, repeat, out, total, batch, prefill=0.5):
+    return dict(system=system, scorer=scorer, ratio=ratio, repeat=repeat, output_tps=out, total_tps=total, wall=1.0,
                 mean_batch=batch, max_batch=batch, preemptions=0, prefill_share=prefill, compressions=0,
                 mean_occupancy=0.5, blocks_per_sequence=900 / ratio, pool_blocks=1800, mean_ttft=0.1, mean_latency=1.0)
 
 
 def test_summary_and_claim_metrics_use_same_repeat_ratios():
-    rows = [_row("engine 1x", 1, 0, 10, 100, 2), _row("engine 8x", 8, 0, 30, 200, 8),
-            _row("engine 1x", 1, 1, 5, 50, 2), _row("engine 8x", 8, 1, 10, 150, 16),
-            _row("engine 64x", 64, 0, 20, 300, 16), _row("engine 64x", 64, 1, 20, 300, 16),
+    rows = [_row("engine 1x", "none", 1, 0, 10, 100, 2), _row("engine kvzip 8x", "kvzip", 8, 0, 30, 200, 8),
+            _row("engine 1x", "none", 1, 1, 5, 50, 2), _row("engine kvzip 8x", "kvzip", 8, 1, 10, 150, 16),
+            _row("engine kvzip 64x", "kvzip", 64, 0, 20, 300, 16), _row("engine kvzip 64x", "kvzip", 64, 1, 20, 300, 16),
             dict(system="hf_sequential", ratio=1, repeat=0, output_tps=5, total_tps=50, wall=2.0, error=None),
             dict(system="hf_sequential", ratio=1, repeat=1, output_tps=5, total_tps=50, wall=2.0, error=None)]
     summary = summarize(rows)
     by = {r["system"]: r for r in summary}
-    assert by["engine 8x"]["total_gain"] == pytest.approx(2.5)  # median of 200/100 and 150/50
-    assert by["engine 8x"]["output_gain"] == pytest.approx(2.5)  # median of 3 and 2
-    m = claim_metrics(summary, [dict(system="engine 8x", score=0.5, ci_low=0, ci_high=1, n=2)])
+    assert by["engine kvzip 8x"]["total_gain"] == pytest.approx(2.5)  # median of 200/100 and 150/50
+    assert by["engine kvzip 8x"]["output_gain"] == pytest.approx(2.5)  # median of 3 and 2
+    quality_rows = [dict(system="engine 1x", score=1.0, retention=1.0, retention_low=1.0),
+                    dict(system="engine kvzip 8x", score=0.5, retention=0.5, retention_low=0.2)]
+    m = claim_metrics(summary, quality_rows)
     assert m["claim.throughput_gain_8x"] == pytest.approx(2.5)
+    assert m["claim.throughput_retention_8x"] == 0.5 and m["quality.retention_low_kvzip_8x"] == 0.2
     assert m["claim.throughput_gain_64x"] == pytest.approx(median := (3 + 6) / 2) and median == 4.5
-    assert m["throughput.batch_gain_8x"] == pytest.approx(6.0)  # median max batch 12 vs 2
+    assert math.isnan(m["claim.throughput_retention_64x"])  # not measured: no number
+    assert m["throughput.batch_gain_kvzip_8x"] == pytest.approx(6.0)  # median max batch 12 vs 2
     assert m["claim.engine_concurrency_gain_8x"] == pytest.approx(8.0)  # 900 blocks per sequence vs 112.5
     assert m["throughput.concurrent_1x"] == pytest.approx(2.0)
     assert m["throughput.amdahl_bound"] == pytest.approx(2.0)
     assert m["throughput.engine_1x_vs_hf_sequential"] == pytest.approx(1 / 0.75)  # median of 5/10 and 5/5
-    assert m["quality.8x"] == 0.5
-    assert math.isnan(claim_metrics(summarize(rows[:4]), [])["claim.throughput_gain_64x"])
+    assert math.isnan(claim_metrics(summarize(rows[:4]), quality_rows)["claim.throughput_gain_64x"])
     # free batching and free attention: the gain is bounded by prefill alone (Amdahl, here 2x)
-    free = claim_metrics(summary, [], dict(fixed_s=1.0, per_seq_s=0.0, per_token_s=0.0), heads=90, block_size=16)
+    free = claim_metrics(summary, quality_rows, dict(fixed_s=1.0, per_seq_s=0.0, per_token_s=0.0), heads=90, block_size=16)
     assert free["throughput.cost_model_gain_1x"] == pytest.approx(1.0)
-    assert 1 < free["throughput.cost_model_gain_8x"] < free["throughput.amdahl_bound"] == pytest.approx(2.0)
+    assert 1 < free["throughput.cost_model_gain_kvzip_8x"] < free["throughput.amdahl_bound"] == pytest.approx(2.0)
+
+
+def test_retention_ci_is_paired():
+    base = [1, 1, 0, 1, 1, 1, 0, 1, 1, 1]
+    kept, low, high = retention_ci(base, base)
+    assert kept == low == high == 1.0  # the same answers: no spread at all
+    kept, low, high = retention_ci([1, 0, 0, 1, 1, 1, 0, 1, 0, 1], base)
+    assert kept == pytest.approx(0.75) and low < kept < high <= 1.0
 
 
 def test_cost_fit_recovers_a_linear_model():

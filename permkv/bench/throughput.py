@@ -1,10 +1,13 @@
-"""Engine throughput at a fixed KV memory vs compression ratio, against its peers (notebook 03's run).
+"""Engine throughput and the answers it keeps at a fixed KV memory vs compression ratio, against its
+peers (notebook 03's run).
 
-`python -m permkv.bench throughput [--requests 10] [--prompt-range 128 320] [--output-tokens 64]
-[--pool-requests 2] [--ratios 1 2 8 16 64] [--repeats 2] [--no-peers]` (defaults: notebook 03's cpu profile)
-Every ratio of `permkv.engine` and the peers (transformers' continuous batching with the same KV
-blocks, sequential `model.generate`) run on the same SQuAD requests in one process; gains are ratios
-to the ratio-1 engine of the same repeat (medians over repeats). Also the decode-step cost model.
+`python -m permkv.bench throughput [--requests 30] [--prompt-range 500 1500] [--output-tokens 256]
+[--pool-requests 3] [--ratios 1 2 8 16 64] [--scorers kvzip kvcompress] [--attention-ratios 8 64]
+[--repeats 2] [--no-peers]` (defaults: notebook 03's cpu profile, `ThroughputConfig`)
+Every (scorer, ratio) of `permkv.engine` and the peers (transformers' continuous batching with the same
+KV blocks, sequential `model.generate`) run on the same needle requests in one process; gains are
+ratios to the ratio-1 engine of the same repeat (medians over repeats), retention is the ratio-1
+score kept on the same requests (paired CI). Also the decode-step cost model.
 JSON in reports/bench/throughput.json.
 """
 
@@ -29,27 +32,30 @@ def main(argv: list[str]) -> None:
     d = ThroughputConfig()
     ap = argparse.ArgumentParser(prog="python -m permkv.bench throughput")
     ap.add_argument("--model", default=d.model)
-    ap.add_argument("--requests", type=int, default=10)
-    ap.add_argument("--prompt-range", type=int, nargs=2, default=[128, 320])
-    ap.add_argument("--output-tokens", type=int, default=64)
-    ap.add_argument("--pool-requests", type=float, default=2.0, help="KV pool in average uncompressed requests")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[1, 2, 8, 16, 64])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=d.n_requests)
+    ap.add_argument("--prompt-range", type=int, nargs=2, default=d.prompt_range)
+    ap.add_argument("--output-tokens", type=int, default=d.output_tokens)
+    ap.add_argument("--pool-requests", type=float, default=d.pool_requests, help="KV pool in average uncompressed requests")
+    ap.add_argument("--ratios", type=float, nargs="+", default=d.ratios)
+    ap.add_argument("--scorers", nargs="+", default=d.scorers)
+    ap.add_argument("--attention-ratios", type=float, nargs="+", default=[8, 64])
+    ap.add_argument("--repeats", type=int, default=d.repeats)
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--cost-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--cost-tokens", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--cost-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--cost-tokens", type=int, nargs="+", default=[128, 512, 1024])
     ap.add_argument("--out-name", default="throughput")
     args = ap.parse_args(argv)
+    whole = lambda rs: [int(r) if r == int(r) else r for r in rs]  # noqa: E731
     cfg = ThroughputConfig(model=args.model, n_requests=args.requests, prompt_range=args.prompt_range,
-                           output_tokens=args.output_tokens, pool_requests=args.pool_requests,
-                           ratios=[int(r) if r == int(r) else r for r in args.ratios], repeats=args.repeats,
+                           output_tokens=args.output_tokens, pool_requests=args.pool_requests, ratios=whole(args.ratios),
+                           scorers=args.scorers, attention_ratios=whole(args.attention_ratios), repeats=args.repeats,
                            peers=not args.no_peers, cost_batches=args.cost_batches, cost_tokens=args.cost_tokens)
     model, tok, spec = load_model(cfg.model)
     t0 = time.perf_counter()
     requests = make_requests(tok, spec, cfg)
-    rows, tokens = run_grid(model, tok, requests, cfg)
+    rows, tokens = run_grid(model, tok, spec, requests, cfg)
     summary = summarize(rows)
-    quality_rows = quality(tok, requests, tokens, stop_ids(model, tok))
+    quality_rows = quality(tok, requests, tokens, stop_ids(model, tok), cfg.task)
     cost = decode_cost(model, requests, cfg)
     fit = fit_cost(cost)
     metrics = claim_metrics(summary, quality_rows, fit, spec.n_layers * spec.n_kv_heads, cfg.block_size)
@@ -60,15 +66,16 @@ def main(argv: list[str]) -> None:
                   rows=rows, prompt_tokens=[len(r.prompt_ids) for r in requests])
     path = write_result(args.out_name, result)
     q = {r["system"]: r for r in quality_rows}
-    print(f"{'system':<24} {'out tok/s':>9} {'total tok/s':>11} {'out gain':>8} {'total gain':>10} {'batch':>6} "
-          f"{'preempt':>7} {'prefill%':>8} {'quality':>7}")
+    print(f"{'system':<26} {'total tok/s':>11} {'gain':>6} {'batch':>6} {'preempt':>7} {'prefill%':>8} "
+          f"{'score':>6} {'retention [95% CI]':>20}")
     for r in summary:
-        print(f"{r['system']:<24} {r['output_tps']:9.2f} {r['total_tps']:11.2f} {r['output_gain']:7.2f}x {r['total_gain']:9.2f}x "
-              f"{r.get('mean_batch', float('nan')):6.1f} {r.get('preemptions', 0):7.0f} {100 * r.get('prefill_share', float('nan')):7.0f}% "
-              f"{q.get(r['system'], {}).get('score', float('nan')):7.2f} {r.get('error') or ''}")
-    predicted = ", ".join(f"{r:g}x {metrics[f'throughput.cost_model_gain_{r:g}x']:.2f}" for r in cfg.ratios)
-    print(f"cost model: {fit}; its predicted gains: {predicted}; "
-          f"Amdahl bound 1/prefill share = {metrics['throughput.amdahl_bound']:.2f}x")
+        k = q.get(r["system"], {})
+        kept = f"{k.get('retention', float('nan')):.2f} [{k.get('retention_low', float('nan')):.2f}, " \
+               f"{k.get('retention_high', float('nan')):.2f}]"
+        print(f"{r['system']:<26} {r['total_tps']:11.2f} {r['total_gain']:5.2f}x {r.get('mean_batch', float('nan')):6.1f} "
+              f"{r.get('preemptions', 0):7.0f} {100 * r.get('prefill_share', float('nan')):7.0f}% "
+              f"{k.get('score', float('nan')):6.2f} {kept:>20} {r.get('error') or ''}")
+    print(f"cost model: {fit}; Amdahl bound 1/prefill share at 1x = {metrics['throughput.amdahl_bound']:.2f}x")
     print(f"wrote {path}")
 
 

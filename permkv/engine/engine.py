@@ -90,6 +90,7 @@ class EngineStats:
 
     wall: float = 0.0
     steps: int = 0
+    mixed_steps: int = 0  # steps whose forward carried decodes and prefill work together
     prompt_tokens: int = 0  # of finished requests
     output_tokens: int = 0  # of finished requests
     computed_tokens: int = 0  # every token a forward ran: prefill, re-reads, decodes, recompute
@@ -140,7 +141,7 @@ class EngineStats:
         return self.prefill_seconds / self.wall if self.wall else 0.0
 
     def summary(self) -> dict[str, float]:
-        return dict(wall=self.wall, steps=self.steps, output_tps=self.output_tps, total_tps=self.total_tps,
+        return dict(wall=self.wall, steps=self.steps, mixed_steps=self.mixed_steps, output_tps=self.output_tps, total_tps=self.total_tps,
                     mean_batch=self.mean_batch, max_batch=self.max_batch, preemptions=self.preemptions,
                     recomputed_tokens=self.recomputed_tokens, compressions=self.compressions,
                     prefill_share=self.prefill_share, decode_seconds=self.decode_seconds,
@@ -268,6 +269,7 @@ class Engine:
             self.stats.decode_seconds += end - start
         else:
             self.stats.prefill_seconds += end - start
+            self.stats.mixed_steps += decodes > 0
         if decodes:
             self.stats.batch_sizes.append(decodes)
             self.stats.used_blocks.append(self.pool.num_blocks - self.pool.num_free)
@@ -392,19 +394,20 @@ class Engine:
         return len(self.reread or []) + min(self.config.reread_chunk, len(seq.context) - seq.scored)
 
     def _peak_tokens(self, seq: Sequence) -> int:
-        """Most tokens per head `seq` holds while it reads its context (and, at ratio 1, decodes)."""
+        """Most tokens per head `seq` holds while it reads its context (what admission reserves: growth
+        while decoding is met by the watermark and by preemption, as in vLLM)."""
         n, r = len(seq.context), seq.request.ratio
         if r == 1:
-            return n + seq.request.max_new_tokens - len(seq.tokens)
+            return n
         if self.config.kvzip:
             return n + len(self.reread or []) + min(self.config.reread_chunk, n) + self.pool.block_size
         return min(n, math.ceil(n / r) + self.config.chunk_tokens)
 
     def _decode_peak(self, seq: Sequence) -> int:
-        """Most tokens per head `seq` holds while decoding at ratio > 1: 1/ratio of all it will have
-        seen plus the tokens generated between two compressions (at most everything)."""
-        everything = seq.prompt_len + seq.request.max_new_tokens
-        if seq.request.ratio == 1:
-            return everything
-        return min(everything, math.ceil(everything / seq.request.ratio) + self.config.compress_every
-                   + self.config.compression.window + self.config.compression.sinks)
+        """Most tokens per head `seq` holds while decoding at ratio > 1: 1/ratio of its prompt, and of its
+        output beyond the protected window, plus the tokens generated between two compressions."""
+        r, n, new = seq.request.ratio, seq.prompt_len, seq.request.max_new_tokens
+        if r == 1:
+            return n + new
+        c = self.config.compression
+        return min(n + new, math.ceil(n / r) + c.sinks + max(math.ceil(new / r), c.window) + self.config.compress_every)

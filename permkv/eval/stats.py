@@ -25,3 +25,20 @@ def retention(scores: Sequence[float], baseline: Sequence[float]) -> float:
     if base == 0:
         return float("nan")
     return float(np.mean(scores)) / base
+
+
+def retention_ci(scores: Sequence[float], baseline: Sequence[float], n: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """`retention` and its paired percentile bootstrap CI (the same samples resampled for both);
+    NaN where the baseline is 0."""
+    kept = retention(scores, baseline)
+    a, b = np.asarray(scores, dtype=float), np.asarray(baseline, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(n, a.size))
+    base = b[idx].mean(axis=1)
+    ratios = np.where(base > 0, a[idx].mean(axis=1) / np.where(base > 0, base, 1), np.nan)
+    ratios = ratios[np.isfinite(ratios)]
+    if ratios.size == 0:
+        return kept, float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return kept, float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))

@@ -1,17 +1,20 @@
-"""Throughput of the continuous-batching engine at a fixed KV memory vs compression ratio (notebook 03,
-`python -m permkv.bench throughput`).
+"""Throughput and answer quality of the serving engine at a fixed KV memory vs compression ratio
+(notebook 03, `python -m permkv.bench throughput`).
 
 KV-Compress (ANCHORS.md s1) measured total throughput against vanilla vLLM with 256 prompts of 500-6000
 tokens and 500 output tokens on one L4: 3.44x at 8x, 5.18x at 64x, because the memory compression frees
-admits larger decode batches. Here the same shape, scaled to this CPU: SQuAD questions among distractor
-paragraphs (so answers can be scored) with prompt lengths drawn uniformly from `prompt_range`, a fixed
-number of output tokens with EOS ignored (as vLLM's benchmark_throughput), and one KV pool sized so that
-ratio 1 is memory-bound (`pool_requests` average requests). Every ratio and the peers run on the same
-requests in one process, in alternating order per repeat; speed is reported as ratios within a repeat.
+admits larger decode batches. Here the same shape, scaled to this CPU: needle-in-a-haystack prompts
+(query-aware: the question ends the prompt, as in the anchor's LongBench templates) whose lengths are
+drawn uniformly from `prompt_range`, a fixed number of output tokens with EOS ignored (as vLLM's
+benchmark_throughput; the answer is scored on the first line), and one KV pool sized so that ratio 1 is
+memory-bound (`pool_requests` average requests). Every (scorer, ratio) of the engine and the peers run
+on the same requests in one process, in alternating order per repeat; speed is reported as ratios within
+a repeat, and quality as the retention of the ratio-1 engine's score on the same requests (paired CI).
 
 The decode-step cost model (step time vs batch size and cached tokens, measured on this machine) and
 the prefill share of the ratio-1 run bound what a larger batch can buy (Amdahl): prefill does not get
-cheaper with compression, so the gain is at most 1 / prefill share.
+cheaper with compression (KVzip-style scoring even re-reads the context), so the gain is bounded by
+how much of the time decoding takes.
 """
 
 from __future__ import annotations
@@ -27,28 +30,36 @@ import torch
 from tqdm.auto import tqdm
 
 from permkv.baselines.hf import continuous_batching, sequential_generate
-from permkv.cache import BlockPool, PagedCache, paged_attention
+from permkv.cache import BlockPool, PagedCache, forward, paged_attention
 from permkv.checks import positive_int
+from permkv.compress import InferenceKVCacheCompression, repeat_prompt_ids
 from permkv.data import build_task, encode_sample
 from permkv.engine import Engine, EngineConfig, Request
-from permkv.engine.runner import ModelRunner
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line
+from permkv.eval.stats import retention_ci
 from permkv.models import get_spec
+
+ALLOCATOR = {"kvzip": "global"}  # the allocator each scorer was measured best with in 02 (others: uniform)
 
 
 @dataclass
 class ThroughputConfig:
     model: str = "smollm2-135m"
     dtype: str = "float32"  # model and KV pool dtype: "float32" (CPU) or "bfloat16" (GPU)
-    n_requests: int = 24  # SQuAD questions among distractor paragraphs (anchor: 256 prompts)
-    prompt_range: list[int] = field(default_factory=lambda: [256, 1024])  # prompt tokens, uniform (anchor: 500-6000)
-    output_tokens: int = 64  # generated per request, EOS ignored (anchor: 500)
+    task: str = "niah_single"  # a task the full cache answers (00: 0.95 at 4K), so retention means something
+    n_requests: int = 30  # the anchor: 256 prompts
+    prompt_range: list[int] = field(default_factory=lambda: [500, 1500])  # prompt tokens, uniform (anchor: 500-6000)
+    output_tokens: int = 256  # generated per request, EOS ignored (anchor: 500)
     pool_requests: float = 3.0  # KV pool = this many average requests (prompt + output) uncompressed
-    ratios: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])  # x times smaller; 1 must be in
-    repeats: int = 1  # every system once per repeat, order reversed on odd repeats; medians reported
+    ratios: list[float] = field(default_factory=lambda: [1, 2, 8, 16, 64])  # x times smaller; 1 must be in
+    scorers: list[str] = field(default_factory=lambda: ["kvzip", "kvcompress"])  # how compressed requests are scored
+    attention_ratios: list[float] | None = None  # ratios of the scorers other than kvzip (None: all of `ratios`)
+    repeats: int = 2  # every system once per repeat, order reversed on odd repeats; medians reported
     peers: bool = True  # also run transformers' continuous batching and sequential generate
+    sequential_repeats: int = 1  # sequential generate (slow, a reference) runs in this many repeats only
     block_size: int = 16  # tokens per KV block (ours and transformers')
-    chunk_tokens: int = 512  # prompt tokens per prefill forward (ours and transformers' max_batch_tokens)
+    step_tokens: int = 2048  # tokens per engine step (every decode, then prefill chunks and re-reads)
+    chunk_tokens: int = 512  # prompt tokens one sequence reads per step (transformers' max_batch_tokens too)
     compress_every: int = 32  # generated tokens between two compressions of a sequence
     cost_batches: list[int] = field(default_factory=lambda: [1, 4, 16, 32])  # decode cost model: batch sizes
     cost_tokens: list[int] = field(default_factory=lambda: [128, 512])  # ... and cached tokens per sequence
@@ -62,15 +73,39 @@ class ThroughputConfig:
         lo, hi = self.prompt_range
         if not 128 <= lo <= hi:
             raise ValueError(f"prompt_range must be [low, high] with 128 <= low <= high, got {self.prompt_range}")
-        for name in ("n_requests", "output_tokens", "repeats", "block_size", "chunk_tokens", "compress_every", "cost_max_tokens"):
+        for name in ("n_requests", "output_tokens", "repeats", "block_size", "step_tokens", "chunk_tokens",
+                     "compress_every", "cost_max_tokens"):
             positive_int(name, getattr(self, name))
+        positive_int("sequential_repeats", self.sequential_repeats, 0)
         if not self.pool_requests > 0:
             raise ValueError(f"pool_requests must be > 0, got {self.pool_requests}")
         if 1 not in self.ratios or any(r < 1 for r in self.ratios):
             raise ValueError(f"ratios must be >= 1 and include 1 (the reference), got {self.ratios}")
+        if not self.scorers:
+            raise ValueError("scorers must name at least one scorer")
+        for scorer in self.scorers:
+            EngineConfig(compression=compression_for(scorer))  # a clear error for an unknown scorer
         if not self.cost_batches or not self.cost_tokens or min(self.cost_batches + self.cost_tokens) < 1:
             raise ValueError(f"cost_batches and cost_tokens must be non-empty positive ints, got "
                              f"{self.cost_batches}, {self.cost_tokens}")
+
+    def systems(self) -> list[tuple[str, float, str | None]]:
+        """(kind, ratio, scorer) of every system of a repeat: the engine at 1x, each scorer at each ratio, peers."""
+        out = [("engine", 1.0, None)]
+        for scorer in self.scorers:
+            ratios = self.ratios if scorer == "kvzip" or self.attention_ratios is None else self.attention_ratios
+            out += [("engine", float(r), scorer) for r in ratios if r > 1]
+        if self.peers:
+            out += [("hf_continuous_batching", 1.0, None), ("hf_sequential", 1.0, None)]
+        return out
+
+
+def compression_for(scorer: str) -> InferenceKVCacheCompression:
+    return InferenceKVCacheCompression(scorer=scorer, allocator=ALLOCATOR.get(scorer, "uniform"))
+
+
+def system_name(kind: str, ratio: float, scorer: str | None) -> str:
+    return kind if kind != "engine" else ("engine 1x" if scorer is None else f"engine {scorer} {ratio:g}x")
 
 
 @dataclass(frozen=True)
@@ -80,91 +115,103 @@ class QARequest:
 
 
 def make_requests(tokenizer, spec, cfg: ThroughputConfig) -> list[QARequest]:
-    """`n_requests` seeded SQuAD samples, each among distractors up to a length drawn from `prompt_range`."""
+    """`n_requests` seeded samples of `cfg.task`, each of a length drawn from `prompt_range`, query-aware."""
     rng = random.Random(cfg.seed)
     out = []
     for i in range(cfg.n_requests):
         length = rng.randint(*cfg.prompt_range)
-        (sample,) = build_task("squad", tokenizer, spec, 1, length, seed=cfg.seed * 100_003 + i,
+        (sample,) = build_task(cfg.task, tokenizer, spec, 1, length, seed=cfg.seed * 100_003 + i,
                                max_new_tokens=cfg.output_tokens)
         prefix, suffix = encode_sample(tokenizer, spec, sample, "query_aware")
         out.append(QARequest(prefix + suffix, list(sample.answers)))
     return out
 
 
+def _head_dim(model) -> int:
+    text = model.config.get_text_config(decoder=True)
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def pool_blocks(model, requests: list[QARequest], cfg: ThroughputConfig) -> int:
     """Blocks of a pool holding `pool_requests` average requests (prompt + output) uncompressed."""
     mean = statistics.mean(len(r.prompt_ids) for r in requests) + cfg.output_tokens
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    probe = PagedCache(BlockPool(1, cfg.block_size, head_dim), model.config)
+    probe = PagedCache(BlockPool(1, cfg.block_size, _head_dim(model)), model.config)
     return math.ceil(cfg.pool_requests * probe.blocks_needed(math.ceil(mean)))
 
 
-def score(tokenizer, tokens: list[int], answers: list[str], stop: set[int]) -> float:
-    """SQuAD score of the answer's first line (generation after a stop token is ignored)."""
+def score(tokenizer, tokens: list[int], answers: list[str], stop: set[int], task: str) -> float:
+    """The task's score of the answer's first line (generation after a stop token is ignored)."""
     end = next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
-    return TASK_METRIC["squad"](first_line(tokenizer.decode(tokens[:end], skip_special_tokens=True)), answers)
+    return TASK_METRIC[task](first_line(tokenizer.decode(tokens[:end], skip_special_tokens=True)), answers)
 
 
-def run_engine(model, requests: list[QARequest], ratio: float, blocks: int, cfg: ThroughputConfig,
-               progress: bool = False) -> tuple[dict, list[list[int]]]:
+def run_engine(model, tokenizer, spec, requests: list[QARequest], ratio: float, scorer: str | None, blocks: int,
+               cfg: ThroughputConfig, progress: bool = False) -> tuple[dict, list[list[int]]]:
     """All requests through a fresh engine on a pool of `blocks` blocks; (row of stats, tokens per request)."""
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    pool = BlockPool(blocks, cfg.block_size, head_dim, dtype=model.dtype, device=model.device)
-    engine = Engine(model, pool, EngineConfig(chunk_tokens=cfg.chunk_tokens, compress_every=cfg.compress_every), stop=set())
+    pool = BlockPool(blocks, cfg.block_size, _head_dim(model), dtype=model.dtype, device=model.device)
+    config = EngineConfig(step_tokens=cfg.step_tokens, chunk_tokens=cfg.chunk_tokens, compress_every=cfg.compress_every,
+                          compression=compression_for(scorer or "kvzip"))
+    reread = repeat_prompt_ids(tokenizer, spec) if config.kvzip else None
+    engine = Engine(model, pool, config, stop=set(), reread=reread)
     results = engine.generate([Request(r.prompt_ids, cfg.output_tokens, ratio) for r in requests], progress=progress)
     s = engine.stats
-    row = dict(system=f"engine {ratio:g}x", ratio=ratio, **s.summary(),
+    achieved = [r.achieved_ratio for r in results if r.achieved_ratio]
+    row = dict(system=system_name("engine", ratio, scorer), scorer=scorer or "none", ratio=ratio, **s.summary(),
                mean_ttft=statistics.mean(r.ttft for r in results), mean_latency=statistics.mean(r.latency for r in results),
-               batch_sizes=list(s.batch_sizes))
+               achieved_ratio=statistics.mean(achieved) if achieved else 1.0, batch_sizes=list(s.batch_sizes))
     return row, [r.tokens for r in results]
 
 
-def run_grid(model, tokenizer, requests: list[QARequest], cfg: ThroughputConfig, progress: bool = True) -> tuple[list[dict], dict]:
-    """Every ratio of the engine (and the peers) on the same requests and pool, `repeats` times.
+def run_grid(model, tokenizer, spec, requests: list[QARequest], cfg: ThroughputConfig, progress: bool = True
+             ) -> tuple[list[dict], dict]:
+    """Every system (`cfg.systems()`) on the same requests and pool, `repeats` times.
 
     Returns rows (one per system and repeat, with `output_tps`, `total_tps`, `wall`, ...) and the
-    tokens of the last repeat per system (for answer quality)."""
+    tokens of each system's first run (for answer quality; greedy, so every repeat gives the same)."""
     blocks = pool_blocks(model, requests, cfg)
     prompts = [r.prompt_ids for r in requests]
     n_prompt = sum(map(len, prompts))
-    systems = [("engine", r) for r in cfg.ratios] + ([("hf_continuous_batching", 1), ("hf_sequential", 1)] if cfg.peers else [])
+    systems = cfg.systems()
     rows, tokens = [], {}
     # warm-up, not measured: the first engine run of a process pays for the CPU kernels' first calls
     # at each new shape (without it the first system of a grid ran up to 2.5x slower)
-    run_engine(model, requests[:2], 1, blocks, replace(cfg, output_tokens=min(cfg.output_tokens, 8)))
-    bar = tqdm(total=len(systems) * cfg.repeats, desc="throughput grid", disable=not progress)
+    run_engine(model, tokenizer, spec, requests[:2], 1, None, blocks, replace(cfg, output_tokens=min(cfg.output_tokens, 8)))
+    total = sum(1 for rep in range(cfg.repeats) for s in systems if s[0] != "hf_sequential" or rep < cfg.sequential_repeats)
+    bar = tqdm(total=total, desc="throughput grid", disable=not progress)
     for rep in range(cfg.repeats):
-        for kind, ratio in (systems if rep % 2 == 0 else systems[::-1]):
+        for kind, ratio, scorer in (systems if rep % 2 == 0 else systems[::-1]):
+            if kind == "hf_sequential" and rep >= cfg.sequential_repeats:
+                continue
             if kind == "engine":
-                row, toks = run_engine(model, requests, ratio, blocks, cfg)
+                row, toks = run_engine(model, tokenizer, spec, requests, ratio, scorer, blocks, cfg)
             else:
                 if kind == "hf_continuous_batching":
                     peer = continuous_batching(model, prompts, cfg.output_tokens, set(), blocks, cfg.block_size, cfg.chunk_tokens)
                 else:
                     peer = sequential_generate(model, prompts, cfg.output_tokens, set())
                 toks = peer.tokens
-                row = dict(system=kind, ratio=1.0, wall=peer.wall, output_tps=peer.output_tps, total_tps=peer.total_tps,
-                           output_tokens=peer.output_tokens, prompt_tokens=n_prompt if not peer.error else 0,
-                           error=peer.error)
+                row = dict(system=kind, scorer="none", ratio=1.0, wall=peer.wall, output_tps=peer.output_tps,
+                           total_tps=peer.total_tps, output_tokens=peer.output_tokens,
+                           prompt_tokens=n_prompt if not peer.error else 0, error=peer.error)
             rows.append(dict(repeat=rep, pool_blocks=blocks, **row))
-            tokens[row["system"]] = toks
+            tokens.setdefault(row["system"], toks)
             bar.update()
     bar.close()
     return rows, tokens
 
 
-def quality(tokenizer, requests: list[QARequest], tokens: dict, stop: set[int]) -> list[dict]:
-    """Mean SQuAD score per system with a 95% bootstrap CI (n = requests)."""
+def quality(tokenizer, requests: list[QARequest], tokens: dict, stop: set[int], task: str = "niah_single") -> list[dict]:
+    """Per system: mean score with a 95% bootstrap CI, and its retention of the ratio-1 engine's score on
+    the same requests with a paired bootstrap CI (n = requests)."""
+    scores = {system: [score(tokenizer, t, r.answers, stop, task) for t, r in zip(toks, requests)]
+              for system, toks in tokens.items() if toks}
+    base = scores["engine 1x"]
     out = []
-    for system, toks in tokens.items():
-        if not toks:
-            continue
-        scores = [score(tokenizer, t, r.answers, stop) for t, r in zip(toks, requests)]
-        low, high = bootstrap_ci(scores)
-        out.append(dict(system=system, score=float(np.mean(scores)), ci_low=low, ci_high=high, n=len(scores)))
+    for system, s in scores.items():
+        low, high = bootstrap_ci(s)
+        kept, kept_low, kept_high = retention_ci(s, base)
+        out.append(dict(system=system, score=float(np.mean(s)), ci_low=low, ci_high=high, n=len(s),
+                        retention=kept, retention_low=kept_low, retention_high=kept_high))
     return out
 
 
@@ -173,18 +220,20 @@ def summarize(rows: list[dict]) -> list[dict]:
     the same repeat (ratios measured side by side)."""
     out = []
     names = list(dict.fromkeys(r["system"] for r in rows))
+    ref = {r["repeat"]: r for r in rows if r["system"] == "engine 1x"}
     for name in names:
         mine = [r for r in rows if r["system"] == name]
-        ref = {r["repeat"]: r for r in rows if r["system"] == "engine 1x"}
         rel = lambda key: statistics.median(m[key] / ref[m["repeat"]][key] for m in mine)  # noqa: E731
-        row = dict(system=name, ratio=mine[0]["ratio"], repeats=len(mine), pool_blocks=mine[0].get("pool_blocks"),
+        row = dict(system=name, scorer=mine[0].get("scorer", "none"), ratio=mine[0]["ratio"], repeats=len(mine),
+                   pool_blocks=mine[0].get("pool_blocks"),
                    output_tps=statistics.median(m["output_tps"] for m in mine),
                    total_tps=statistics.median(m["total_tps"] for m in mine),
                    wall=statistics.median(m["wall"] for m in mine),
                    output_gain=rel("output_tps"), total_gain=rel("total_tps"),
                    error=mine[0].get("error"))
         for key in ("mean_batch", "max_batch", "preemptions", "prefill_share", "compressions", "mean_occupancy",
-                    "blocks_per_sequence", "mean_ttft", "mean_latency"):
+                    "blocks_per_sequence", "mean_ttft", "mean_latency", "achieved_ratio", "reread_tokens",
+                    "mixed_steps", "steps"):
             if key in mine[0]:
                 row[key] = statistics.median(m[key] for m in mine)
         out.append(row)
@@ -208,28 +257,26 @@ def decode_cost(model, requests: list[QARequest], cfg: ThroughputConfig, steps: 
 
     A real prompt (the requests' token ids laid end to end) is prefilled once to each length and
     copied into `batch` sequences with their own blocks; then `steps` decode steps are timed."""
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     stream = [t for r in requests for t in r.prompt_ids]
-    runner = ModelRunner(model, EngineConfig().compression, cfg.chunk_tokens)
     points = [(b, n) for n in cfg.cost_tokens for b in cfg.cost_batches if b * n <= cfg.cost_max_tokens]
     rows = []
     for n in tqdm(sorted({n for _, n in points}), desc="decode cost", disable=not progress):
         ids = (stream * (n // max(len(stream), 1) + 1))[:n]
         batches = sorted(b for b, m in points if m == n)
-        probe = PagedCache(BlockPool(1, cfg.block_size, head_dim), model.config)
-        pool = BlockPool(max(batches) * probe.blocks_needed(n + steps + cfg.block_size) + 1, cfg.block_size, head_dim,
-                         dtype=model.dtype, device=model.device)
+        probe = PagedCache(BlockPool(1, cfg.block_size, _head_dim(model)), model.config)
+        pool = BlockPool(max(batches) * probe.blocks_needed(n + steps + cfg.block_size) + 1, cfg.block_size,
+                         _head_dim(model), dtype=model.dtype, device=model.device)
         with paged_attention(model):
             for batch in batches:
                 cache = PagedCache(pool, model.config)
-                runner.prefill(cache, ids, 1.0)
+                for start in range(0, n, cfg.chunk_tokens):
+                    forward(model, cache, torch.tensor([ids[start : start + cfg.chunk_tokens]], device=model.device))
                 for _ in range(batch - 1):
                     _copy_row(cache, 0)
                 times = []
-                for step in range(steps):
+                for _ in range(steps):
                     start = time.perf_counter()
-                    runner.decode(cache, [ids[-1]] * batch, [n + step] * batch)
+                    forward(model, cache, torch.tensor([[ids[-1]]] * batch, device=model.device))
                     times.append(time.perf_counter() - start)
                 cache.reset()
                 rows.append(dict(batch=batch, cached_tokens=n, step_s=statistics.median(times)))
@@ -246,27 +293,29 @@ def fit_cost(rows: list[dict]) -> dict[str, float]:
 
 def predicted_gain(fit: dict[str, float], row: dict, ref: dict, heads: int, block_size: int) -> float:
     """Throughput gain over `ref` (the ratio-1 engine) the cost model predicts for `row`'s mean batch and
-    cache size, with prefill time unchanged: 1 / (p + (1 - p) * t_row / t_ref), p = ref's prefill share,
-    t = decode seconds per generated token = fixed / batch + per_seq + per_token * cached tokens per sequence
-    (from the measured blocks per sequence, `heads` (layer, KV head) tables each)."""
+    cache size, with its own measured prefill time: 1 / (p_row + (1 - p_ref) * t_row / t_ref), p_row = the
+    row's prefill (and re-reading) time over ref's wall time, p_ref = ref's prefill share, t = decode seconds per generated
+    token = fixed / batch + per_seq + per_token * cached tokens per sequence (from the measured blocks per
+    sequence, `heads` (layer, KV head) tables each)."""
     def per_token(r):
         cached = r["blocks_per_sequence"] * block_size / heads
         return fit["fixed_s"] / r["mean_batch"] + fit["per_seq_s"] + fit["per_token_s"] * cached
-    p = ref["prefill_share"]
-    return 1 / (p + (1 - p) * per_token(row) / per_token(ref))
+    prefill = row["prefill_share"] * row["wall"] / ref["wall"]  # the row's prefill time, in ref's time
+    return 1 / (prefill + (1 - ref["prefill_share"]) * per_token(row) / per_token(ref))
 
 
 # ----- ledger ----------------------------------------------------------------------------------------
 
 def claim_metrics(summary: list[dict], quality_rows: list[dict], fit: dict[str, float] | None = None,
-                  heads: int = 90, block_size: int = 16) -> dict[str, float]:
-    """Ledger metrics: total-throughput gain over the ratio-1 engine at 8x / 64x (the anchor's measure),
-    output gains, engine-measured concurrency gains (pool blocks one decoding sequence holds at ratio 1
-    over those at the ratio, i.e. how many more sequences the pool holds at once, generated tokens
-    included), largest-batch gains (capped by the number of requests), the peers, answer quality, the
-    ratio-1 prefill share and the Amdahl bound it implies; with the cost model's `fit`, the gain it
-    predicts at each ratio's measured batch and cache size (`heads`: (layer, KV head) tables per sequence)."""
+                  heads: int = 90, block_size: int = 16, headline: str = "kvzip") -> dict[str, float]:
+    """Ledger metrics: per (scorer, ratio), the total-throughput gain over the ratio-1 engine (the anchor's
+    measure) with the retention of its answers (paired CI), output gains, engine-measured concurrency
+    gains (pool blocks one decoding sequence holds at ratio 1 over those at the ratio: how many more
+    sequences the pool holds at once, generated tokens included), largest-batch gains, the peers, the
+    ratio-1 prefill share and its Amdahl bound; with the cost model's `fit`, the gain it predicts at each
+    row's measured batch and cache size. `headline`'s 8x / 64x rows are the ledger's claims."""
     by = {r["system"]: r for r in summary}
+    q = {r["system"]: r for r in quality_rows}
     ref = by["engine 1x"]
     m = {"throughput.prefill_share_1x": ref["prefill_share"],
          "throughput.amdahl_bound": 1 / ref["prefill_share"] if ref["prefill_share"] else math.inf,
@@ -274,25 +323,27 @@ def claim_metrics(summary: list[dict], quality_rows: list[dict], fit: dict[str, 
     for r in summary:
         if not r["system"].startswith("engine"):
             continue
-        k = f"{r['ratio']:g}x"
+        k = f"{r['scorer']}_{r['ratio']:g}x" if r["ratio"] > 1 else "1x"
         m[f"throughput.total_gain_{k}"] = r["total_gain"]
         m[f"throughput.output_gain_{k}"] = r["output_gain"]
         m[f"throughput.mean_batch_{k}"] = r["mean_batch"]
         m[f"throughput.max_batch_{k}"] = r["max_batch"]
         m[f"throughput.preemptions_{k}"] = r["preemptions"]
         m[f"throughput.batch_gain_{k}"] = r["max_batch"] / ref["max_batch"] if ref["max_batch"] else math.nan
-        # sequences the pool holds at once, from the measured footprint (not capped by the number of requests)
         m[f"throughput.concurrency_gain_{k}"] = ref["blocks_per_sequence"] / r["blocks_per_sequence"]
         m[f"throughput.concurrent_{k}"] = r["pool_blocks"] / r["blocks_per_sequence"]
+        if r["system"] in q:
+            m[f"quality.score_{k}"] = q[r["system"]]["score"]
+            m[f"quality.retention_{k}"] = q[r["system"]]["retention"]
+            m[f"quality.retention_low_{k}"] = q[r["system"]]["retention_low"]
         if fit is not None:
             m[f"throughput.cost_model_gain_{k}"] = predicted_gain(fit, r, ref, heads, block_size)
     for k in ("8x", "64x"):
-        m[f"claim.throughput_gain_{k}"] = m.get(f"throughput.total_gain_{k}", math.nan)
-        m[f"claim.engine_concurrency_gain_{k}"] = m.get(f"throughput.concurrency_gain_{k}", math.nan)
+        m[f"claim.throughput_gain_{k}"] = m.get(f"throughput.total_gain_{headline}_{k}", math.nan)
+        m[f"claim.throughput_retention_{k}"] = m.get(f"quality.retention_{headline}_{k}", math.nan)
+        m[f"claim.engine_concurrency_gain_{k}"] = m.get(f"throughput.concurrency_gain_{headline}_{k}", math.nan)
+    m["quality.score_1x"] = q["engine 1x"]["score"] if "engine 1x" in q else math.nan
     for peer in ("hf_continuous_batching", "hf_sequential"):
         if peer in by and not by[peer].get("error"):
             m[f"throughput.engine_1x_vs_{peer}"] = 1 / by[peer]["output_gain"]  # median of same-repeat ratios
-    for q in quality_rows:
-        name = q["system"].replace("engine ", "").replace(" ", "_")
-        m[f"quality.{name}"] = q["score"]
     return m
