@@ -69,15 +69,14 @@ class Scheduler:
         items = self._decodes()
         budget = self.step_tokens - len(items)
         free = self.pool.num_free - sum(self._blocks(i) for i in items)
+        first = True  # no prefill work taken yet this step
         for seq in [s for s in self.running.values() if s.phase in (Phase.PREFILL, Phase.SCORE)]:
-            item = self._next_work(seq, budget, first=len(items) == len(self._decoding()))
-            if item is None:
-                continue
-            need = self._blocks(item)
-            if need > free:
+            item = self._next_work(seq, budget, first)
+            need = 0 if item is None else self._blocks(item)
+            if item is None or need > free:
                 continue
             items.append(item)
-            budget, free = budget - item.count, free - need
+            budget, free, first = budget - item.count, free - need, False
         reserved = sum(self._still_needed(s) for s in self.running.values() if s.phase in (Phase.PREFILL, Phase.SCORE))
         while self.waiting and budget > 0 and not (self.hold and self.running):
             seq = self.waiting[0]
@@ -86,10 +85,10 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(seq)
-            item = self._next_work(seq, budget, first=len(items) == len(self._decoding()))
+            item = self._next_work(seq, budget, first)
             need = self._blocks(item)
             items.append(item)
-            budget, free = budget - item.count, free - need
+            budget, free, first = budget - item.count, free - need, False
             reserved += peak - need
         return items
 
