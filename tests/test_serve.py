@@ -131,10 +131,37 @@ def test_python_m_permkv_serve_binds_loopback(tmp_path):
         proc.wait(timeout=30)
 
 
-def test_cli_refuses_kvzip_on_the_engine():
-    """`--kvzip` scores chunks by re-reading them, which only the sequential backend does: a clear
-    refusal before any model is loaded."""
+def test_cli_refuses_an_unknown_scorer_before_loading_a_model():
     from permkv.serve.cli import main
 
-    with pytest.raises(SystemExit, match="--kvzip is not available with --engine"):
-        main(["serve", "--engine", "--kvzip"])
+    with pytest.raises(SystemExit, match="unknown scorer 'nonsense'"):
+        main(["serve", "--scorer", "nonsense"])
+
+
+def test_streaming_sends_the_same_text_as_one_response(client):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    want = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=10).choices[0].message.content
+    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=10, stream=True))
+    assert len(chunks) > 3 and "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    parts = [c.choices[0].text for c in client.completions.create(model="smollm2-135m", prompt="One, two, three,",
+                                                                    max_tokens=4, stream=True)]
+    assert "".join(parts) == client.completions.create(model="smollm2-135m", prompt="One, two, three,", max_tokens=4).choices[0].text
+
+
+def test_a_stop_string_ends_the_answer(client):
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    full = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 3]  # a piece from the middle of the answer
+    want = full[: full.index(stop)]
+    cut = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, stop=[stop])
+    assert cut.choices[0].message.content == want and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == want
+
+
+def test_unknown_roles_and_sampling_on_the_sequential_backend_are_400(client):
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\].role must be one of"):
+        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"},
+                                                                       {"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature > 0 needs the engine backend"):
+        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], temperature=0.7)

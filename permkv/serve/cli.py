@@ -34,13 +34,15 @@ def serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
-    from permkv.compress import InferenceKVCacheCompression
+    from permkv.compress import SCORERS, InferenceKVCacheCompression
     from permkv.engine import EngineConfig
     from permkv.models import load_model
     from permkv.rlm import EngineBackend, SequentialBackend
     from permkv.serve import create_app
 
     kvzip = args.scorer == "kvzip"
+    if not kvzip and args.scorer not in SCORERS:
+        raise SystemExit(f"permkv serve: unknown scorer {args.scorer!r}; use 'kvzip' or one of {sorted(SCORERS)}")
     compression = InferenceKVCacheCompression(scorer=args.scorer, allocator="global" if kvzip else "uniform")
     if args.threads:
         torch.set_num_threads(args.threads)
