@@ -126,3 +126,36 @@ def test_rlm_level_runs_as_one_engine_batch(backend, smol):
     assert batched.read_calls == alone.read_calls >= 4
     assert [c.answer for c in batched.calls] == [c.answer for c in alone.calls]
     assert max(backend.engine.stats.batch_sizes) > 1
+
+
+def test_one_compressed_context_serves_many_questions_read_once(backend, server, client, smol):
+    """POST /v1/contexts reads a document once (compressed 4x); questions with `context_id` cost only their
+    own tokens (the engine's computed-token counter), and answer as the same request on the sequential
+    backend's context."""
+    model, tok, spec = smol
+    doc = " ".join(f"Line {i} of the report says nothing new." for i in range(40)) + " The vault code is 4829173."
+    questions = ["What is the vault code?", "Which code opens the vault?", "Repeat the vault code."]
+    ctx = httpx.post(server + "/contexts", json={"text": doc, "ratio": 4}, timeout=600).json()
+    assert ctx["achieved_ratio"] == pytest.approx(4, rel=0.05) and ctx["tokens"] > 300
+    before = backend.engine.stats.computed_tokens
+    outs = [client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": q}],
+                                           max_tokens=16, extra_body={"context_id": ctx["id"]}) for q in questions]
+    own = sum(o.usage.prompt_tokens - o.usage.prompt_tokens_details.cached_tokens + o.usage.completion_tokens for o in outs)
+    assert backend.engine.stats.computed_tokens - before <= own  # nothing of the context was read again
+    assert all(o.usage.prompt_tokens_details.cached_tokens == ctx["tokens"] for o in outs)
+    sequential = SequentialBackend(model, tok, spec)
+    with running(create_app(sequential)) as url:
+        ref = httpx.post(url + "/contexts", json={"text": doc, "ratio": 4}, timeout=600).json()
+        alone = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        want = [alone.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": q}],
+                                              max_tokens=16, extra_body={"context_id": ref["id"]}).choices[0].message.content
+                for q in questions]
+    assert [o.choices[0].message.content for o in outs] == want
+    assert httpx.get(f"{server}/contexts/{ctx['id']}").json()["tokens"] == ctx["tokens"]
+    assert httpx.delete(f"{server}/contexts/{ctx['id']}").json()["deleted"]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"context_id": ctx["id"]})
+    assert httpx.get(f"{server}/contexts/ctx-999").status_code == 404
+    assert httpx.post(server + "/contexts", json={"text": "x " * 5000, "ratio": 4}).status_code == 400  # never fits
+    assert idle(backend) and backend.engine.pool.num_free == backend.engine.pool.num_blocks

@@ -5,6 +5,7 @@
 """
 
 from permkv.compress.allocators import ALLOCATORS, GlobalAdaptiveAllocator, LayerAdaptiveAllocator, UniformAllocator
+from permkv.compress.context import ContextCache, ContextReport
 from permkv.compress.compressor import CompressionReport, Compressor, InferenceKVCacheCompression, check_ratio, report_of
 from permkv.compress.estimate import KVZIP_SCORER, QualityEstimate, QualityTable
 from permkv.compress.observe import QueryRecorder, observing
@@ -24,7 +25,7 @@ from permkv.compress.scorers import (
 )
 
 __all__ = [
-    "ALLOCATORS", "REPEAT_PROMPT", "SCORERS", "CompressionReport", "Compressor", "GlobalAdaptiveAllocator", "InferenceKVCacheCompression",
+    "ALLOCATORS", "REPEAT_PROMPT", "SCORERS", "CompressionReport", "Compressor", "ContextCache", "ContextReport", "GlobalAdaptiveAllocator", "InferenceKVCacheCompression",
     "KVCompressScore", "KVZIP_SCORER", "KeyNormScore", "LayerAdaptiveAllocator", "Pooled", "QualityEstimate", "QualityTable", "QueryRecorder",
     "RandomScore", "RecencyMix", "RecentScore",
     "SnapKVScore", "UniformAllocator", "check_ratio", "chunked_prefill_and_compress", "fork_sequence", "get_scorer", "kvzip_scores",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from permkv.cache import BlockPool, PagedCache, paged_attention
 from permkv.checks import positive_int
 from permkv.compress import ALLOCATORS, Compressor, InferenceKVCacheCompression, KVCompressScore, get_scorer
+from permkv.compress.context import ContextCache
 from permkv.compress.kvzip import reread_scores
 from permkv.engine.runner import ModelRunner, sample
 from permkv.engine.scheduler import Item, Scheduler, Work
@@ -175,7 +177,8 @@ class Engine:
         self.runner = ModelRunner(model, self.reread)
         self.probe = PagedCache(pool, model.config)  # holds no sequence: block counts per layer and head
         self.scheduler = Scheduler(pool, self.probe, self.config.step_tokens, self.config.chunk_tokens,
-                                   self.config.watermark, self._peak_tokens, self._reread_len)
+                                   self.config.watermark, self._admit_blocks, self._new_cache, self._reread_len)
+        self.contexts: OrderedDict[int, ContextCache] = OrderedDict()  # by id, least recently used first
         self.max_positions = model.config.get_text_config(decoder=True).max_position_embeddings
         self.sequences: dict[int, Sequence] = {}
         self._next_id = 0
@@ -199,6 +202,8 @@ class Engine:
                 raise ValueError(f"ratio must be <= the prompt's length ({n})" + ("" if self.config.kvzip else
                                  f" and chunk_tokens ({self.config.chunk_tokens})") +
                                  f": every head keeps at least one token, got {request.ratio:g}")
+        if request.context is not None and request.context not in self.contexts:
+            raise ValueError(f"context {request.context} does not exist (never built, or released)")
         probe = Sequence(-1, request, 0.0)
         needed = self.probe.blocks_needed(max(self._peak_tokens(probe), self._decode_peak(probe)))
         if needed > self.pool.num_blocks:
@@ -208,7 +213,30 @@ class Engine:
     def add_request(self, request: Request) -> int:
         """Queue a request (it joins the next step); returns its id. Raises ValueError if it could never run."""
         self.check(request)
-        seq = Sequence(self._next_id, request, time.perf_counter())
+        return self._queue(Sequence(self._next_id, request, time.perf_counter()))
+
+    def add_context(self, ids: list[int], ratio: float = 1.0) -> int:
+        """Queue a context to read once, compress to 1/ratio and keep (compress once, ask many): once a
+        step reports it finished, `contexts[id]` is a `ContextCache` that requests name with
+        `Request(..., context=id)`, their prompts read after it. Returns its id."""
+        request = Request(list(ids), 1, ratio, ignore_eos=True)
+        self.check(request)
+        return self._queue(Sequence(self._next_id, request, time.perf_counter(), builds_context=True))
+
+    def release_context(self, context_id: int) -> bool:
+        """Give a context's own blocks back; False if unknown. Refused (ValueError) while a queued or
+        running request reads it (a preempted one must fork it again)."""
+        if any(s.request.context == context_id for s in self.sequences.values()):
+            raise ValueError(f"context {context_id} is in use by a queued or running request")
+        ctx = self.contexts.pop(context_id, None)
+        if ctx is not None:
+            ctx.release()
+        return ctx is not None
+
+    def _queue(self, seq: Sequence) -> int:
+        if seq.request.context is not None:
+            self.contexts.move_to_end(seq.request.context)
+            seq.base = self.contexts[seq.request.context].seen
         self._next_id += 1
         self.sequences[seq.id] = seq
         self.scheduler.waiting.append(seq)
@@ -231,6 +259,12 @@ class Engine:
         ids = [self.add_request(r) for r in requests]
         done: dict[int, Result] = {}
         bar = tqdm(total=len(ids), desc="engine", disable=not progress)
+        with paged_attention(self.model):  # once for the whole loop, not per step
+            self._run_until_done(done, bar)
+        bar.close()
+        return [done[i] for i in ids]
+
+    def _run_until_done(self, done: dict[int, Result], bar) -> None:
         while self.has_unfinished():
             for out in self.step():
                 if out.finished:
@@ -238,14 +272,14 @@ class Engine:
                     bar.update()
             bar.set_postfix(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                             preempted=self.stats.preemptions)
-        bar.close()
-        return [done[i] for i in ids]
 
     # ----- one step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, postprocess. Returns what each touched request got."""
         start = time.perf_counter()
         items = self.scheduler.schedule()
+        while not items and self.scheduler.waiting and self._release_idle_context():
+            items = self.scheduler.schedule()  # the least recently used context nobody reads gave its blocks back
         self.stats.preemptions += len(self.scheduler.preempted)
         for seq in self.scheduler.preempted:
             self.stats.recomputed_tokens += len(seq.tokens)
@@ -295,15 +329,21 @@ class Engine:
             if seq.done:  # preempted or finished by an earlier item of this step
                 continue
             if item.work is Work.REREAD:
-                self._score(seq, item, segment)
+                if self._score(seq, item, segment) and seq.builds_context:
+                    outputs.append(self._keep_context(seq))
                 continue
             if item.work is Work.PREFILL:
                 seq.read += item.count
-                if seq.request.ratio > 1 and not self.config.kvzip:
+                if seq.request.ratio > 1 and not self.config.kvzip and seq.request.context is None:
                     self.compressor.compress(seq.cache, seq.request.ratio, segment.queries)
                 if seq.read < len(seq.context):
                     continue
                 self._context_read(seq)
+                if seq.builds_context:
+                    seq.context_logits = logits[seq.id]
+                    if seq.phase is Phase.DECODE:
+                        outputs.append(self._keep_context(seq))
+                    continue
             elif seq.request.ratio > 1:
                 seq.queries.append(segment.queries)
                 while len(seq.queries) > self.config.compression.observe:
@@ -318,8 +358,9 @@ class Engine:
         return outputs
 
     def _context_read(self, seq: Sequence) -> None:
-        """The whole context is in the cache: re-read it next (KVzip) or decode."""
-        if seq.request.ratio > 1 and self.config.kvzip:
+        """The whole context is in the cache: re-read it next (KVzip) or decode. A request on a shared
+        context reads its own tokens uncompressed: the context was compressed once for all."""
+        if seq.request.ratio > 1 and self.config.kvzip and seq.request.context is None:
             seq.phase = Phase.SCORE
         else:
             self._start_decoding(seq)
@@ -334,9 +375,23 @@ class Engine:
         seq.prompt_kept = {i: [t.length for t in layer.tables[0]] for i, layer in enumerate(seq.cache.layers)
                            if not layer.is_sliding}
 
-    def _score(self, seq: Sequence, item: Item, segment) -> None:
+    def _keep_context(self, seq: Sequence) -> RequestOutput:
+        """A context build read (and compressed) its tokens: its cache becomes a `ContextCache`."""
+        self.contexts[seq.id] = ContextCache(seq.cache, seq.context, seq.context_logits, seq.request.ratio)
+        seq.cache = None  # the context owns the blocks now
+        return self._finish(seq, "stop")
+
+    def _release_idle_context(self) -> bool:
+        """Release the least recently used context that no queued or running request reads; False if none."""
+        used = {s.request.context for s in self.sequences.values()}
+        for cid in self.contexts:
+            if cid not in used:
+                return self.release_context(cid)
+        return False
+
+    def _score(self, seq: Sequence, item: Item, segment) -> bool:
         """A re-read of one chunk ran on the fork `segment.row`: keep its scores, drop the fork; after the
-        last chunk, compress the context once to 1/ratio."""
+        last chunk, compress the context once to 1/ratio (returns True then)."""
         t0 = time.perf_counter()
         c = item.count - len(self.reread)
         begin, sinks = seq.scored, min(self.config.compression.sinks, seq.scored)
@@ -351,6 +406,7 @@ class Engine:
             seq.scores = {}
             self._start_decoding(seq)
         self.stats.compress_seconds += time.perf_counter() - t0
+        return seq.phase is Phase.DECODE
 
     def _compress_generated(self, seq: Sequence) -> None:
         """Continual compression: the generated part back to 1/ratio, scored from the last decode queries;
@@ -389,6 +445,22 @@ class Engine:
         return RequestOutput(seq.id, new or [], True, result)
 
     # ----- block accounting ------------------------------------------------------------------------
+    def _new_cache(self, seq: Sequence) -> PagedCache:
+        """An admitted sequence's cache: empty, or a copy-on-write fork of its context."""
+        if seq.request.context is None:
+            cache = PagedCache(self.pool, self.model.config)
+            cache.ensure_batch(1)
+            return cache
+        self.contexts.move_to_end(seq.request.context)
+        return self.contexts[seq.request.context].fork()
+
+    def _admit_blocks(self, seq: Sequence) -> int:
+        """Free blocks `seq` takes at its peak while reading its context: its own tokens (a context's are
+        already held, but each head copies its shared, partly filled last block)."""
+        if seq.request.context is None:
+            return self.probe.blocks_needed(self._peak_tokens(seq))
+        return self.probe.blocks_needed(len(seq.context) + self.pool.block_size)
+
     def _reread_len(self, seq: Sequence) -> int:
         """Tokens of `seq`'s next re-read: the repeat prompt and the next chunk of its context."""
         return len(self.reread or []) + min(self.config.reread_chunk, len(seq.context) - seq.scored)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
+from permkv.cache import paged_attention
 from permkv.engine.engine import Engine
 from permkv.engine.sequence import Request, RequestOutput, Result
 
@@ -80,15 +82,32 @@ class EngineLoop:
         """Queue `request` for the next step. Raises ValueError now if it could never run."""
         self.engine.check(request)
         stream = Stream(request)
-        self._inbox.put(("add", stream))
+        self._inbox.put(("add", stream, lambda e: e.add_request(request)))
         return stream
+
+    def submit_context(self, ids: list[int], ratio: float = 1.0) -> Stream:
+        """Queue a context to read and compress (`Engine.add_context`); the stream finishes when it is ready."""
+        self.engine.check(Request(list(ids), 1, ratio))
+        stream = Stream(Request(list(ids), 1, ratio))
+        self._inbox.put(("add", stream, lambda e: e.add_context(ids, ratio)))
+        return stream
+
+    def call(self, fn: Callable[[Engine], object]) -> object:
+        """Run `fn(engine)` in the loop's thread between two steps; its result (or what it raised)."""
+        done: Future = Future()
+        self._inbox.put(("call", done, fn))
+        return done.result()
 
     def abort(self, stream: Stream) -> None:
         """Stop the request of `stream` (its blocks go back to the pool); its iterator ends."""
         stream.aborted = True
-        self._inbox.put(("abort", stream))
+        self._inbox.put(("abort", stream, None))
 
     def _run(self) -> None:
+        with paged_attention(self.engine.model):  # the engine owns the model: switch once, not per step
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             self._take(block=not self.engine.has_unfinished())
             if not self.engine.has_unfinished():
@@ -114,13 +133,18 @@ class EngineLoop:
         """Apply queued submissions and aborts (waiting for one when `block`)."""
         while True:
             try:
-                kind, stream = self._inbox.get(block=block)
+                kind, stream, fn = self._inbox.get(block=block)
             except queue.Empty:
                 return
             block = False
-            if kind == "add" and not stream.aborted:
+            if kind == "call":
                 try:
-                    stream.id = self.engine.add_request(stream.request)
+                    stream.set_result(fn(self.engine))
+                except Exception as err:  # the caller gets it
+                    stream.set_exception(err)
+            elif kind == "add" and not stream.aborted:
+                try:
+                    stream.id = fn(self.engine)
                 except ValueError as err:
                     stream.put(err)
                     continue

@@ -33,7 +33,7 @@ class ModelRunner:
                 tokens, start, row = [seq.tokens[-1]], seq.position, 0
                 wants.append(True)
             elif item.work is Work.PREFILL:
-                tokens, start, row = seq.context[seq.read : seq.read + item.count], seq.read, 0
+                tokens, start, row = seq.context[seq.read : seq.read + item.count], seq.base + seq.read, 0
                 wants.append(seq.read + item.count == len(seq.context))
             else:  # the fork re-reads one chunk after the repeat prompt, right after the context
                 c = item.count - len(self.reread)

@@ -44,18 +44,20 @@ class Item:
 class Scheduler:
     """`waiting` (FIFO) and `running` (admission order, by request id) sequences on one pool.
 
-    `peak_tokens(seq)` is the most tokens per head a sequence holds while it reads its context;
+    `admit_blocks(seq)` is how many free blocks a sequence takes while it reads its context (at its
+    peak); `new_cache(seq)` its cache when admitted (empty, or a fork of a context);
     `reread_len(seq)` the tokens of a sequence's next re-read.
     """
 
     def __init__(self, pool: BlockPool, probe: PagedCache, step_tokens: int, chunk_tokens: int, watermark: float,
-                 peak_tokens, reread_len):
+                 admit_blocks, new_cache, reread_len):
         self.pool = pool
         self.probe = probe  # an empty cache of the model: block counts per layer and head
         self.step_tokens = step_tokens
         self.chunk_tokens = chunk_tokens
         self.watermark_blocks = math.ceil(watermark * pool.num_blocks)
-        self.peak_tokens = peak_tokens
+        self.admit_blocks = admit_blocks
+        self.new_cache = new_cache
         self.reread_len = reread_len
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
@@ -80,7 +82,7 @@ class Scheduler:
         reserved = sum(self._still_needed(s) for s in self.running.values() if s.phase in (Phase.PREFILL, Phase.SCORE))
         while self.waiting and budget > 0 and not (self.hold and self.running):
             seq = self.waiting[0]
-            peak = self.probe.blocks_needed(self.peak_tokens(seq))
+            peak = self.admit_blocks(seq)
             if peak + reserved + (self.watermark_blocks if self.running else 0) > free:
                 break
             self.waiting.popleft()
@@ -128,15 +130,18 @@ class Scheduler:
             need += sum((t.start + t.length) % bs != 0 for layer in cache.layers for t in layer.tables[0])
         return need
 
+    @staticmethod
+    def _held(seq: Sequence) -> int:
+        return sum(len(t.blocks) for layer in seq.cache.layers for t in layer.tables[0])
+
     def _still_needed(self, seq: Sequence) -> int:
         """Blocks a sequence reading its context will still take before its peak."""
-        held = sum(len(t.blocks) for layer in seq.cache.layers for t in layer.tables[0])
-        return max(self.probe.blocks_needed(self.peak_tokens(seq)) - held, 0)
+        return max(seq.reserved_blocks - (self._held(seq) - seq.shared_blocks), 0)
 
     # ----- state changes ----------------------------------------------------------------------------
     def _admit(self, seq: Sequence) -> None:
-        seq.cache = PagedCache(self.pool, self.probe.config)
-        seq.cache.ensure_batch(1)
+        seq.cache = self.new_cache(seq)
+        seq.shared_blocks, seq.reserved_blocks = self._held(seq), self.admit_blocks(seq)
         seq.phase, seq.admitted = Phase.PREFILL, self._admissions
         self._admissions += 1
         self.running[seq.id] = seq
@@ -151,10 +156,11 @@ class Scheduler:
         self.preempted.append(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """`seq` is done (or aborted): its blocks go back to the pool."""
+        """`seq` is done (or aborted): its blocks go back to the pool (unless a context took them)."""
         if seq.id in self.running:
             del self.running[seq.id]
-            seq.cache.reset()
+            if seq.cache is not None:
+                seq.cache.reset()
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.cache = None

@@ -30,6 +30,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    context: int | None = None  # a context the engine holds (`Engine.add_context`): prompt_ids follow it
 
     def __post_init__(self):
         if not self.prompt_ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in self.prompt_ids):
@@ -63,6 +64,8 @@ class Sequence:
     id: int
     request: Request
     arrival: float  # perf_counter when added
+    builds_context: bool = False  # read (and compress) the prompt, then keep it as a context; no decoding
+    base: int = 0  # positions before its own tokens: a forked context's
     phase: Phase = Phase.WAITING
     tokens: list[int] = field(default_factory=list)  # generated so far
     cache: PagedCache | None = None  # its own one-sequence cache on the engine's pool, while it runs
@@ -73,6 +76,8 @@ class Sequence:
     prompt_kept: dict[int, list[int]] = field(default_factory=dict)  # layer -> per head: context tokens kept
     queries: deque = field(default_factory=deque)  # last decode queries, each {layer: (1, q_heads, 1, head_dim)}
     admitted: int = -1  # admission order of the current attempt (preemption takes the largest)
+    shared_blocks: int = 0  # blocks its cache shared with a context when admitted
+    reserved_blocks: int = 0  # free blocks admission set aside for reading its context
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None  # "stop", "length" or "abort"
@@ -82,6 +87,7 @@ class Sequence:
     kv_tokens: float | None = None  # context tokens held per (full-attention layer, KV head) after reading, mean
     kv_bytes: int = 0  # KV bytes the cache held after reading its context
     generator: torch.Generator | None = None
+    context_logits: torch.Tensor | None = None  # a context build: the logits after its last token
 
     def __post_init__(self):
         self.context = list(self.request.prompt_ids)
@@ -95,7 +101,7 @@ class Sequence:
     @property
     def seen(self) -> int:
         """Tokens in the cache's history once `tokens[-1]` is fed (positions 0 .. seen - 1)."""
-        return self.prompt_len + len(self.tokens)
+        return self.base + self.prompt_len + len(self.tokens)
 
     @property
     def position(self) -> int:

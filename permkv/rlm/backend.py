@@ -22,9 +22,11 @@ from typing import Protocol
 
 import torch
 
-from permkv.cache import BlockPool, paged_attention
+from permkv.cache import BlockPool, forward, paged_attention
 from permkv.checks import check_ratio, positive_int
 from permkv.compress import (
+    ContextCache,
+    ContextReport,
     InferenceKVCacheCompression,
     chunked_prefill_and_compress,
     prefill_and_compress,
@@ -53,6 +55,7 @@ class Generation:
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
     decode_s: float | None = None  # wall time after the prompt was read
     ttft: float | None = None  # time to the first token
+    context_tokens: int = 0  # tokens of a shared compressed context it read from (not computed again)
 
     @property
     def achieved_ratio(self) -> float | None:
@@ -62,7 +65,18 @@ class Generation:
     def as_dict(self) -> dict:
         return dict(prompt_tokens=self.prompt_tokens, ratio=self.ratio, kv_tokens=self.kv_tokens,
                     kv_bytes=self.kv_bytes, kv_pool_bytes=self.kv_pool_bytes, achieved_ratio=self.achieved_ratio,
-                    seconds=self.seconds, finish_reason=self.finish_reason, ttft=self.ttft)
+                    seconds=self.seconds, finish_reason=self.finish_reason, ttft=self.ttft,
+                    context_tokens=self.context_tokens)
+
+
+@dataclass(frozen=True)
+class Context:
+    """A context a backend read and compressed once, for later requests to continue (`create_context`)."""
+
+    id: int
+    ids: list[int]
+    ratio: float
+    report: ContextReport
 
 
 @dataclass(frozen=True)
@@ -127,8 +141,17 @@ class Backend(Protocol):
         """The continuation of `prompt_ids` with the KV cache compressed `ratio` times."""
 
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
-               speculate: bool = False, sampling: Sampling = GREEDY) -> TokenStream:
-        """The same, its tokens as they come."""
+               speculate: bool = False, sampling: Sampling = GREEDY, context: int | None = None) -> TokenStream:
+        """The same, its tokens as they come; `context`: continue a context made by `create_context`."""
+
+    def create_context(self, ids: Sequence[int], ratio: float) -> Context:
+        """Read `ids` once, compressed to 1/ratio (KVzip-style, query-agnostic), for later requests."""
+
+    def release_context(self, context_id: int) -> None:
+        """Give a context's memory back (KeyError if unknown, ValueError while a request reads it)."""
+
+    def has_context(self, context_id: int) -> bool:
+        """Whether the context is still held (the engine releases idle ones when it needs blocks)."""
 
 
 def check_request(n_prompt: int, max_new_tokens: int, ratio, chunk_tokens: int, max_kv_tokens: int,
@@ -192,11 +215,24 @@ class SequentialBackend:
                              f"got {self.chunk_tokens}")
         self._lock = threading.Lock()
         self._stop = stop_ids(self.model, self.tokenizer)
-        self._reread = repeat_prompt_ids(self.tokenizer, self.spec) if self.kvzip else None
+        self._repeat = repeat_prompt_ids(self.tokenizer, self.spec)
+        self._reread = self._repeat if self.kvzip else None
+        self._contexts: dict[int, ContextCache] = {}
+        self._next_context = 0
 
     def check(self, n_prompt: int, max_new_tokens: int, ratio: float, sampling: Sampling = GREEDY,
-              speculate: bool = False) -> None:
-        check_request(n_prompt, max_new_tokens, ratio, self.chunk_tokens, self.max_kv_tokens, self.spec.max_positions)
+              speculate: bool = False, context: int | None = None) -> None:
+        if context is not None:
+            ctx = self._context(context)
+            check_request(n_prompt, max_new_tokens, 1, self.chunk_tokens, self.max_kv_tokens,
+                          self.spec.max_positions - ctx.seen)
+            if ratio not in (1, ctx.ratio):
+                raise ValueError(f"a request on context {context} reads its own tokens whole after the context "
+                                 f"compressed {ctx.ratio:g}x: ratio must be 1 or {ctx.ratio:g}, got {ratio:g}")
+            if speculate:
+                raise ValueError("speculate is not available on a shared context (it rolls back an uncompressed cache)")
+        else:
+            check_request(n_prompt, max_new_tokens, ratio, self.chunk_tokens, self.max_kv_tokens, self.spec.max_positions)
         if not sampling.greedy:
             raise ValueError("temperature > 0 needs the engine backend (`permkv serve --engine`): the sequential "
                              "backend decodes greedily")
@@ -204,18 +240,43 @@ class SequentialBackend:
             raise ValueError(f"speculate needs ratio 1 (prompt lookup rolls back an uncompressed cache), got {ratio}")
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
-                 speculate: bool = False, sampling: Sampling = GREEDY) -> Generation:
+                 speculate: bool = False, sampling: Sampling = GREEDY, context: int | None = None) -> Generation:
         """Greedy continuation; `speculate` (ratio 1 only) decodes with prompt lookup (lossless)."""
         ids = list(prompt_ids)
-        self.check(len(ids), max_new_tokens, ratio, sampling, speculate)
+        self.check(len(ids), max_new_tokens, ratio, sampling, speculate, context)
         with self._lock:
-            return self._generate(ids, max_new_tokens, ratio, speculate, None)
+            return self._generate(ids, max_new_tokens, ratio, speculate, None, context)
+
+    def create_context(self, ids: Sequence[int], ratio: float) -> Context:
+        """Read `ids` once, compressed by KVzip-style re-reading with one global top-k, on a pool of its own
+        with room for one request's tokens on top (the backend answers one request at a time)."""
+        ids = list(ids)
+        check_request(len(ids), 1, ratio, len(ids), self.max_kv_tokens, self.spec.max_positions)
+        with self._lock:
+            ctx = ContextCache.build(self.model, ids, ratio, self._repeat,
+                                     extra_tokens=min(self.max_kv_tokens, self.spec.max_positions))
+            cid, self._next_context = self._next_context, self._next_context + 1
+            self._contexts[cid] = ctx
+        return Context(cid, ids, ctx.ratio, ctx.report)
+
+    def release_context(self, context_id: int) -> None:
+        with self._lock:
+            self._context(context_id).release()
+            del self._contexts[context_id]
+
+    def has_context(self, context_id: int) -> bool:
+        return context_id in self._contexts
+
+    def _context(self, context_id: int) -> ContextCache:
+        if context_id not in self._contexts:
+            raise KeyError(f"context {context_id} does not exist (never made, or released)")
+        return self._contexts[context_id]
 
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
-               speculate: bool = False, sampling: Sampling = GREEDY) -> TokenStream:
+               speculate: bool = False, sampling: Sampling = GREEDY, context: int | None = None) -> TokenStream:
         """`generate` in a thread of its own, each token handed over as soon as it is chosen."""
         ids = list(prompt_ids)
-        self.check(len(ids), max_new_tokens, ratio, sampling, speculate)
+        self.check(len(ids), max_new_tokens, ratio, sampling, speculate, context)
         stop = threading.Event()
         stream = TokenStream(abort=stop.set)
 
@@ -227,7 +288,7 @@ class SequentialBackend:
         def work() -> None:
             try:
                 with self._lock:
-                    gen = self._generate(ids, max_new_tokens, ratio, speculate, on_token)
+                    gen = self._generate(ids, max_new_tokens, ratio, speculate, on_token, context)
             except _Aborted:
                 stream.put(None)
             except Exception as err:  # the caller sees the failure
@@ -241,10 +302,13 @@ class SequentialBackend:
         return stream
 
     @torch.no_grad()
-    def _generate(self, ids: list[int], max_new_tokens: int, ratio: float, speculate: bool, on_token) -> Generation:
+    def _generate(self, ids: list[int], max_new_tokens: int, ratio: float, speculate: bool, on_token,
+                  context: int | None = None) -> Generation:
         t0 = time.perf_counter()
         if speculate:
             return self._speculative(ids, max_new_tokens, t0)
+        if context is not None:
+            return self._on_context(self._context(context), ids, max_new_tokens, on_token, t0)
         if ratio == 1:
             cache, logits = prefill(self.model, ids)
             kv_tokens, kv_bytes = float(len(ids)), _dense_bytes(cache)
@@ -272,6 +336,24 @@ class SequentialBackend:
         end = time.perf_counter()
         return Generation(out, len(ids), float(ratio), kv_tokens, kv_bytes, pool, end - t0, reason, end - t_read,
                           t_read - t0)
+
+    def _on_context(self, ctx: ContextCache, ids: list[int], max_new_tokens: int, on_token, t0: float) -> Generation:
+        """`ids` read on a fork of the shared context (never read again), then greedy decoding."""
+        fork = ctx.fork()
+        try:
+            with paged_attention(self.model):
+                logits = forward(self.model, fork, torch.tensor([ids], device=self.model.device))[0, -1]
+                t_read = time.perf_counter()
+                out = greedy_decode(self.model, fork, logits, start=ctx.seen + len(ids), max_new_tokens=max_new_tokens,
+                                    stop=self._stop, on_token=on_token)
+            kv_bytes = fork.stats().allocated_bytes
+        finally:
+            fork.reset()
+        end = time.perf_counter()
+        reason = "length" if len(out) == max_new_tokens else "stop"
+        return Generation(out, len(ids), ctx.ratio, ctx.report.kept + len(ids), kv_bytes,
+                          ctx.cache.pool.stats().capacity_bytes, end - t0, reason, end - t_read, t_read - t0,
+                          ctx.report.tokens)
 
     def _speculative(self, ids: list[int], max_new_tokens: int, t0: float) -> Generation:
         from permkv.speculate import Backoff, PromptLookup, speculative_generate
@@ -313,26 +395,48 @@ class EngineBackend:
         self.loop = EngineLoop(self.engine)
 
     def check(self, n_prompt: int, max_new_tokens: int, ratio: float, sampling: Sampling = GREEDY,
-              speculate: bool = False) -> None:
-        check_request(n_prompt, max_new_tokens, ratio, self.config.chunk_tokens, self.max_kv_tokens,
-                      self.spec.max_positions)
+              speculate: bool = False, context: int | None = None) -> None:
+        seen = 0
+        if context is not None:
+            if context not in self.engine.contexts:
+                raise KeyError(f"context {context} does not exist (never made, or released to free its blocks)")
+            seen = self.engine.contexts[context].seen
+        check_request(n_prompt, max_new_tokens, 1 if context is not None else ratio, self.config.chunk_tokens,
+                      self.max_kv_tokens, self.spec.max_positions - seen)
         if speculate:
             raise ValueError("speculate is not available on the engine backend (batched decoding)")
 
-    def _request(self, prompt_ids, max_new_tokens, ratio, sampling: Sampling) -> Request:
-        return Request(list(prompt_ids), max_new_tokens, float(ratio), sampling.temperature, sampling.top_p, sampling.seed)
+    def create_context(self, ids: Sequence[int], ratio: float) -> Context:
+        """Read `ids` in the engine's steps, compressed as the engine's config says, into its pool."""
+        ids = list(ids)
+        check_request(len(ids), 1, ratio, len(ids), self.max_kv_tokens, self.spec.max_positions)
+        stream = self.loop.submit_context(ids, ratio)
+        stream.wait()
+        return Context(stream.id, ids, float(ratio), self.engine.contexts[stream.id].report)
+
+    def has_context(self, context_id: int) -> bool:
+        return context_id in self.engine.contexts
+
+    def release_context(self, context_id: int) -> None:
+        if not self.loop.call(lambda e: e.release_context(context_id)):
+            raise KeyError(f"context {context_id} does not exist (never made, or released)")
+
+    def _request(self, prompt_ids, max_new_tokens, ratio, sampling: Sampling, context: int | None) -> Request:
+        return Request(list(prompt_ids), max_new_tokens, float(ratio), sampling.temperature, sampling.top_p, sampling.seed,
+                       context=context)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
-                 speculate: bool = False, sampling: Sampling = GREEDY) -> Generation:
-        stream = self.stream(prompt_ids, max_new_tokens, ratio, speculate, sampling)
+                 speculate: bool = False, sampling: Sampling = GREEDY, context: int | None = None) -> Generation:
+        stream = self.stream(prompt_ids, max_new_tokens, ratio, speculate, sampling, context)
         for _ in stream:
             pass
         return stream.generation
 
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, ratio: float = 1.0,
-               speculate: bool = False, sampling: Sampling = GREEDY) -> TokenStream:
-        self.check(len(prompt_ids), max_new_tokens, ratio, sampling, speculate)
-        inner = self.loop.submit(self._request(prompt_ids, max_new_tokens, ratio, sampling))
+               speculate: bool = False, sampling: Sampling = GREEDY, context: int | None = None) -> TokenStream:
+        self.check(len(prompt_ids), max_new_tokens, ratio, sampling, speculate, context)
+        shared = self.engine.contexts[context].report.tokens if context is not None else 0
+        inner = self.loop.submit(self._request(prompt_ids, max_new_tokens, ratio, sampling, context))
         stream = TokenStream(abort=lambda: self.loop.abort(inner))
         pool = self.engine.pool.stats().capacity_bytes
 
@@ -350,7 +454,7 @@ class EngineBackend:
                 return
             reason = "length" if r.finish_reason == "length" else "stop"
             stream.put(Generation(list(r.tokens), r.prompt_tokens, float(ratio), r.kv_tokens, r.kv_bytes, pool,
-                                  r.latency, reason, None, r.ttft))
+                                  r.latency, reason, None, r.ttft, shared))
 
         threading.Thread(target=relay, daemon=True).start()
         return stream

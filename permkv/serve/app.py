@@ -6,7 +6,10 @@ refused with a 400 by the sequential one, never ignored. `stream: true` sends Se
 OpenAI's chunk format (`data: {chunk}` ... `data: [DONE]`); a client that goes away aborts its
 request, which gives its KV blocks back. permkv's extra request fields (openai client:
 `extra_body={...}`): `kv_cache_compression_ratio` (x times smaller KV, >= 1; default the server's
-`--ratio`) and `speculative` (lossless prompt-lookup speculation, sequential backend). Each response
+`--ratio`), `speculative` (lossless speculative decoding, sequential backend) and `context_id`.
+Compress once, ask many: `POST /v1/contexts` (`text` or `messages`, `ratio`) reads a context once and
+keeps it compressed (KVzip-style, query-agnostic); a chat request with `context_id` continues it (its
+messages follow the context's), never reading it again; `GET`/`DELETE /v1/contexts/{id}`. Each response
 carries the usual `usage` and a `permkv` object with what the call measured (KV tokens and bytes
 held, achieved ratio, seconds, time to first token). Errors use OpenAI's shape, `{"error": {"message",
 "type", "param", "code"}}`, with a 4xx status for every bad request and 500 only for our own failure.
@@ -71,7 +74,8 @@ class _Request(BaseModel):
     seed: int | None = None
     logprobs: bool | None = None
     kv_cache_compression_ratio: float | None = None  # permkv's extra: x times smaller KV (>= 1)
-    speculative: bool = False  # permkv's extra: lossless prompt-lookup speculation
+    speculative: bool = False  # permkv's extra: lossless speculative decoding (sequential backend, ratio 1)
+    context_id: str | None = None  # permkv's extra: continue a context made by POST /v1/contexts
 
 
 class ChatRequest(_Request):
@@ -80,6 +84,16 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+
+
+class ContextRequest(BaseModel):
+    """POST /v1/contexts: `text` (one user message) or `messages`, read once and compressed `ratio` times."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    text: str | None = None
+    messages: list[Message] | None = None
+    ratio: float | None = None
 
 
 def _text(content) -> str:
@@ -91,18 +105,19 @@ def _text(content) -> str:
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
-def chat_ids(backend: Backend, messages: list[Message]) -> list[int]:
-    """Prompt ids of a conversation: the chat template (instruct models) or plain "role: text" lines.
-    An unknown role is a 400."""
+def chat_ids(backend: Backend, messages: list[Message], answer: bool = True) -> list[int]:
+    """Prompt ids of a conversation: the chat template (instruct models) or plain "role: text" lines;
+    `answer`: end with the assistant's turn (else the conversation so far, a context). An unknown role
+    is a 400."""
     for i, m in enumerate(messages):
         if m.role not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.role!r}", "invalid_value",
                            f"messages[{i}].role")
     turns = [{"role": ROLES[m.role], "content": _text(m.content)} for m in messages]
     if backend.spec.chat:
-        ids = backend.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        ids = backend.tokenizer.apply_chat_template(turns, add_generation_prompt=answer, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
+    text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + ("\nassistant:" if answer else "\n")
     return encode_prompt(backend.tokenizer, backend.spec, text, chat=False)
 
 
@@ -221,6 +236,23 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
         return JSONResponse({"error": dict(message=f"{type(err).__name__}: {err}", type="server_error",
                                            param=None, code="internal_error")}, 500)
 
+    contexts: dict[str, dict] = {}  # "ctx-N" -> the backend's Context and the messages it holds
+
+    def context_of(name: str) -> dict:
+        entry = contexts.get(name)
+        if entry is None:
+            raise APIError(404, f"context {name!r} does not exist", "context_not_found", "context_id")
+        if not backend.has_context(entry["context"].id):
+            contexts.pop(name)
+            raise APIError(404, f"context {name!r} was released to free KV memory; create it again",
+                           "context_not_found", "context_id")
+        return entry
+
+    def context_body(name: str) -> dict:
+        ctx = contexts[name]["context"]
+        return {"id": name, "object": "context", "created": contexts[name]["created"], "model": backend.name,
+                "ratio": ctx.ratio, **ctx.report.as_dict()}
+
     def start(req: _Request, ids: list[int]) -> tuple[TokenStream, int, float]:
         """Check the request and start its generation: (stream, max new tokens, ratio)."""
         if req.model != backend.name:
@@ -230,13 +262,17 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
             raise APIError(400, f"n must be 1, got {req.n}", "invalid_value", "n")
         if req.logprobs:
             raise APIError(400, "logprobs are not supported", "invalid_value", "logprobs")
-        r = ratio if req.kv_cache_compression_ratio is None else req.kv_cache_compression_ratio
+        cid = None if req.context_id is None else context_of(req.context_id)["context"].id
+        default = ratio if cid is None else contexts[req.context_id]["context"].ratio
+        r = default if req.kv_cache_compression_ratio is None else req.kv_cache_compression_ratio
         max_new = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
         sampling = Sampling(req.temperature or 0.0, 1.0 if req.top_p is None else req.top_p, req.seed)
         if sampling.greedy and req.top_p not in (None, 1):
             raise APIError(400, "top_p needs temperature > 0 (temperature 0 is greedy)", "invalid_value", "top_p")
         try:
-            stream = backend.stream(ids, max_new, r, req.speculative, sampling)
+            stream = backend.stream(ids, max_new, r, req.speculative, sampling, cid)
+        except KeyError as err:
+            raise APIError(404, str(err).strip("'\""), "context_not_found", "context_id") from err
         except ContextTooLong as err:
             raise APIError(400, str(err), "context_length_exceeded", "messages") from err
         except ValueError as err:
@@ -276,8 +312,10 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
             metrics.requests.labels("ok" if text.stopped else "aborted").inc()
         return gen
 
-    def usage(n_prompt: int, n_tokens: int) -> dict:
-        return dict(prompt_tokens=n_prompt, completion_tokens=n_tokens, total_tokens=n_prompt + n_tokens)
+    def usage(n_prompt: int, n_tokens: int, shared: int = 0) -> dict:
+        """OpenAI's usage; tokens of a shared context count as prompt tokens served from cache."""
+        out = dict(prompt_tokens=n_prompt + shared, completion_tokens=n_tokens, total_tokens=n_prompt + shared + n_tokens)
+        return out | ({"prompt_tokens_details": {"cached_tokens": shared}} if shared else {})
 
     async def answer(req: _Request, ids: list[int], http: Request, kind: str):
         stream, max_new, r = start(req, ids)
@@ -318,7 +356,7 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
                 reason, stats = ending(outcome(stream, text))
                 end = body(None, reason) | {"permkv": stats}
                 if req.stream_options and req.stream_options.include_usage:
-                    end["usage"] = usage(len(ids), len(text.tokens))
+                    end["usage"] = usage(len(ids), len(text.tokens), shared(stream))
                 yield f"data: {json.dumps(end)}\n\n"
                 yield "data: [DONE]\n\n"
 
@@ -331,7 +369,11 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
             raise APIError(499, "the client closed the request", "client_closed")
         content = text.sent + text.rest()
         reason, stats = ending(outcome(stream, text))
-        return body(content, reason, final=True) | {"usage": usage(len(ids), len(text.tokens)), "permkv": stats}
+        return body(content, reason, final=True) | {"usage": usage(len(ids), len(text.tokens), shared(stream)),
+                                                     "permkv": stats}
+
+    def shared(stream: TokenStream) -> int:
+        return stream.generation.context_tokens if stream.generation is not None else 0
 
     @app.get("/v1/models")
     def models():
@@ -348,10 +390,55 @@ def create_app(backend: Backend, ratio: float = 1.0) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, http: Request):
-        return await answer(req, chat_ids(backend, req.messages), http, "chat")
+        if req.context_id is None:
+            return await answer(req, chat_ids(backend, req.messages), http, "chat")
+        entry = context_of(req.context_id)
+        held = entry["context"].ids
+        full = chat_ids(backend, entry["messages"] + list(req.messages))
+        if full[: len(held)] != held:
+            raise APIError(400, "the chat template renders these messages after the context differently from the "
+                           "context alone; send them without context_id", "invalid_value", "context_id")
+        return await answer(req, full[len(held):], http, "chat")
+
+    @app.post("/v1/contexts")
+    async def create_context(req: ContextRequest):
+        if (req.text is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of text and messages", "invalid_value", "text")
+        if req.model is not None and req.model != backend.name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {backend.name!r}",
+                           "model_not_found", "model")
+        messages = req.messages or [Message(role="user", content=req.text)]
+        ids = chat_ids(backend, messages, answer=False)
+        try:
+            ctx = await anyio.to_thread.run_sync(backend.create_context, ids, ratio if req.ratio is None else req.ratio)
+        except ContextTooLong as err:
+            raise APIError(400, str(err), "context_length_exceeded", "text") from err
+        except ValueError as err:
+            raise APIError(400, str(err), "invalid_value", "ratio" if "ratio" in str(err) else None) from err
+        name = f"ctx-{ctx.id}"
+        contexts[name] = {"context": ctx, "messages": messages, "created": int(time.time())}
+        return context_body(name)
+
+    @app.get("/v1/contexts/{name}")
+    def get_context(name: str):
+        context_of(name)
+        return context_body(name)
+
+    @app.delete("/v1/contexts/{name}")
+    async def delete_context(name: str):
+        entry = context_of(name)
+        try:
+            await anyio.to_thread.run_sync(backend.release_context, entry["context"].id)
+        except ValueError as err:
+            raise APIError(409, str(err), "context_in_use", "context_id") from err
+        contexts.pop(name)
+        return {"id": name, "object": "context", "deleted": True}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, http: Request):
+        if req.context_id is not None:
+            raise APIError(400, "contexts continue chat conversations: use /v1/chat/completions", "invalid_value",
+                           "context_id")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, f"prompt must be one string, got a list of {len(prompts)}", "invalid_value", "prompt")
