@@ -163,11 +163,10 @@ def admit_compressed(model, pool: BlockPool, requests: list[Request], ratio: flo
         cache = PagedCache(pool, model.config)
         try:
             chunked_prefill_and_compress(model, list(r.prompt_ids), ratio, compression, chunk_tokens, cache=cache)
-            for i, layer in enumerate(cache.layers):  # the output tokens' slots, uncompressed
-                zeros = torch.zeros(1, cache.n_kv_heads, r.output_tokens, pool.head_dim, dtype=pool.keys.dtype, device=pool.keys.device)
-                cache.append(i, zeros, zeros)
-                if layer.is_sliding:
-                    cache.trim(i)
+            zeros = torch.zeros(cache.n_kv_heads, r.output_tokens, pool.head_dim, dtype=pool.keys.dtype, device=pool.keys.device)
+            for i in range(len(cache.layers)):  # the output tokens' slots, uncompressed
+                cache.append(i, 0, zeros, zeros)
+                cache.trim(i, 0)
         except CacheFull:
             cache.reset()
             break
