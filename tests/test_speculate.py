@@ -207,31 +207,61 @@ def test_workloads_have_the_asked_number_of_prompts():
     from permkv.experiments.speculative_decoding import WORKLOADS, workload_texts
 
     for w in WORKLOADS:
-        texts = workload_texts(w, 2)
-        assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
-    assert "def dedent" in workload_texts("code_edit", 1)[0]
+        texts = workload_texts(w, 30)
+        assert len(set(texts)) == 30 and all(isinstance(t, str) and t for t in texts)  # a verdict's n, all distinct
+        assert workload_texts(w, 3, seed=1) != workload_texts(w, 3, seed=2)
+    code = workload_texts("code_edit", 1)[0]
+    assert code.startswith("Rename the function `") and "```python\ndef " in code
     with pytest.raises(ValueError, match="workload"):
         workload_texts("poetry", 1)
+    with pytest.raises(ValueError, match="open-ended prompts"):
+        workload_texts("open_ended", 1000)
 
 
-def test_summarize_ratios_on_hand_made_timings():
-    from permkv.experiments.speculative_decoding import Timing, pooled, summarize
+def _timing(workload, prompt, method, seconds, identical=True, **stats):
+    from permkv.experiments.speculative_decoding import Timing
 
-    ts = [
-        Timing("quote", 0, "greedy", 10, 2.0, 1.5, True, {"forward_passes": 10}),
-        Timing("quote", 0, "fast", 10, 1.0, 0.5, True, {"forward_passes": 4, "drafted": 8, "accepted": 6}),
-        Timing("code_edit", 0, "greedy", 20, 2.0, 1.9, True, {"forward_passes": 20}),
-        Timing("code_edit", 0, "fast", 20, 4.0, None, False, {}),
-    ]
-    rows = {(r["workload"], r["method"]): r for r in summarize(ts)}
+    return Timing(workload, prompt, method, 10, seconds, None, identical, stats)
+
+
+def test_speedup_table_on_hand_made_timings():
+    from permkv.experiments.speculative_decoding import speedup_table
+
+    ts = []
+    for p, (g, hf, fast) in enumerate([(2.0, 1.0, 1.0), (4.0, 4.0, 1.0), (3.0, 2.0, 2.0)]):
+        ts += [_timing("quote", p, "greedy", g), _timing("quote", p, "hf", hf),
+               _timing("quote", p, "fast", fast, drafted=8, accepted=6, forward_passes=4)]
+    ts += [_timing("open_ended", 0, "greedy", 1.0), _timing("open_ended", 0, "hf", 1.25),
+           _timing("open_ended", 0, "fast", 1.0, identical=False)]
+    rows = {(r["workload"], r["method"]): r for r in speedup_table(ts, versus="hf")}
     fast = rows["quote", "fast"]
-    assert fast["speedup"] == pytest.approx(2.0)
-    assert fast["decode_speedup"] == pytest.approx((9 / 0.5) / (9 / 1.5))
+    assert fast["speedup"] == pytest.approx(9 / 4)  # pooled: greedy seconds / method seconds
+    assert fast["mean_speedup"] == pytest.approx((2 + 4 + 1.5) / 3) and fast["min_speedup"] == 1.5
+    assert fast["speedup_ci_low"] <= fast["speedup"] <= fast["speedup_ci_high"]
+    assert fast["over_hf"] == pytest.approx(7 / 4)
+    assert fast["minus_hf"] == pytest.approx(((2 - 2) + (4 - 1) + (1.5 - 1.5)) / 3) and fast["faster_than_hf"] == 1
     assert fast["acceptance_rate"] == pytest.approx(0.75) and fast["tokens_per_pass"] == pytest.approx(2.5)
-    assert rows["code_edit", "fast"]["speedup"] == pytest.approx(0.5)
-    assert rows["code_edit", "fast"]["decode_speedup"] is None and not rows["code_edit", "fast"]["all_identical"]
-    grounded = {r["method"]: r for r in pooled(ts)}
-    assert grounded["fast"]["speedup"] == pytest.approx((30 / 5) / (30 / 4))
+    assert rows["quote", "hf"]["slower_prompts"] == 0 and "minus_hf" not in rows["quote", "hf"]
+    assert rows["open_ended", "hf"]["speedup"] == pytest.approx(0.8) and not rows["open_ended", "fast"]["all_identical"]
+    assert rows["grounded", "fast"]["n"] == 3  # open-ended text is not pooled with the grounded workloads
+
+
+def test_claim_metrics_read_the_headline_rows():
+    from permkv.experiments.speculative_decoding import SpeculationConfig, claim_metrics, speedup_table
+
+    cfg = SpeculationConfig(workloads=("quote", "open_ended"))
+    hf, head = cfg.label("hf_lookup"), cfg.label("suffix")
+    ts = []
+    for p in range(3):
+        ts += [_timing("quote", p, "greedy", 3.0), _timing("quote", p, hf, 2.0), _timing("quote", p, head, 1.0 + p / 10)]
+        ts += [_timing("open_ended", p, "greedy", 1.0), _timing("open_ended", p, hf, 1.1), _timing("open_ended", p, head, 1.0)]
+    m = claim_metrics(speedup_table(ts, versus=hf), cfg)
+    assert m["claim.speculative_speedup_grounded"] == pytest.approx(9 / 3.3)
+    assert m["claim.speculative_minus_hf_grounded_ci_low"] > 0
+    assert m["claim.speculative_speedup_open_ended"] == pytest.approx(1.0)
+    assert m["speedup.quote.hf_lookup"] == pytest.approx(1.5) and m["all_identical"] == 1.0
+    with pytest.raises(ValueError, match="methods must include"):
+        SpeculationConfig(methods=("greedy", "suffix"))
 
 
 def test_paged_cache_rolls_back_like_a_fresh_greedy_run(smol):

@@ -1,0 +1,195 @@
+"""SuffixDecoding's draft source (Oliaro et al., arXiv 2411.04975): frequency-scored draft trees from a
+suffix index over the prompt, the output so far and, optionally, earlier outputs.
+
+- `SuffixIndex`: every pattern of up to `max_pattern` tokens of a token list -> where it ended (a suffix
+  tree cut at that depth, kept as a hash of its paths).
+- `SuffixDraft`: the `DraftSource`: match the longest suffix of the text, merge what followed its recent
+  occurrences into a tree weighted by how often each continuation occurred, and verify as much of that
+  tree as the measured verify cost (`VerifyCost`) says pays, or nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from permkv.checks import positive_int
+from permkv.speculate.cost import VerifyCost
+from permkv.speculate.drafts import DraftTree
+
+SEPARATOR = -1  # ends a document in a SuffixIndex; never a token id, so no pattern or continuation crosses it
+
+
+class SuffixIndex:
+    """Where every pattern of up to `max_pattern` tokens of a growing token list occurred.
+
+    A suffix tree cut at depth `max_pattern`, kept as a hash of its paths: `ends[pattern]` lists the
+    position just after each occurrence, oldest first. What followed an occurrence is read from
+    `tokens`, so continuations of any length cost no memory of their own. Appending a token costs
+    O(max_pattern) patterns. Documents added with `add_document` are kept apart by `SEPARATOR`.
+    """
+
+    def __init__(self, max_pattern: int = 16):
+        self.max_pattern = positive_int("max_pattern", max_pattern)
+        self.tokens: list[int] = []
+        self.ends: dict[tuple[int, ...], list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, new) -> None:
+        """Append tokens and register every pattern that ends at each of them."""
+        toks, ends = self.tokens, self.ends
+        for tok in new:
+            toks.append(tok)
+            j = len(toks)
+            for n in range(1, min(self.max_pattern, j) + 1):
+                if toks[j - n] == SEPARATOR:  # the pattern would cross a document boundary
+                    break
+                ends.setdefault(tuple(toks[j - n : j]), []).append(j)
+
+    def add_document(self, ids) -> None:
+        """Append a whole document (e.g. a finished output), closed by a separator."""
+        self.extend(list(ids) + [SEPARATOR])
+
+    def continuations(self, pattern, depth: int, limit: int) -> list[list[int]]:
+        """What followed the `limit` most recent occurrences of `pattern`: up to `depth` tokens each, none empty."""
+        out = []
+        for end in reversed(self.ends.get(tuple(pattern), ())):
+            cont = self.tokens[end : end + depth]
+            if SEPARATOR in cont:
+                cont = cont[: cont.index(SEPARATOR)]
+            if cont:
+                out.append(cont)
+                if len(out) == limit:
+                    break
+        return out
+
+
+def _bucket(match: int) -> int:
+    """Match lengths 1, 2-3, 4-7, 8-15, 16+ -> 1..5: acceptance is learned per bucket."""
+    return min(match, 16).bit_length()
+
+
+@dataclass
+class SuffixDraft:
+    """Draft trees from the prompt, the output so far and `history` (earlier outputs), sized by cost.
+
+    Each step matches the longest suffix of the text (`max_pattern` down to `min_pattern` tokens) that
+    occurred before, and merges what followed its `max_occurrences` most recent occurrences into a tree
+    whose nodes count the occurrences passing through them. A node's chance of acceptance is estimated
+    as p(node) = p(parent) * rate * count(node) / count(parent), where `rate` is this request's running
+    rate at which the model followed a drafted continuation after a match of similar length (Beta
+    `prior`, learned from each verification). Nodes are taken best first; `cost.best_size` cuts the tree
+    where expected tokens per second peak, which is no draft at all when drafts have kept failing: such
+    a step is plain decoding. Without `cost`, every node with p >= `min_prob` is drafted.
+    """
+
+    cost: VerifyCost | None = None  # measured verify cost; None: draft every node with p >= min_prob
+    max_pattern: int = 16  # longest suffix matched
+    min_pattern: int = 1  # shortest suffix matched
+    max_depth: int = 32  # deepest draft below the last accepted token
+    max_nodes: int = 64  # most draft tokens in one tree
+    max_occurrences: int = 16  # recent occurrences of the matched suffix merged into the tree
+    max_width: int | None = None  # most children drafted below one node, most frequent first; 1: a chain
+    min_prob: float = 0.02  # nodes estimated less likely than this are never drafted
+    prior: tuple[float, float] = (1.0, 1.0)  # Beta(accepted, rejected) pseudo-counts of the acceptance rate
+    history: SuffixIndex | None = None  # earlier outputs (shared across requests), searched after the request
+    rates: dict[int, list[float]] = field(default_factory=dict, init=False)  # bucket -> [accepted, rejected]
+
+    def __post_init__(self):
+        for name in ("max_pattern", "min_pattern", "max_depth", "max_nodes", "max_occurrences"):
+            positive_int(name, getattr(self, name))
+        if self.max_width is not None:
+            positive_int("max_width", self.max_width)
+        if self.max_pattern < self.min_pattern:
+            raise ValueError(f"max_pattern must be >= min_pattern ({self.min_pattern}), got {self.max_pattern}")
+        if not 0 <= self.min_prob < 1:
+            raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
+        if len(self.prior) != 2 or min(self.prior) <= 0:
+            raise ValueError(f"prior must be two positive pseudo-counts (accepted, rejected), got {self.prior}")
+        self.start([])
+
+    def start(self, ids: list[int]) -> None:
+        self._index = SuffixIndex(self.max_pattern)
+        self._index.extend(list(ids))
+        self.rates = {}
+        self._pending: tuple[DraftTree, int, int] | None = None  # (tree, len(ids) when proposed, bucket)
+        self._matches: int | None = None
+
+    def rate(self, bucket: int) -> float:
+        """Estimated chance that the model follows a drafted continuation, for a match-length bucket."""
+        acc, rej = self.rates.get(bucket, self.prior)
+        return acc / (acc + rej)
+
+    def get_candidates(self, ids: list[int]) -> DraftTree | None:
+        index = self._index
+        if len(ids) < len(index):
+            raise ValueError("get_candidates: ids shrank since the last call; call start() first")
+        self._learn(ids)
+        index.extend(ids[len(index) :])
+        for m in range(min(self.max_pattern, len(ids)), self.min_pattern - 1, -1):
+            pattern = ids[-m:]
+            conts = index.continuations(pattern, self.max_depth, self.max_occurrences)
+            if self.history is not None:
+                conts += self.history.continuations(pattern, self.max_depth, self.max_occurrences)
+            if conts:
+                break
+        else:
+            return None
+        bucket = _bucket(m)
+        tree, gains = self._best_first(conts, self.rate(bucket))
+        size = self.cost.best_size(gains) if self.cost is not None else len(gains)
+        if size == 0:
+            return None
+        tree = DraftTree(tree.tokens[:size], tree.parents[:size])
+        self._pending = (tree, len(ids), bucket)
+        return tree
+
+    def update(self, num_matches: int) -> None:
+        self._matches = num_matches
+
+    def _best_first(self, conts: list[list[int]], rate: float) -> tuple[DraftTree, list[float]]:
+        """The continuations merged into a counted tree, its nodes ordered best first, with their p."""
+        tokens, counts, children = [], [], {}  # trie of the continuations; node -> children
+        where: dict[tuple[int, int], int] = {}
+        for cont in conts:  # most recent first: ties go to the most recent continuation
+            cur = -1
+            for tok in cont:
+                node = where.get((cur, tok))
+                if node is None:
+                    node = where[(cur, tok)] = len(tokens)
+                    tokens.append(tok)
+                    counts.append(0)
+                    children.setdefault(cur, []).append(node)
+                counts[node] += 1
+                cur = node
+        for node, kids in children.items():  # most frequent first (stable: ties stay most recent first)
+            children[node] = sorted(kids, key=lambda c: -counts[c])[: self.max_width]
+        heap = [(-rate * counts[c] / len(conts), c, -1) for c in children[-1]]
+        heapq.heapify(heap)
+        order, gains, parents, new = [], [], [], {-1: -1}
+        while heap and len(order) < self.max_nodes:
+            neg_p, node, parent = heapq.heappop(heap)
+            if -neg_p < self.min_prob:
+                break
+            new[node] = len(order)
+            order.append(node)
+            gains.append(-neg_p)
+            parents.append(new[parent])
+            for c in children.get(node, ()):
+                heapq.heappush(heap, (neg_p * rate * counts[c] / counts[node], c, node))
+        return DraftTree(tuple(tokens[n] for n in order), tuple(parents)), gains
+
+    def _learn(self, ids: list[int]) -> None:
+        """Count the last verified tree's outcome: one acceptance per accepted node, one rejection if the
+        accepted branch had drafted children the model did not follow."""
+        if self._pending is None or self._matches is None:
+            return
+        tree, at, bucket = self._pending
+        kids, cur = tree.children(), -1
+        for tok in ids[at : at + self._matches]:
+            cur = next(c for c in kids[cur] if tree.tokens[c] == tok)
+        acc, rej = self.rates.get(bucket, self.prior)
+        self.rates[bucket] = [acc + self._matches, rej + (1 if cur in kids else 0)]
+        self._pending, self._matches = None, None
