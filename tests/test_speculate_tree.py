@@ -93,26 +93,31 @@ def test_suffix_draft_builds_a_frequency_ordered_tree():
     assert tree == DraftTree((3, 4, 7, 8, 9), (-1, -1, 1, 0, 0))
 
 
-def test_suffix_draft_prefers_the_longest_match_and_the_history():
-    d = SuffixDraft(max_pattern=3, max_depth=3, min_prob=0.0, history=SuffixIndex(3))
-    d.history.add_document([7, 8, 9, 10])
+def test_suffix_draft_searches_the_history_and_picks_the_best_match():
+    cost = VerifyCost((1, 2, 16, 64), (1.0, 1.5, 2.0, 4.0))
+    d = SuffixDraft(cost=cost, max_pattern=3, max_depth=3, min_prob=0.0, history=SuffixIndex(3))
+    d.history.add_document([7, 8, 9, 10, 11, 12])
     d.start([5, 8, 6])
-    assert d.get_candidates([5, 8, 6, 7, 8]) == DraftTree.chain([9, 10])  # "7 8" only in the history
+    # "8" was followed by 6 7 8 (request) and 9 10 11 (history): two branches of p 1/3, 2/9, 4/27 each;
+    # "7 8" only by 9 10 11: p 2/3, 4/9, 8/27. The sure branch promises more tokens per second.
+    assert d.get_candidates([5, 8, 6, 7, 8]) == DraftTree.chain([9, 10, 11])
     d.start([7, 8, 1, 2, 8])
     assert d.get_candidates([7, 8, 1, 2, 8]).tokens[:1] == (1,)  # "8": the request's own "8 1" ranks first
 
 
 def test_suffix_draft_stops_drafting_when_drafts_keep_failing():
     """Replayed on an output that never continues as the prompt did, drafting stops after a few misses."""
-    cost = VerifyCost.linear(step_s=1.0, per_token_s=0.1)
+    cost = VerifyCost((1, 2, 16, 64), (1.0, 1.5, 2.0, 4.0))  # shaped like this CPU's
     prompt = list(range(1, 61))
     output = prompt[::-1]  # every token occurred, always followed by another one
     got = replay(SuffixDraft(cost=cost), prompt, output)
     assert got.tokens == output and got.stats.accepted == 0
-    assert 0 < len(got.drafts) <= 10  # rate 1 / (2 + misses): no draft pays once it is under 0.1
-    assert got.widths[-40:] == [1] * 40  # plain decoding from then on
+    # Each match-length bucket starts at rate 2/3 and drafts until a miss or two bring it under what
+    # a wider pass costs: a handful of drafts in all, then plain decoding.
+    assert 0 < len(got.drafts) <= 10
+    assert got.widths[-40:] == [1] * 40
     spent = sum(cost(w) for w in got.widths)
-    assert spent <= 1.05 * (len(output) - 1) * cost(1)
+    assert spent <= 1.1 * (len(output) - 1) * cost(1)
 
 
 def test_suffix_draft_copies_long_stretches():
@@ -135,3 +140,70 @@ def test_verify_cost_interpolates_and_picks_the_best_size():
     assert cost.best_size([0.2, 0.1]) == 0  # a token at 1.5 steps for 0.2 expected: plain decoding
     with pytest.raises(ValueError, match="sizes"):
         VerifyCost((2, 4), (1.0, 2.0))
+
+
+# --- tree verification on the real model ----------------------------------------------------------
+
+
+class DecoyTree:
+    """Drafts, at every step, a tree whose first branch is wrong and whose second is greedy's own
+    continuation (known in advance), so that the accepted branch is never already in place in the cache."""
+
+    def __init__(self, prompt_len: int, greedy: list[int], vocab: int):
+        self.n0, self.greedy, self.vocab = prompt_len, greedy, vocab
+
+    def start(self, ids):
+        pass
+
+    def get_candidates(self, ids):
+        truth = self.greedy[len(ids) - self.n0 : len(ids) - self.n0 + 3]
+        if len(truth) < 3:
+            return None
+        decoy = [(t + 1) % self.vocab for t in truth]
+        # 0: decoy, 1: truth0, 2: decoy1 under truth0, 3: truth1 under truth0, 4: truth2 under truth1
+        return DraftTree((decoy[0], truth[0], decoy[1], truth[1], truth[2]), (-1, -1, 1, 1, 3))
+
+    def update(self, num_matches):
+        pass
+
+
+def test_tree_verification_keeps_greedy_tokens_and_cache(smol):
+    model, tok, spec = smol
+    ids = encode_prompt(tok, spec, "Write one sentence about the moon.")
+    ref = greedy_generate_ids(model, ids, 24)
+    got = speculative_generate(model, ids, 24, DecoyTree(len(ids), ref.tokens, model.config.vocab_size))
+    assert got.tokens == ref.tokens
+    assert got.stats.accepted >= 3 * (len(got.drafts) - 1)  # the whole true branch, off the first position
+    assert got.stats.forward_passes < ref.stats.forward_passes / 2
+    assert got.cache.get_seq_length() == ref.cache.get_seq_length() == len(ids) + 24 - 1
+    for a, b in zip(got.cache.layers, ref.cache.layers):  # keys, values: (batch, kv_heads, seq, head_dim)
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(a.values, b.values, atol=1e-3, rtol=1e-3)
+
+
+def test_replay_counts_what_a_real_run_does(smol):
+    """The model-free replay gives the real run's drafts, acceptances and pass widths."""
+    from permkv.experiments.speculative_decoding import workload_texts
+
+    model, tok, spec = smol
+    cost = VerifyCost.linear(step_s=1.0, per_token_s=0.02)
+    ids = encode_prompt(tok, spec, workload_texts("code_edit", 1, seed=3)[0])
+    real = speculative_generate(model, ids, 32, SuffixDraft(cost=cost), tok.eos_token_id)
+    ref = greedy_generate_ids(model, ids, 32, tok.eos_token_id)
+    assert real.tokens == ref.tokens
+    again = replay(SuffixDraft(cost=cost), ids, ref.tokens, tok.eos_token_id)
+    assert again.drafts == real.drafts and again.widths == real.widths
+    assert again.stats.forward_passes == real.stats.forward_passes
+
+
+def test_tree_falls_back_to_its_main_branch_on_a_paged_cache(smol):
+    from permkv.cache import BlockPool, PagedCache, paged_attention
+
+    model, tok, spec = smol
+    ids = encode_prompt(tok, spec, "Write one sentence about the moon.")
+    ref = greedy_generate_ids(model, ids, 16)
+    with paged_attention(model):
+        cache = PagedCache(BlockPool(500, block_size=16, head_dim=spec.head_dim), model.config)
+        got = speculative_generate(model, ids, 16, DecoyTree(len(ids), ref.tokens, model.config.vocab_size), cache=cache)
+    assert got.tokens == ref.tokens
+    assert all(len(d) <= 2 for d, _ in got.drafts)  # the decoy branch (decoy, and nothing below it)

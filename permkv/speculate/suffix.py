@@ -3,9 +3,9 @@ suffix index over the prompt, the output so far and, optionally, earlier outputs
 
 - `SuffixIndex`: every pattern of up to `max_pattern` tokens of a token list -> where it ended (a suffix
   tree cut at that depth, kept as a hash of its paths).
-- `SuffixDraft`: the `DraftSource`: match the longest suffix of the text, merge what followed its recent
-  occurrences into a tree weighted by how often each continuation occurred, and verify as much of that
-  tree as the measured verify cost (`VerifyCost`) says pays, or nothing.
+- `SuffixDraft`: the `DraftSource`: match suffixes of the text, merge what followed their recent
+  occurrences into trees weighted by how often each continuation occurred, and verify as much of the
+  best tree as the measured verify cost (`VerifyCost`) says pays, or nothing.
 """
 
 from __future__ import annotations
@@ -75,14 +75,16 @@ def _bucket(match: int) -> int:
 class SuffixDraft:
     """Draft trees from the prompt, the output so far and `history` (earlier outputs), sized by cost.
 
-    Each step matches the longest suffix of the text (`max_pattern` down to `min_pattern` tokens) that
-    occurred before, and merges what followed its `max_occurrences` most recent occurrences into a tree
-    whose nodes count the occurrences passing through them. A node's chance of acceptance is estimated
-    as p(node) = p(parent) * rate * count(node) / count(parent), where `rate` is this request's running
-    rate at which the model followed a drafted continuation after a match of similar length (Beta
-    `prior`, learned from each verification). Nodes are taken best first; `cost.best_size` cuts the tree
-    where expected tokens per second peak, which is no draft at all when drafts have kept failing: such
-    a step is plain decoding. Without `cost`, every node with p >= `min_prob` is drafted.
+    Each step looks up every suffix of the text of `min_pattern` to `max_pattern` tokens; for each
+    one that occurred before, what followed its `max_occurrences` most recent occurrences is merged
+    into a tree whose nodes count the occurrences passing through them. A node's chance of acceptance
+    is estimated as p(node) = p(parent) * rate * count(node) / count(parent), where `rate` is this
+    request's running rate at which the model followed a drafted continuation after a match of similar
+    length (Beta `prior`, learned from each verification). Nodes are taken best first and
+    `cost.best_size` cuts each tree where expected tokens per second peak; the suffix whose tree
+    promises the most tokens per second is drafted (SuffixDecoding's choice over match lengths). When
+    no tree beats plain decoding, as after drafts have kept failing, there is no draft: the step is
+    plain decoding. Without `cost`, every node with p >= `min_prob` is drafted.
     """
 
     cost: VerifyCost | None = None  # measured verify cost; None: draft every node with p >= min_prob
@@ -93,7 +95,7 @@ class SuffixDraft:
     max_occurrences: int = 16  # recent occurrences of the matched suffix merged into the tree
     max_width: int | None = None  # most children drafted below one node, most frequent first; 1: a chain
     min_prob: float = 0.02  # nodes estimated less likely than this are never drafted
-    prior: tuple[float, float] = (1.0, 1.0)  # Beta(accepted, rejected) pseudo-counts of the acceptance rate
+    prior: tuple[float, float] = (2.0, 1.0)  # Beta(accepted, rejected) pseudo-counts of the acceptance rate
     history: SuffixIndex | None = None  # earlier outputs (shared across requests), searched after the request
     rates: dict[int, list[float]] = field(default_factory=dict, init=False)  # bucket -> [accepted, rejected]
 
@@ -128,22 +130,25 @@ class SuffixDraft:
             raise ValueError("get_candidates: ids shrank since the last call; call start() first")
         self._learn(ids)
         index.extend(ids[len(index) :])
+        best = None  # (expected tokens per second or, without a cost, expected tokens; tree; match length)
         for m in range(min(self.max_pattern, len(ids)), self.min_pattern - 1, -1):
-            pattern = ids[-m:]
-            conts = index.continuations(pattern, self.max_depth, self.max_occurrences)
+            conts = index.continuations(ids[-m:], self.max_depth, self.max_occurrences)
             if self.history is not None:
-                conts += self.history.continuations(pattern, self.max_depth, self.max_occurrences)
-            if conts:
-                break
-        else:
+                conts += self.history.continuations(ids[-m:], self.max_depth, self.max_occurrences)
+            if not conts:
+                continue
+            tree, gains = self._best_first(conts, self.rate(_bucket(m)))
+            size = self.cost.best_size(gains) if self.cost is not None else len(gains)
+            if size == 0:
+                continue
+            expected = 1 + sum(gains[:size])
+            score = expected / self.cost(1 + size) if self.cost is not None else expected
+            if best is None or score > best[0]:
+                best = (score, DraftTree(tree.tokens[:size], tree.parents[:size]), m)
+        if best is None:
             return None
-        bucket = _bucket(m)
-        tree, gains = self._best_first(conts, self.rate(bucket))
-        size = self.cost.best_size(gains) if self.cost is not None else len(gains)
-        if size == 0:
-            return None
-        tree = DraftTree(tree.tokens[:size], tree.parents[:size])
-        self._pending = (tree, len(ids), bucket)
+        _, tree, m = best
+        self._pending = (tree, len(ids), _bucket(m))
         return tree
 
     def update(self, num_matches: int) -> None:
