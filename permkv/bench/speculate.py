@@ -2,7 +2,7 @@
 prompt lookup, permkv's prompt lookup and suffix trees side by side on each workload (defaults: the
 cpu profile's 30 prompts, 128 new tokens, median of 3), speedups with bootstrap CIs, output identity
 checked; JSON to reports/bench/speculate.json. `--batches 1,4,16` adds the verify cost at those batch
-sizes (does speculation pay inside a batched decode step?)."""
+sizes (does speculation pay inside a batched decode step?); `--cost-only` stops after the costs."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from permkv.experiments.speculative_decoding import (
 from permkv.models import load_model
 from permkv.speculate import VerifyCost
 
+BATCH_SIZES = (1, 2, 4, 8, 16)  # tokens fed per sequence in the batched verify-cost measurement
+
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m permkv.bench speculate")
@@ -41,6 +43,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batches", default="", help="also measure the verify cost at these batch sizes, e.g. 1,4,16")
+    ap.add_argument("--cost-only", action="store_true", help="measure the verify cost(s) only, no workloads")
     ap.add_argument("--out", default="reports/bench/speculate.json")
     args = ap.parse_args(argv)
     cfg = SpeculationConfig(model=args.model, workloads=args.workloads.split(","), n_prompts=args.prompts,
@@ -51,8 +54,15 @@ def main(argv: list[str]) -> None:
     model, tok, spec = load_model(cfg.model)
     t0 = time.perf_counter()
     cost = VerifyCost.measure(model, cfg.cost_context, repeats=cfg.cost_repeats)
-    batched = [dict(batch=b, **VerifyCost.measure(model, cfg.cost_context, (1, 2, 4, 8, 16), 3, batch=b).as_dict())
+    batched = [dict(batch=b, **VerifyCost.measure(model, cfg.cost_context, BATCH_SIZES, 3, batch=b).as_dict())
                for b in map(int, filter(None, args.batches.split(",")))]
+    print("verify cost (plain decode steps): " + ", ".join(f"{n}: {cost.relative(n):.2f}" for n in cost.sizes))
+    for b in batched:
+        secs = [b[f"verify_s.{n}"] for n in BATCH_SIZES]
+        print(f"batch {b['batch']:>3}: step {secs[0] * 1000:.0f} ms; " +
+              ", ".join(f"{n} tokens {s / secs[0]:.2f}" for n, s in zip(BATCH_SIZES, secs)))
+    if args.cost_only:
+        return
     prompts = {w: workload_texts(w, cfg.n_prompts, cfg.seed) for w in cfg.workloads}
     timings = compare(model, tok, spec, prompts, cfg.method_configs(), cfg.max_new_tokens, cfg.repeats, cost)
     rows = speedup_table(timings, versus=cfg.label("hf_lookup"))
@@ -70,10 +80,6 @@ def main(argv: list[str]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print("verify cost (plain decode steps): " + ", ".join(f"{n}: {cost.relative(n):.2f}" for n in cost.sizes))
-    for b in batched:
-        secs = [b[f"verify_s.{n}"] for n in (1, 2, 4, 8, 16)]
-        print(f"batch {b['batch']:>3}: " + ", ".join(f"{n} tokens {s / secs[0]:.2f}" for n, s in zip((1, 2, 4, 8, 16), secs)))
     print(f"{'workload':<11} {'method':<22} {'n':>3} {'speedup [95% CI]':>20} {'mean':>6} {'min':>5} "
           f"{'- HF [95% CI]':>20} {'ident':>5} {'acc':>5} {'tok/pass':>8}")
     for r in rows:

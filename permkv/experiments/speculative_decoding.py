@@ -22,7 +22,7 @@ import inspect
 import random
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -349,8 +349,8 @@ def speedup_table(timings: list[Timing], baseline: str = "greedy", versus: str |
     rows = []
     workloads = list(dict.fromkeys(t.workload for t in timings))
     groups = [(w, [t for t in timings if t.workload == w]) for w in workloads]
-    if any(w in pooled for w in workloads):
-        groups.append((pooled_name, [replace(t, workload=pooled_name) for t in timings if t.workload in pooled]))
+    if any(w in pooled for w in workloads):  # prompts stay keyed by their own workload
+        groups.append((pooled_name, [t for t in timings if t.workload in pooled]))
     for name, ts in groups:
         for method in dict.fromkeys(t.method for t in ts):
             if method != baseline:
