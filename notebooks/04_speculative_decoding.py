@@ -50,7 +50,7 @@ from permkv.speculate import SpeculativeDecodingEngine, VerifyCost
 PROFILE = "quick"
 MODEL = "smollm2-135m"
 WORKLOADS = ["code_edit", "quote", "squad_qa", "open_ended"]
-N_PROMPTS = 1  # prompts per workload (a verdict needs >= 30)
+N_PROMPTS = 1  # prompts per workload; a verdict needs 30 or more
 MAX_NEW_TOKENS = 16
 REPEATS = 1  # timing repeats per (prompt, method); the median is kept
 METHODS = ["greedy", "hf_lookup", "lookup", "suffix"]
@@ -120,10 +120,11 @@ table.round(3)
 prompt_rows = pd.DataFrame(per_prompt(timings))
 methods = list(table.method.unique())
 fig_methods, axes = plt.subplots(1, 2, figsize=(12, 4))
-wide = table.pivot(index="workload", columns="method", values="speedup")[methods]
-err_low = wide - table.pivot(index="workload", columns="method", values="speedup_ci_low")[methods]
-err_high = table.pivot(index="workload", columns="method", values="speedup_ci_high")[methods] - wide
-wide.plot.bar(ax=axes[0], yerr=[err_low.T.values, err_high.T.values], capsize=2)
+order = list(table.workload.unique())
+wide = table.pivot(index="workload", columns="method", values="speedup").loc[order, methods]
+err_low = wide - table.pivot(index="workload", columns="method", values="speedup_ci_low").loc[order, methods]
+err_high = table.pivot(index="workload", columns="method", values="speedup_ci_high").loc[order, methods] - wide
+wide.plot.bar(ax=axes[0], yerr=[[err_low[m].values, err_high[m].values] for m in methods], capsize=2)
 axes[0].axhline(1.0, color="k", lw=0.8)
 axes[0].set(ylabel="pooled speedup over plain greedy (x), 95% CI",
             title=f"{cfg.model}, {cfg.max_new_tokens} new tokens, n={cfg.n_prompts} per workload")
@@ -133,7 +134,8 @@ for j, m in enumerate(methods):
     rows = prompt_rows[prompt_rows.method == m]
     for i, w in enumerate(cfg.workloads):
         ys = rows[rows.workload == w].speedup
-        axes[1].scatter([i + (j - len(methods) / 2) * 0.12] * len(ys), ys, s=8, label=m if i == 0 else None)
+        axes[1].scatter([i + (j - len(methods) / 2) * 0.12] * len(ys), ys, s=8, color=f"C{j}",
+                        label=m if i == 0 else None)
 axes[1].axhline(1.0, color="k", lw=0.8)
 axes[1].set(xticks=range(len(cfg.workloads)), xticklabels=cfg.workloads, ylabel="per-prompt speedup (x)",
             title="every prompt")
@@ -166,7 +168,8 @@ replays.round(3)
 
 # %%
 fig_replay, ax = plt.subplots(figsize=(8, 3.5))
-replays.pivot(index="workload", columns="method", values="modelled_decode_speedup").plot.bar(ax=ax)
+replays.pivot(index="workload", columns="method", values="modelled_decode_speedup").loc[
+    list(replays.workload.unique()), list(replays.method.unique())].plot.bar(ax=ax)
 ax.axhline(1.0, color="k", lw=0.8)
 ax.set(ylabel="decode speedup from the verify cost (x)", title="drafters replayed on greedy outputs")
 ax.tick_params(axis="x", rotation=0)
