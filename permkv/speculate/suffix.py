@@ -126,7 +126,7 @@ class SuffixDraft:
         self._index = SuffixIndex(self.max_pattern)
         self._index.extend(list(ids))
         self.rates = {}
-        self._pending: tuple[DraftTree, int, int] | None = None  # (tree, len(ids) when proposed, bucket)
+        self._pending: tuple[DraftTree, int, int] | None = None  # (tree, len(ids) when proposed, match length)
         self._matches: int | None = None
 
     def rate(self, match: int) -> float:
