@@ -278,6 +278,32 @@ def test_speculative_calls_equal_greedy_and_report_a_measured_speedup(backend, s
     assert all(c.greedy_decode_s is not None for c in result.calls)
 
 
+def test_backend_speculates_losslessly_and_drafts_from_earlier_outputs(smol):
+    """`generate(..., speculate=True)`: greedy's tokens; a second request for the same text drafts from the
+    first one's output (the backend's history) and needs fewer forward passes."""
+    from permkv.models import encode_prompt
+    from permkv.speculate import VerifyCost
+
+    model, tok, spec = smol
+    cheap = VerifyCost.linear(step_s=1.0, per_token_s=0.02)  # a hand-made cost: no measurement in the test
+    fast = SequentialBackend(model, tok, spec, verify_cost=cheap)
+    ids = encode_prompt(tok, spec, "Write a short poem about winter birds.")
+    plain = fast.generate(ids, 32)
+    first = fast.generate(ids, 32, speculate=True)
+    second = fast.generate(ids, 32, speculate=True)
+    assert first.tokens == second.tokens == plain.tokens and plain.forward_passes is None
+    assert second.forward_passes < first.forward_passes <= 32
+    assert len(fast._outputs) == 2
+    small = SequentialBackend(model, tok, spec, verify_cost=cheap, history_tokens=40)
+    for _ in range(3):
+        small.generate(ids, 32, speculate=True)
+    assert len(small._outputs) == 1  # the oldest outputs make room: at most 40 tokens kept
+    with pytest.raises(ValueError, match="ratio 1"):
+        fast.generate(ids, 8, ratio=4, speculate=True)
+    with pytest.raises(ValueError, match="history_tokens"):
+        SequentialBackend(model, tok, spec, history_tokens=-1)
+
+
 @pytest.mark.slow
 def test_rlm_through_permkv_serve_with_the_openai_client(backend, smol):
     doc = _needle_doc(smol[1], 400)

@@ -42,6 +42,11 @@ def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     assert claims.verdict(c, 9.0) == "reproduced" and claims.verdict(c, 12.0) == "not reproduced"
     assert claims.verdict(c, None) == "not yet measured"
     assert claims.verdict(c, 9.0, profile="quick") == "smoke run only"
+    with tracking.run("04_speculative_decoding", {"n_prompts": 3}, profile="cpu"):  # speed claims need n >= 30
+        tracking.log_metrics({"claim.speculative_speedup_grounded": 2.5, "all_identical": 1.0})
+    rows = {r["claim"]: r for r in claims.ledger_rows() if r["experiment"] == "04_speculative_decoding"}
+    assert rows["Prompt lookup gives ~2.4x on input-grounded tasks"]["verdict"] == "no verdict (n < 30)"
+    assert rows["Speculation is lossless: the output is greedy's"]["verdict"] == "reproduced"  # no minimum n
 
 
 def test_failed_rerun_hides_older_numbers(tmp_path, monkeypatch):

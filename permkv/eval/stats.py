@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals and quality retention."""
+"""Bootstrap confidence intervals (of a mean, of a ratio of sums) and quality retention."""
 
 from __future__ import annotations
 
@@ -15,6 +15,20 @@ def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0, level: f
     means = arr[rng.integers(0, arr.size, size=(n, arr.size))].mean(axis=1)
     alpha = (1 - level) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def bootstrap_ratio_ci(num: Sequence[float], den: Sequence[float], n: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of sum(num) / sum(den), resampling the pairs together
+    (e.g. greedy and speculative seconds of the same prompts: the pooled speedup)."""
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if a.size == 0 or a.shape != b.shape:
+        raise ValueError(f"bootstrap_ratio_ci needs two equally long non-empty lists, got {a.size} and {b.size}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(n, a.size))
+    ratios = a[idx].sum(axis=1) / b[idx].sum(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
 
 
 def retention(scores: Sequence[float], baseline: Sequence[float]) -> float:

@@ -16,6 +16,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +36,7 @@ from permkv.compress import (
 from permkv.engine import Engine, EngineConfig, EngineLoop, Request
 from permkv.eval import greedy_decode, prefill, stop_ids
 from permkv.models import ModelSpec
+from permkv.speculate import SuffixDraft, SuffixIndex, VerifyCost, speculative_generate
 
 
 class ContextTooLong(ValueError):
@@ -56,6 +58,7 @@ class Generation:
     decode_s: float | None = None  # wall time after the prompt was read
     ttft: float | None = None  # time to the first token
     context_tokens: int = 0  # tokens of a shared compressed context it read from (not computed again)
+    forward_passes: int | None = None  # model calls of a speculative call (prefill included); None: not counted
 
     @property
     def achieved_ratio(self) -> float | None:
@@ -66,7 +69,7 @@ class Generation:
         return dict(prompt_tokens=self.prompt_tokens, ratio=self.ratio, kv_tokens=self.kv_tokens,
                     kv_bytes=self.kv_bytes, kv_pool_bytes=self.kv_pool_bytes, achieved_ratio=self.achieved_ratio,
                     seconds=self.seconds, finish_reason=self.finish_reason, ttft=self.ttft,
-                    context_tokens=self.context_tokens)
+                    context_tokens=self.context_tokens, forward_passes=self.forward_passes)
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,8 @@ class SequentialBackend:
     chunk_tokens: int = 512
     compression: InferenceKVCacheCompression | None = None
     kvzip: bool = False  # score compressed reads by KVzip-style re-reading (query-agnostic, ~2x the reading compute)
+    verify_cost: VerifyCost | None = None  # speculation's verify cost; None: measured on the first speculative call
+    history_tokens: int = 65536  # earlier outputs the speculative drafter also searches (0: none)
 
     def __post_init__(self):
         self.name = self.name or self.spec.name
@@ -213,7 +218,11 @@ class SequentialBackend:
         if self.chunk_tokens < floor:
             raise ValueError(f"chunk_tokens must be >= {floor} (the compressor's protected and observed tokens), "
                              f"got {self.chunk_tokens}")
+        if self.history_tokens < 0:
+            raise ValueError(f"history_tokens must be >= 0, got {self.history_tokens}")
         self._lock = threading.Lock()
+        self._outputs: deque[list[int]] = deque()  # earlier outputs, newest last
+        self._history = SuffixIndex()
         self._stop = stop_ids(self.model, self.tokenizer)
         self._repeat = repeat_prompt_ids(self.tokenizer, self.spec)
         self._reread = self._repeat if self.kvzip else None
@@ -356,18 +365,36 @@ class SequentialBackend:
                           ctx.report.tokens)
 
     def _speculative(self, ids: list[int], max_new_tokens: int, t0: float) -> Generation:
-        from permkv.speculate import Backoff, PromptLookup, speculative_generate
-
-        result = speculative_generate(self.model, ids, max_new_tokens, Backoff(PromptLookup()), sorted(self._stop))
+        """Suffix-tree drafts over the prompt, the output so far and this backend's earlier outputs,
+        sized by the verify cost of this machine (measured once); the tokens are greedy's."""
+        if self.verify_cost is None:
+            self.verify_cost = VerifyCost.measure(self.model, repeats=3)
+        drafter = SuffixDraft(cost=self.verify_cost, history=self._history if self.history_tokens else None)
+        result = speculative_generate(self.model, ids, max_new_tokens, drafter, sorted(self._stop))
         out = result.tokens
         reason = "length"
         for i, token in enumerate(out):
             if token in self._stop:
                 out, reason = out[:i], "stop"
                 break
+        self._remember(out)
         kv = _dense_bytes(result.cache)  # the prompt and the answer but its last token
-        return Generation(out, len(ids), 1.0, float(len(ids)), kv, kv,
-                          time.perf_counter() - t0, reason, decode_s=result.stats.decode_s)
+        return Generation(out, len(ids), 1.0, float(len(ids)), kv, kv, time.perf_counter() - t0, reason,
+                          decode_s=result.stats.decode_s, forward_passes=result.stats.forward_passes)
+
+    def _remember(self, tokens: list[int]) -> None:
+        """Add an output to the drafter's history, dropping the oldest beyond `history_tokens`."""
+        if not self.history_tokens or not tokens:
+            return
+        self._outputs.append(list(tokens))
+        if sum(len(t) + 1 for t in self._outputs) <= self.history_tokens:
+            self._history.add_document(tokens)
+            return
+        while len(self._outputs) > 1 and sum(len(t) + 1 for t in self._outputs) > self.history_tokens:
+            self._outputs.popleft()
+        self._history = SuffixIndex()
+        for t in self._outputs:
+            self._history.add_document(t)
 
 
 class _Aborted(Exception):

@@ -165,7 +165,7 @@ class RecursiveLanguageModel:
     max_depth: int = 3  # scripted: most levels (1 = the context fits one call); repl: most nested rlm_query
     context_chunk_size: int = 4000  # context tokens one call holds in its KV cache (the per-call budget)
     kv_cache_compression_ratio: float = 1.0  # x times smaller KV: a call reads chunk x ratio tokens
-    enable_speculative_decoding: bool = False  # prompt lookup on uncompressed calls, speedup measured vs greedy
+    enable_speculative_decoding: bool = False  # suffix-tree speculation on uncompressed calls, speedup measured vs greedy
     policy: str = "scripted"  # "scripted" or "repl"
     max_calls: int = 256  # most model calls per completion
     max_new_tokens: int = 32  # answer tokens per call (repl root turns: repl_max_new_tokens)

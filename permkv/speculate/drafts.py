@@ -1,5 +1,6 @@
 """Draft sources for speculation, behind `start(ids)`, `get_candidates(ids) -> drafts or None` and
-`update(num_matches)`; `None` means "no draft": the step is plain decoding.
+`update(num_matches)`; `None` means "no draft": the step is plain decoding. Drafts are a list of
+tokens (one chain) or a `DraftTree` (several branches, verified in one pass).
 
 - `PromptLookup` (apoorvumang/prompt-lookup-decoding): match the last n tokens against the prompt and
   the text generated so far, propose the k tokens that followed the most recent match.
@@ -13,17 +14,90 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+@dataclass(frozen=True)
+class DraftTree:
+    """Draft tokens as a tree below the last accepted token (the root, not stored).
+
+    `tokens[i]` is proposed to follow node `parents[i]` (-1: the root); a parent comes before its
+    children (`parents[i] < i`) and siblings hold different tokens, so at most one branch can match the
+    model's choice at each depth. A chain (one branch) has parents -1, 0, 1, ...
+    """
+
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.parents):
+            raise ValueError(f"tokens and parents must have the same length, got {len(self.tokens)} and {len(self.parents)}")
+        seen = set()
+        for i, (tok, parent) in enumerate(zip(self.tokens, self.parents)):
+            if not -1 <= parent < i:
+                raise ValueError(f"parents[{i}] must be in [-1, {i}) (a parent comes first), got {parent}")
+            if (parent, tok) in seen:
+                raise ValueError(f"node {i} repeats token {tok} under parent {parent} (siblings must differ)")
+            seen.add((parent, tok))
+
+    @classmethod
+    def chain(cls, tokens) -> "DraftTree":
+        tokens = tuple(tokens)
+        return cls(tokens, tuple(range(-1, len(tokens) - 1)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def depths(self) -> list[int]:
+        """Depth of each node below the root (the root's children have depth 1)."""
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    def children(self) -> dict[int, list[int]]:
+        """Node -> its children, in order (-1: the root)."""
+        out: dict[int, list[int]] = {}
+        for i, p in enumerate(self.parents):
+            out.setdefault(p, []).append(i)
+        return out
+
+    def pruned(self, max_depth: int) -> "DraftTree":
+        """The nodes at depth <= `max_depth` (renumbered; parents still come first)."""
+        keep = [i for i, d in enumerate(self.depths()) if d <= max_depth]
+        new = {old: j for j, old in enumerate(keep)}
+        return DraftTree(tuple(self.tokens[i] for i in keep),
+                         tuple(-1 if self.parents[i] < 0 else new[self.parents[i]] for i in keep))
+
+    def accept(self, preds: list[int], stop: set[int] = frozenset()) -> list[int]:
+        """The longest branch the model agrees with: node indices from the root down.
+
+        `preds[0]` is the model's greedy token after the root, `preds[1 + i]` after node i. A draft
+        equal to a stop token is never accepted (the model's own token still ends the output there).
+        """
+        kids = self.children()
+        path, cur = [], -1
+        while True:
+            want = preds[cur + 1]
+            nxt = next((c for c in kids.get(cur, ()) if self.tokens[c] == want), None)
+            if nxt is None or want in stop:
+                return path
+            path.append(nxt)
+            cur = nxt
+
+
 class DraftSource(Protocol):
     """Proposes draft tokens; learns from how many of them the model accepted."""
 
     def start(self, ids: list[int]) -> None:
         """Forget the previous call; `ids` is the new prompt."""
 
-    def get_candidates(self, ids: list[int]) -> list[int] | None:
-        """Draft tokens to follow `ids` (the prompt plus accepted tokens), or None for no draft."""
+    def get_candidates(self, ids: list[int]) -> list[int] | DraftTree | None:
+        """Draft tokens (a chain or a tree) to follow `ids` (the prompt plus accepted tokens), or None."""
 
     def update(self, num_matches: int) -> None:
-        """How many of the last drafts the model accepted."""
+        """How many of the last drafts the model accepted (the accepted branch's length for a tree)."""
 
 
 class _NgramIndex:
