@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 
 import pytest
@@ -39,11 +40,29 @@ def test_gemma_essay_perplexity_is_sensible(gemma):
     assert perplexity(model, ids) < 35  # near 22 with a correct tokenizer; a broken one gives hundreds
 
 
-def test_unknown_model_and_bad_arguments():
-    with pytest.raises(ValueError, match="unknown model 'llama-7b'"):
+def test_unknown_model_and_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="bundled name .* got 'llama-7b' \\(no such file or folder\\)"):
         load_model("llama-7b")
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "weights.bin").write_text("")
+    with pytest.raises(ValueError, match="a .gguf file; got"):
+        load_model(tmp_path / "weights.bin")
     with pytest.raises(ValueError, match="attn_implementation"):
         load_model("smollm2-135m", attn_implementation="flash")
+
+
+def test_bundled_specs_come_from_their_configs(smol):
+    """The two bundled models' specs are read from their converted configs and tokenizers, no table."""
+    assert smol[2] == models.get_spec("smollm2-135m") == models.ModelSpec(
+        "smollm2-135m", 30, 9, 3, 64, 8192, None, True, "llama")
+    assert models.get_spec("gemma3-270m") == models.ModelSpec("gemma3-270m", 18, 4, 1, 256, 32768, 512, False, "gemma3_text")
+
+
+def test_spec_of_a_gguf_file_is_read_from_its_header():
+    """A GGUF file's spec, without converting it: SmolLM2's GGUF is the bundled model."""
+    path = models.gguf_path("smollm2-135m")
+    assert models.get_spec(path) == dataclasses.replace(models.get_spec("smollm2-135m"), name=str(path))
 
 
 def test_missing_package_says_how_to_install(monkeypatch):

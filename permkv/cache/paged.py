@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache
 
 from permkv.cache.pool import BlockPool, CacheFull
 from permkv.cache.tables import CacheStats, HeadTable, PagedLayer
+from permkv.models import kv_layout
 
 # Attribute set on the key tensor that `update()` returns, read by the paged attention function.
 # transformers passes attention only the tensors that `Cache.update` returns, so this is the channel
@@ -33,20 +34,13 @@ class PagedCache(Cache):
     """
 
     def __init__(self, pool: BlockPool, config):
-        text = config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        if pool.head_dim != head_dim:
-            raise ValueError(f"pool.head_dim must equal the model's head_dim {head_dim}, got {pool.head_dim}")
-        window = getattr(text, "sliding_window", None)
-        types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-        layers = [
-            PagedLayer(i, text.num_key_value_heads, window if kind == "sliding_attention" else None)
-            for i, kind in enumerate(types)
-        ]
-        super().__init__(layers=layers)
+        layout = kv_layout(config)
+        if pool.head_dim != layout.head_dim:
+            raise ValueError(f"pool.head_dim must equal the model's head_dim {layout.head_dim}, got {pool.head_dim}")
+        super().__init__(layers=[PagedLayer(i, layout.n_kv_heads, window) for i, window in enumerate(layout.windows)])
         self.pool = pool
         self.config = config
-        self.n_kv_heads = text.num_key_value_heads
+        self.n_kv_heads = layout.n_kv_heads
         self.seen: list[int] = []  # real tokens processed per sequence (positions)
         self._pending: int | None = None
 

@@ -20,6 +20,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from permkv.cache.attention import NAME as PAGED
 from permkv.cache.attention import paged_attention_forward
 from permkv.checks import positive_int
+from permkv.models import attention_modules
 
 NAME = "permkv_paged_observed"
 ATTR = "_permkv_recorder"  # attribute an attention module carries while it is observed
@@ -32,6 +33,7 @@ class QueryRecorder:
 
     window: int = 64  # kvpress SnapKV's window; measured on needles in notebook 02 (8 missed the answer)
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    scaling: dict[int, float] = field(default_factory=dict)  # layer -> the attention scale the model used
 
     def __post_init__(self):
         positive_int("window", self.window)
@@ -48,16 +50,13 @@ def _observed_forward(module, query, key, value, attention_mask, *args, **kwargs
     recorder = getattr(module, ATTR, None)
     if recorder is not None:
         recorder.record(module.layer_idx, query)
+        if kwargs.get("scaling") is not None:
+            recorder.scaling[module.layer_idx] = float(kwargs["scaling"])
     return paged_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 AttentionInterface.register(NAME, _observed_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS[PAGED])
-
-
-def attention_modules(model) -> list:
-    """The model's self-attention modules (those with a `layer_idx` and a `q_proj`), in layer order."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
 
 
 @contextmanager

@@ -38,7 +38,8 @@ class EngineConfig:
     chunk_tokens: int = 512  # prompt tokens per prefill forward (the pool needs room for one chunk)
     compress_every: int = 32  # generated tokens between two compressions of a sequence (ratio > 1)
     watermark: float = 0.01  # fraction of the pool kept free at admission for running sequences to grow
-    compression: InferenceKVCacheCompression = field(default_factory=InferenceKVCacheCompression)
+    # the attention scorer: this engine scores prompts and decode steps from observed queries only
+    compression: InferenceKVCacheCompression = field(default_factory=lambda: InferenceKVCacheCompression(scorer="kvcompress"))
 
     def __post_init__(self):
         for name in ("chunk_tokens", "compress_every"):

@@ -42,7 +42,7 @@ from permkv.compress import (
 from permkv.data import MODES, TASKS, Sample, build_task, encode_sample
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line, greedy_decode, stop_ids
 from permkv.experiments.workers import process_pool
-from permkv.models import load_model
+from permkv.models import load_model, model_source
 
 
 # ----- one prefill per sample, both modes -------------------------------------------------------------
@@ -488,7 +488,7 @@ def write_quality_table(per_sample: Sequence[dict], path: str | Path) -> Path:
 class CompressionQualityConfig:
     """Notebook 02's parameters (upper-case names in its `parameters` cell)."""
 
-    model: str = "smollm2-135m"  # permkv.models name
+    model: str = "smollm2-135m"  # a bundled name, a saved folder or a GGUF file (permkv.models.load_model)
     tasks: list = field(default_factory=lambda: ["niah_single"])  # question-answering tasks
     lengths: list = field(default_factory=lambda: [512])  # context tokens
     n_samples: int = 1  # samples per (task, length); every method and ratio answers the same ones
@@ -510,6 +510,8 @@ class CompressionQualityConfig:
     workers: int = 1  # processes answering samples (both modes each), one torch thread each
 
     def __post_init__(self):
+        model_source(self.model)
+        model_source(self.long_model)
         check_methods(self.methods)
         check_methods(self.long_methods)
         if self.headline not in self.methods:

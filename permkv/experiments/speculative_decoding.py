@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
-from permkv.models import encode_prompt
+from permkv.models import encode_prompt, model_source
 from permkv.baselines.hf import hf_generate
 from permkv.data import load_essays, load_squad
 from permkv.speculate import Backoff, PromptLookup, SpecResult, greedy_generate_ids, speculative_generate
@@ -264,7 +264,7 @@ def sweep_methods(ngrams: list[int], ks: list[int], kind: str = "permkv") -> lis
 class SpeculationConfig:
     """Parameters of notebook 04 (names match its parameters cell in lower case)."""
 
-    model: str = "smollm2-135m"
+    model: str = "smollm2-135m"  # a bundled name, a saved folder or a GGUF file (permkv.models.load_model)
     workloads: tuple[str, ...] = WORKLOADS
     n_prompts: int = 1  # prompts per workload
     max_new_tokens: int = 16
@@ -280,6 +280,7 @@ class SpeculationConfig:
     seed: int = 0
 
     def __post_init__(self):
+        model_source(self.model)
         for name in ("workloads", "sweep_workloads", "sweep_ngrams", "sweep_ks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         bad = [w for w in self.workloads + self.sweep_workloads if w not in WORKLOADS]

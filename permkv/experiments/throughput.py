@@ -33,12 +33,12 @@ from permkv.data import build_task, encode_sample
 from permkv.engine import Engine, EngineConfig, Request
 from permkv.engine.runner import ModelRunner
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line
-from permkv.models import get_spec
+from permkv.models import kv_layout, model_source
 
 
 @dataclass
 class ThroughputConfig:
-    model: str = "smollm2-135m"
+    model: str = "smollm2-135m"  # a bundled name, a saved folder or a GGUF file (permkv.models.load_model)
     dtype: str = "float32"  # model and KV pool dtype: "float32" (CPU) or "bfloat16" (GPU)
     n_requests: int = 24  # SQuAD questions among distractor paragraphs (anchor: 256 prompts)
     prompt_range: list[int] = field(default_factory=lambda: [256, 1024])  # prompt tokens, uniform (anchor: 500-6000)
@@ -56,7 +56,7 @@ class ThroughputConfig:
     seed: int = 0
 
     def __post_init__(self):
-        get_spec(self.model)
+        model_source(self.model)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         lo, hi = self.prompt_range
@@ -95,8 +95,7 @@ def make_requests(tokenizer, spec, cfg: ThroughputConfig) -> list[QARequest]:
 def pool_blocks(model, requests: list[QARequest], cfg: ThroughputConfig) -> int:
     """Blocks of a pool holding `pool_requests` average requests (prompt + output) uncompressed."""
     mean = statistics.mean(len(r.prompt_ids) for r in requests) + cfg.output_tokens
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = kv_layout(model.config).head_dim
     probe = PagedCache(BlockPool(1, cfg.block_size, head_dim), model.config)
     return math.ceil(cfg.pool_requests * probe.blocks_needed(math.ceil(mean)))
 
@@ -110,8 +109,7 @@ def score(tokenizer, tokens: list[int], answers: list[str], stop: set[int]) -> f
 def run_engine(model, requests: list[QARequest], ratio: float, blocks: int, cfg: ThroughputConfig,
                progress: bool = False) -> tuple[dict, list[list[int]]]:
     """All requests through a fresh engine on a pool of `blocks` blocks; (row of stats, tokens per request)."""
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = kv_layout(model.config).head_dim
     pool = BlockPool(blocks, cfg.block_size, head_dim, dtype=model.dtype, device=model.device)
     engine = Engine(model, pool, EngineConfig(chunk_tokens=cfg.chunk_tokens, compress_every=cfg.compress_every), stop=set())
     results = engine.generate([Request(r.prompt_ids, cfg.output_tokens, ratio) for r in requests], progress=progress)
@@ -208,8 +206,7 @@ def decode_cost(model, requests: list[QARequest], cfg: ThroughputConfig, steps: 
 
     A real prompt (the requests' token ids laid end to end) is prefilled once to each length and
     copied into `batch` sequences with their own blocks; then `steps` decode steps are timed."""
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = kv_layout(model.config).head_dim
     stream = [t for r in requests for t in r.prompt_ids]
     runner = ModelRunner(model, EngineConfig().compression, cfg.chunk_tokens)
     points = [(b, n) for n in cfg.cost_tokens for b in cfg.cost_batches if b * n <= cfg.cost_max_tokens]

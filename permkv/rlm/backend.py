@@ -131,15 +131,15 @@ class SequentialBackend:
         self.max_kv_tokens = self.max_kv_tokens or self.spec.max_positions
         if self.max_kv_tokens < 1:
             raise ValueError(f"max_kv_tokens must be >= 1, got {self.max_kv_tokens}")
-        # KVzip's scores are attention maxima, comparable across heads: one global top-k (notebook 02's best)
-        self.compression = self.compression or InferenceKVCacheCompression(allocator="global" if self.kvzip else "uniform")
+        # kvzip: re-reading with one global top-k (notebook 02's best); else KV-Compress's attention score
+        self.compression = self.compression or InferenceKVCacheCompression(scorer="kvzip" if self.kvzip else "kvcompress")
         floor = max(self.compression.observe, self.compression.window + self.compression.sinks)
         if self.chunk_tokens < floor:
             raise ValueError(f"chunk_tokens must be >= {floor} (the compressor's protected and observed tokens), "
                              f"got {self.chunk_tokens}")
         self._lock = threading.Lock()
         self._stop = stop_ids(self.model, self.tokenizer)
-        self._reread = repeat_prompt_ids(self.tokenizer, self.spec) if self.kvzip else None
+        self._reread = repeat_prompt_ids(self.tokenizer, self.spec) if self.compression.rereads else None
 
     def check(self, n_prompt: int, max_new_tokens: int, ratio: float) -> None:
         check_request(n_prompt, max_new_tokens, ratio, self.chunk_tokens, self.max_kv_tokens, self.spec.max_positions)
