@@ -71,7 +71,7 @@ def test_compressor_takes_given_scores(smol, prefilled):
 
     fork = fork_sequence(cache, model.config)
     given = {i: torch.arange(len(ids), 0, -1, dtype=torch.float).expand(1, spec.n_kv_heads, len(ids)) for i in range(spec.n_layers)}
-    report = InferenceKVCacheCompression(window=0, sinks=0).compressor().compress(fork, 4, scores=given)  # oldest score highest
+    report = InferenceKVCacheCompression(allocator="uniform", window=0, sinks=0).compressor().compress(fork, 4, scores=given)  # oldest score highest
     keys, _, _, lengths = fork.gather(0)
     assert lengths.tolist() == [[75] * spec.n_kv_heads]
     assert torch.equal(keys[0, :, :75], cache.gather(0)[0][0, :, :75])

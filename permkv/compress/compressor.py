@@ -90,7 +90,7 @@ class Compressor:
         most recent tokens, up to an equal share of the budget.
         """
         ratio = check_ratio(ratio)
-        if scores is None and rereads(self.scorer):
+        if scores is None and rereads(self.scorer) and ratio > 1:
             raise ValueError(f"{type(self.scorer).__name__} scores by re-reading the context with the model: pass its "
                              "scores= (permkv.compress.kvzip_scores / last_chunk_scores), or use prefill_and_compress")
         if scores is None and getattr(self.scorer, "needs_queries", False) and not queries:

@@ -49,7 +49,7 @@ def prefill_and_compress(model, prefix: list[int], ratio: float, compression: In
     """
     ratio = check_ratio(ratio)
     compression = InferenceKVCacheCompression() if compression is None else compression
-    reread = compression.reread_ids(tokenizer, reread)
+    reread = compression.reread_ids(tokenizer, reread) if ratio > 1 else None  # ratio 1 keeps all: no re-read
     if cache is not None and cache.num_sequences:
         raise ValueError("cache must be empty")
     room = _reread_room(reread, min(len(prefix), KVZIP_CHUNK))
@@ -78,7 +78,7 @@ def chunked_prefill_and_compress(model, prefix: list[int], ratio: float,
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < need:
         raise ValueError(f"chunk_tokens must be an int >= the protected tokens and the observation window ({need}), "
                          f"got {chunk_tokens!r}")
-    reread = compression.reread_ids(tokenizer, reread)
+    reread = compression.reread_ids(tokenizer, reread) if ratio > 1 else None  # ratio 1 keeps all: no re-read
     if chunk_tokens >= len(prefix):
         return prefill_and_compress(model, prefix, ratio, compression, extra_tokens, cache, reread)
     if cache is not None and cache.num_sequences:

@@ -180,12 +180,12 @@ class PermkvKVzip:
     kind = "permkv"
 
     def setting(self) -> dict:
-        """Quality-table key: scorer "kvzip", no observed queries (`prefill_and_compress(..., reread=...)`)."""
+        """Quality-table key: scorer "kvzip", no observed queries (`InferenceKVCacheCompression.setting()`)."""
         return dict(scorer=KVZIP_SCORER, allocator=self.allocator, observe=0)
 
     def answer(self, model, tokenizer, pre: Prefilled, ratio: float, max_new_tokens: int):
         scores = pre.kvzip(model, pre.repeat_prompt, self.chunk_tokens)
-        compressor = InferenceKVCacheCompression(allocator=self.allocator).compressor()
+        compressor = InferenceKVCacheCompression(KVZIP_SCORER, self.allocator).compressor()
         return answer_on_fork(model, tokenizer, pre, max_new_tokens, lambda fork: compressor.compress(fork, ratio, scores=scores))
 
 
@@ -458,7 +458,7 @@ def claim_metrics(per_sample: Sequence[dict], headline: str, ratios: Sequence[fl
     return metrics
 
 
-# ----- the measured-quality table read by compress_auto ---------------------------------------------
+# ----- the measured-quality table (QualityTable.load) ----------------------------------------------
 def quality_table(per_sample: Sequence[dict]) -> list[dict]:
     """Pooled retention per (model, mode, ratio) of every permkv method, with its compression settings
     (scorer, allocator, observe; KVzip-style re-reading: scorer "kvzip", observe 0), CI, n and tasks:
@@ -476,7 +476,7 @@ def quality_table(per_sample: Sequence[dict]) -> list[dict]:
 
 
 def write_quality_table(per_sample: Sequence[dict], path: str | Path) -> Path:
-    """Write `quality_table(per_sample)` as JSON to `path` (the file `compress_auto` is pointed at)."""
+    """Write `quality_table(per_sample)` as JSON to `path` (the file `QualityTable.load` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(quality_table(per_sample), indent=1, default=float))
