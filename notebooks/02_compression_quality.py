@@ -54,7 +54,7 @@ from permkv.models import load_model
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 TASKS = ["niah_single"]  # question-answering tasks of permkv.data.TASKS
 LENGTHS = [512]  # context tokens
 N_SAMPLES = 1  # samples per (task, length); every method and ratio answers the same ones

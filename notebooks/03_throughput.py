@@ -50,7 +50,7 @@ from permkv.models import load_model
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 DTYPE = "float32"  # "bfloat16" on a GPU
 N_REQUESTS = 3  # SQuAD questions among distractors (anchor: 256)
 PROMPT_RANGE = [128, 256]  # prompt tokens, uniform per request (anchor: 500-6000)

@@ -45,7 +45,7 @@ from permkv.speculate import SpeculativeDecodingEngine
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 WORKLOADS = ["code_edit", "quote", "squad_qa", "open_ended"]
 N_PROMPTS = 1  # prompts per workload
 MAX_NEW_TOKENS = 16
