@@ -23,6 +23,7 @@ from permkv.cache import PagedCache
 from permkv.checks import check_ratio, positive_int
 from permkv.compress.allocators import ALLOCATORS, UniformAllocator
 from permkv.compress.estimate import KVZIP_SCORER, MeasuredQuality, QualityEstimate
+from permkv.compress.kvzip import repeat_prompt_ids
 from permkv.compress.scorers import KVCompressScore, get_scorer, rereads
 
 
@@ -188,8 +189,6 @@ class InferenceKVCacheCompression:
     def reread_ids(self, tokenizer=None, reread: Sequence[int] | None = None) -> list[int] | None:
         """The re-reading prompt of a re-reading scorer: `reread` if given, else KVzip's request built from
         `tokenizer` (`repeat_prompt_ids`); None for attention scorers, which must not be given one."""
-        from permkv.compress.kvzip import repeat_prompt_ids
-
         if not self.rereads:
             if reread is not None:
                 raise ValueError(f"reread is the re-reading prompt of scorer {KVZIP_SCORER!r}; scorer is {self.scorer!r}")
