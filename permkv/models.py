@@ -95,7 +95,7 @@ def kv_layout(config) -> KVLayout:
     head_dim = _field(text, "head_dim")
     head_dim = _one(head_dim if head_dim is not None else text.hidden_size // n_heads, "head_dim", kind)
     v_dim = _field(text, "v_head_dim")
-    if v_dim is not None and v_dim != head_dim or _field(text, "kv_lora_rank") is not None:
+    if (v_dim is not None and v_dim != head_dim) or _field(text, "kv_lora_rank") is not None:
         raise UnsupportedModel(f"{kind}: keys and values have different widths (multi-head latent attention); "
                                "permkv's block pool stores both with one head_dim")
     if getattr(text, "num_kv_shared_layers", 0):
