@@ -157,7 +157,7 @@ def test_compressed_request_matches_the_compress_package_alone(setup):
     """Before its first decode-time compression a request's tokens are those of
     `permkv.compress.prefill_and_compress` + the one greedy loop on its own cache."""
     model, spec, prompts, stop = setup
-    compression = InferenceKVCacheCompression()
+    compression = InferenceKVCacheCompression("kvcompress")  # the engine scores with attention
     want = []
     for ids in prompts:
         cache, logits, _ = prefill_and_compress(model, ids, 2, compression)
