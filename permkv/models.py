@@ -80,7 +80,7 @@ def _one(value, what: str, model_type: str) -> int:
 def kv_layout(config) -> KVLayout:
     """The KV layout of a transformers config (a model's `config`, or a multimodal one's text part).
 
-    Key/value heads: `num_key_value_heads`, else `num_kv_heads` (Falcon), else 1 for multi-query models,
+    Key/value heads: 1 for multi-query models, else `num_key_value_heads`, else `num_kv_heads` (Falcon),
     else every query head (GPT-NeoX, GPT-2: no grouped-query fields). `head_dim`: the config's own, else
     hidden_size / heads. Sliding layers: `layer_types`, else every layer when the config sets
     `sliding_window` (Mistral-7B-v0.1), as transformers' DynamicCache builds them.
@@ -90,8 +90,10 @@ def kv_layout(config) -> KVLayout:
     kind = getattr(text, "model_type", type(text).__name__)
     n_heads = _one(_field(text, "num_attention_heads", "n_head"), "num_attention_heads", kind)
     kv = _field(text, "num_key_value_heads", "num_kv_heads")
-    if kv is None:
-        kv = 1 if getattr(text, "multi_query", False) else n_heads
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv = 1  # multi-query attention (Falcon-7B, StarCoder): one KV head
+    elif kv is None:
+        kv = n_heads
     head_dim = _field(text, "head_dim")
     head_dim = _one(head_dim if head_dim is not None else text.hidden_size // n_heads, "head_dim", kind)
     v_dim = _field(text, "v_head_dim")

