@@ -31,7 +31,7 @@ from permkv.models import load_model
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODELS = ["smollm2-135m"]  # any of permkv.models.MODELS
+MODELS = ["smollm2-135m"]  # bundled names, saved Hugging Face folders or .gguf files (permkv.models.load_model)
 TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "squad", "hotpot", "perplexity"]
 LENGTHS = {"smollm2-135m": [512], "gemma3-270m": [512]}  # context tokens per model
 N_SAMPLES = 2  # samples per (model, task, length)

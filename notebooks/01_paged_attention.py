@@ -44,7 +44,7 @@ from permkv.models import load_model
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 N_PROMPTS = 20  # prompts per task (SQuAD and HotpotQA)
 OUTPUT_RANGE = [16, 512]  # output tokens per request, uniform
 POOL_GIB = 1.0  # KV memory for both allocators

@@ -54,7 +54,7 @@ from permkv.models import load_model
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 TASKS = ["niah_single"]  # question-answering tasks of permkv.data.TASKS
 LENGTHS = [512]  # context tokens
 N_SAMPLES = 1  # samples per (task, length); every method and ratio answers the same ones
@@ -189,9 +189,10 @@ pd.DataFrame(versus).round(3)
 
 # %% [markdown]
 # ## The measured-quality table
-# `InferenceKVCacheCompression(quality_table=..., model=..., mode=...)` reads this file: its
-# `compress_auto` reports the retention measured here (n, CI, tasks) for its model, setting and ratio, or
-# None, and picks the largest measured ratio for a quality floor (both models' permkv methods are in it).
+# A user loads this file once, `QualityTable.load(path).measured(model, mode)`, and hands it to
+# `InferenceKVCacheCompression(quality=...)`: its reports carry the retention measured here (n, CI, tasks)
+# for their setting and ratio, or None, and `compress_auto` picks the largest measured ratio for a quality
+# floor (both models' permkv methods are in it).
 
 # %%
 folder = tracking.out_dir(PROFILE, "02_compression_quality")

@@ -54,7 +54,7 @@ from permkv.models import load_model
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 DTYPE = "float32"  # "bfloat16" on a GPU
 TASK = "niah_single"
 N_REQUESTS = 3  # needle prompts (anchor: 256)

@@ -48,7 +48,7 @@ from permkv.speculate import SpeculativeDecodingEngine, VerifyCost
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 WORKLOADS = ["code_edit", "quote", "squad_qa", "open_ended"]
 N_PROMPTS = 1  # prompts per workload; a verdict needs 30 or more
 MAX_NEW_TOKENS = 16

@@ -48,7 +48,7 @@ from permkv.models import load_model
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 TASKS = ["niah_single"]
 DOC_TOKENS = 800
 CONTEXT_CHUNK_SIZE = 200

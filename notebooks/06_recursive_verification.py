@@ -38,7 +38,7 @@ from permkv.models import load_model
 
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 SIZES = [6]  # candidate list lengths (words); kept where the full cache reaches MIN_FULL_ACCURACY
 N_SIZE_PROBE = 1  # instances per size for that full-cache probe
 METRIC = "recall"  # "recall": in-order fraction of the list; "exact": the whole list right

@@ -20,6 +20,7 @@ from permkv.compress import (
     prefill_and_compress,
     repeat_prompt_ids,
 )
+from permkv.compress.scorers import rereads
 from permkv.data import heldout_essays
 
 
@@ -33,7 +34,12 @@ def test_scorers_shapes_and_registry():
     keys, values = torch.randn(1, 3, 50, 64), torch.randn(1, 3, 50, 64)
     queries = torch.randn(1, 9, 8, 64)
     for name in SCORERS:
-        assert get_scorer(name).score(keys, values, queries).shape == (1, 3, 50), name
+        scorer = get_scorer(name)
+        if rereads(scorer):  # scored by running the model (test_kvzip.py), not from the cache
+            assert not hasattr(scorer, "score") and not scorer.needs_queries, name
+            continue
+        assert scorer.score(keys, values, queries).shape == (1, 3, 50), name
+    assert [n for n in SCORERS if rereads(get_scorer(n))] == ["kvzip"]
 
 
 def test_kvcompress_score_matches_hand_reference():
@@ -70,7 +76,7 @@ def test_adaptive_gives_more_to_spread_head():
 @pytest.mark.parametrize("ratio", [4, 8])
 def test_bytes_drop_to_one_over_ratio(smol, prefix, allocator, ratio):
     model, _, spec = smol
-    cache, _, report = prefill_and_compress(model, prefix, ratio, InferenceKVCacheCompression(allocator=allocator))
+    cache, _, report = prefill_and_compress(model, prefix, ratio, InferenceKVCacheCompression("kvcompress", allocator))
     stats = cache.stats()
     heads = spec.n_layers * spec.n_kv_heads
     assert report.original_bytes == heads * -(-len(prefix) // 16) * stats.bytes_per_block
@@ -90,7 +96,7 @@ def test_protected_and_sink_tokens_survive(smol, prefix):
         forward(model, cache, torch.tensor([prefix]))
     assert recorder.queries[0].shape == (1, spec.n_heads, 64, spec.head_dim)
     before = [cache.gather(i)[0][0, :, : len(prefix)].clone() for i in range(spec.n_layers)]
-    InferenceKVCacheCompression(allocator="layer").compress_auto(cache, 8, recorder.queries)
+    InferenceKVCacheCompression("kvcompress", "layer").compress_auto(cache, 8, recorder.queries)
     for i in range(spec.n_layers):
         keys, _, _, lengths = cache.gather(i)
         for h in range(spec.n_kv_heads):
@@ -110,7 +116,7 @@ def test_compressing_a_fork_leaves_the_original_whole(smol, prefix):
     free, before = cache.pool.num_free, [cache.gather(i)[0][0, :, : len(prefix)].clone() for i in range(spec.n_layers)]
     fork = fork_sequence(cache, model.config)
     assert cache.pool.num_free == free  # shares everything
-    report = InferenceKVCacheCompression().compress_auto(fork, 8, recorder.queries)
+    report = InferenceKVCacheCompression("kvcompress").compress_auto(fork, 8, recorder.queries)
     assert report.achieved_ratio == pytest.approx(8, rel=0.1)
     assert all(n == len(prefix) for row in cache.stats().lengths[0] for n in row)
     for i in range(spec.n_layers):
@@ -126,7 +132,7 @@ def test_ratio_means_tokens_seen_over_kept(smol, prefix):
     cache = paged_cache_for(model, len(prefix))
     with observing(model) as recorder, torch.no_grad():
         forward(model, cache, torch.tensor([prefix]))
-    compression = InferenceKVCacheCompression()
+    compression = InferenceKVCacheCompression("kvcompress")
     heads = spec.n_layers * spec.n_kv_heads
     first = sum(map(sum, compression.compress_auto(cache, 4, recorder.queries).kept))
     assert first == round(heads * len(prefix) / 4)
@@ -151,7 +157,7 @@ def test_chunked_prefill_holds_about_one_over_ratio(smol, prefix):
     """Reading 600 tokens in chunks of 128 at 4x: the pool never had room for the whole prefix, and
     the final cache is 1/4 of it within one block per head; heads end at different lengths."""
     model, _, spec = smol
-    cache, logits, report = chunked_prefill_and_compress(model, prefix, 4, InferenceKVCacheCompression(allocator="global"), 128)
+    cache, logits, report = chunked_prefill_and_compress(model, prefix, 4, InferenceKVCacheCompression("kvcompress", "global"), 128)
     heads = spec.n_layers * spec.n_kv_heads
     full_blocks = heads * -(-len(prefix) // 16)
     assert cache.pool.num_blocks < 0.65 * full_blocks  # 600 / 4 + 128 + 64 spare tokens per head
@@ -163,9 +169,9 @@ def test_chunked_prefill_holds_about_one_over_ratio(smol, prefix):
 
 
 def test_chunked_prefill_at_ratio_one_matches_one_pass(smol, prefix):
-    model, _, _ = smol
-    _, want, _ = prefill_and_compress(model, prefix, 1, InferenceKVCacheCompression())
-    cache, got, report = chunked_prefill_and_compress(model, prefix, 1, InferenceKVCacheCompression(), 100)
+    model, tok, _ = smol
+    _, want, _ = prefill_and_compress(model, prefix, 1, tokenizer=tok)
+    cache, got, report = chunked_prefill_and_compress(model, prefix, 1, chunk_tokens=100, tokenizer=tok)
     assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
     assert report.achieved_ratio == 1.0
 
@@ -183,12 +189,18 @@ def test_clear_errors(smol, prefix):
     with pytest.raises(ValueError, match="observe must be"):
         InferenceKVCacheCompression(observe=0).compressor()
     with pytest.raises(ValueError, match="at least one token per head"):
-        prefill_and_compress(model, prefix[:100], 1000, InferenceKVCacheCompression())
+        prefill_and_compress(model, prefix[:100], 1000, InferenceKVCacheCompression("kvcompress"))
     cache = paged_cache_for(model, 100)
     with torch.no_grad(), paged_attention(model):
         forward(model, cache, torch.tensor([prefix[:100]]))
     with pytest.raises(ValueError, match="needs queries"):
+        InferenceKVCacheCompression("kvcompress").compress_auto(cache, 2)
+    with pytest.raises(ValueError, match="scores by re-reading the context"):
         InferenceKVCacheCompression().compress_auto(cache, 2)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        prefill_and_compress(model, prefix, 4)
+    with pytest.raises(ValueError, match="reread is the re-reading prompt"):
+        prefill_and_compress(model, prefix, 4, InferenceKVCacheCompression("snapkv"), reread=[1, 2])
 
 
 def test_gemma_compresses_global_layers_only(gemma):
@@ -198,7 +210,7 @@ def test_gemma_compresses_global_layers_only(gemma):
     prefix = tok(heldout_essays()[:6000], add_special_tokens=False).input_ids[:700]
     reread = repeat_prompt_ids(tok, spec)
     for chunk, kvzip in ((None, False), (256, False), (256, True)):  # KVzip-style scores: global layers only
-        compression = InferenceKVCacheCompression(allocator="global")
+        compression = InferenceKVCacheCompression("kvzip" if kvzip else "kvcompress", "global")
         cache, _, report = (prefill_and_compress(model, prefix, 4, compression) if chunk is None else
                             chunked_prefill_and_compress(model, prefix, 4, compression, chunk,
                                                          reread=reread if kvzip else None))

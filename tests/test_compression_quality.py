@@ -1,6 +1,6 @@
 """Notebook 02's experiment module: one prefill per sample serves every method, the full-cache answer
-is notebook 00's, statistics and claim metrics on small inputs, the measured-quality table that
-compress_auto reads."""
+is notebook 00's, statistics and claim metrics on small inputs, the measured-quality table that a user loads once
+and hands to InferenceKVCacheCompression."""
 
 import json
 
@@ -15,7 +15,6 @@ from permkv.compress import (
     observing,
     paged_cache_for,
     prefill_and_compress,
-    repeat_prompt_ids,
 )
 from permkv.data import build_task, encode_sample
 from permkv.experiments import compression_quality as cq
@@ -120,19 +119,24 @@ def test_claim_metrics_on_a_small_input():
 
 
 def test_quality_table_feeds_compress_auto(smol, tmp_path):
-    """The table 02 writes gives compress_auto a measured estimate (n, CI, tasks) at a measured ratio,
-    None elsewhere, and picks the largest ratio whose CI stays above a floor."""
+    """The table 02 writes, loaded once, gives compress_auto a measured estimate (n, CI, tasks) at a
+    measured ratio, None elsewhere, and picks the largest ratio whose CI stays above a floor; nothing is
+    read from the file after loading (it is deleted before compressing)."""
     rows = [dict(r, ratio=2.0, score=r["full_score"]) for r in per_sample_rows()]  # 2x: as the full cache
     rows += [dict(r, score=float(r["sample"] == 0)) for r in per_sample_rows()]  # 8x: loses sample 1 of each task
     rows = [dict(r, model="smollm2-135m") for r in rows]
     path = cq.write_quality_table(rows, tmp_path / "quality.json")
     table = QualityTable.load(path)
-    est = table.estimate("smollm2-135m", "query_aware", 8, "kvcompress", "uniform", 64)
+    measured = table.measured("smollm2-135m", "query_aware")
+    est = measured.estimate(8, "kvcompress", "uniform", 64)
     assert est.retention == pytest.approx(0.5) and est.n == 6 and est.tasks == ("a", "b") and est.ci_low < 0.99
-    assert table.estimate("smollm2-135m", "query_aware", 4, "kvcompress", "uniform", 64) is None
-    assert table.estimate("smollm2-135m", "query_agnostic", 8, "kvcompress", "uniform", 64) is None
+    assert est.source == str(path) and est.model == "smollm2-135m" and est.mode == "query_aware"
+    assert measured.estimate(4, "kvcompress", "uniform", 64) is None
+    with pytest.raises(ValueError, match="'query_agnostic' was not measured"):
+        table.measured("smollm2-135m", "query_agnostic")
     model, tok, _ = smol
-    compression = InferenceKVCacheCompression(quality_table=str(path), model="smollm2-135m")
+    path.unlink()  # the loaded rows are plain data: no file is read per call
+    compression = InferenceKVCacheCompression("kvcompress", quality=measured)
     assert compression.ratio_for(0.99) == 2.0  # 8x's CI reaches below 0.99, 2x's does not
     cache = paged_cache_for(model, 300)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 25, add_special_tokens=False).input_ids[:256]
@@ -141,10 +145,11 @@ def test_quality_table_feeds_compress_auto(smol, tmp_path):
     report = compression.compress_auto(cache, queries=rec.queries, quality_floor=0.99)
     assert report.ratio == 2.0 and report.quality.retention == pytest.approx(1.0) and report.quality.n == 6
     with pytest.raises(ValueError, match="no measured ratio"):
-        InferenceKVCacheCompression(quality_table=str(path), model="gemma3-270m").compress_auto(
-            cache, queries=rec.queries, quality_floor=0.9)
+        InferenceKVCacheCompression("snapkv", quality=measured).compress_auto(cache, queries=rec.queries, quality_floor=0.9)
     with pytest.raises(ValueError, match="exactly one"):
         compression.compress_auto(cache, 2, rec.queries, quality_floor=0.9)
+    with pytest.raises(ValueError, match="needs quality="):
+        InferenceKVCacheCompression("kvcompress").ratio_for(0.9)
     with pytest.raises(ValueError, match="quality table"):
         QualityTable.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text(json.dumps([{"model": "x"}]))
@@ -152,23 +157,25 @@ def test_quality_table_feeds_compress_auto(smol, tmp_path):
         QualityTable.load(tmp_path / "bad.json")
 
 
-def test_quality_table_has_kvzip_rows_for_rereading_compression(smol, tmp_path):
-    """KVzip-style methods (02's headline on the cpu profile) get rows keyed scorer "kvzip", observe 0:
-    `prefill_and_compress(..., reread=...)` reports their measured retention, the attention scorer's
-    setting finds none."""
+def test_quality_table_has_kvzip_rows_for_the_default_compression(smol, tmp_path):
+    """KVzip-style methods (02's headline on the cpu profile) get rows keyed scorer "kvzip", global, observe 0:
+    the default InferenceKVCacheCompression() is that setting, so its reports carry their measured retention;
+    the attention scorer's setting finds none."""
     rows = [dict(r, model="smollm2-135m", mode="query_agnostic", method="permkv_kvzip_global") for r in per_sample_rows()
             if r["method"] == "permkv"]
     path = cq.write_quality_table(rows, tmp_path / "quality.json")
     (row,) = json.loads(path.read_text())
     assert (row["scorer"], row["allocator"], row["observe"], row["n"]) == (KVZIP_SCORER, "global", 0, 6)
-    compression = InferenceKVCacheCompression(allocator="global", quality_table=str(path), model="smollm2-135m",
-                                              mode="query_agnostic")
-    assert compression.estimate(8) is None and compression.estimate(8, reread=True).retention == pytest.approx(1.0)
+    measured = QualityTable.load(path).measured("smollm2-135m", "query_agnostic")
+    compression = InferenceKVCacheCompression(quality=measured)
+    assert compression.setting() == (KVZIP_SCORER, "global", 0)
+    assert compression.estimate(8).retention == pytest.approx(1.0)
+    assert InferenceKVCacheCompression("kvcompress", quality=measured).estimate(8) is None
     model, tok, spec = smol
     ids = tok("The quick brown fox jumps over the lazy dog. " * 25, add_special_tokens=False).input_ids[:200]
-    _, _, report = prefill_and_compress(model, ids, 8, compression, reread=repeat_prompt_ids(tok, spec))
+    _, _, report = prefill_and_compress(model, ids, 8, compression, tokenizer=tok)
     assert report.quality.retention == pytest.approx(1.0) and report.quality.n == 6
-    _, _, report = prefill_and_compress(model, ids, 8, compression)
+    _, _, report = prefill_and_compress(model, ids, 8, InferenceKVCacheCompression("kvcompress", quality=measured))
     assert report.quality is None
 
 

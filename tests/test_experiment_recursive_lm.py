@@ -32,7 +32,7 @@ def test_truncate_middle_keeps_both_ends():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(model="gpt"), "model must be one of"),
+    (dict(model="gpt"), "model must be a bundled name .* got .gpt. \\(no such file or folder\\)"),
     (dict(tasks=["squad"]), "tasks must be"),
     (dict(ratios=[0.5]), "ratios must be"),
     (dict(doc_tokens=1000, context_chunk_size=640), "doc_tokens must be >= 2 x context_chunk_size"),

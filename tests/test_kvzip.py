@@ -72,7 +72,7 @@ def test_compressor_takes_given_scores(smol, prefilled):
 
     fork = fork_sequence(cache, model.config)
     given = {i: torch.arange(len(ids), 0, -1, dtype=torch.float).expand(1, spec.n_kv_heads, len(ids)) for i in range(spec.n_layers)}
-    report = InferenceKVCacheCompression(window=0, sinks=0).compressor().compress(fork, 4, scores=given)  # oldest score highest
+    report = InferenceKVCacheCompression(allocator="uniform", window=0, sinks=0).compressor().compress(fork, 4, scores=given)  # oldest score highest
     keys, _, _, lengths = fork.gather(0)
     assert lengths.tolist() == [[75] * spec.n_kv_heads]
     assert torch.equal(keys[0, :, :75], cache.gather(0)[0][0, :, :75])
@@ -144,9 +144,10 @@ def test_chunked_kvzip_keeps_a_needle_the_attention_scorer_loses(smol):
     doc = build_documents(tok, "niah_single", 6, 1000, seed=1)[5]
     ids = encode_prompt(tok, spec, READ.format(context=doc.context, query=doc.question))
     answers = {}
+    attention = InferenceKVCacheCompression("kvcompress")
     for name, backend, ratio in [("full", SequentialBackend(model, tok, spec, chunk_tokens=128), 1),
-                                 ("attention", SequentialBackend(model, tok, spec, chunk_tokens=128), 4),
-                                 ("kvzip", SequentialBackend(model, tok, spec, chunk_tokens=128, kvzip=True), 4)]:
+                                 ("attention", SequentialBackend(model, tok, spec, chunk_tokens=128, compression=attention), 4),
+                                 ("kvzip", SequentialBackend(model, tok, spec, chunk_tokens=128), 4)]:
         answers[name] = tok.decode(backend.generate(ids, 24, ratio).tokens, skip_special_tokens=True)
     assert score(doc, answers["full"]) == 1 and score(doc, answers["kvzip"]) == 1, answers
     assert score(doc, answers["attention"]) == 0, answers

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from permkv.models import kv_layout
 from permkv.speculate import SpecResult, SpecStats
 
 @torch.inference_mode()
@@ -101,8 +102,8 @@ def sequential_generate(model, prompts: list[list[int]], max_new_tokens: int, st
 def hf_blocks(model, blocks: int) -> int:
     """transformers' continuous-batching blocks holding as many tokens as `blocks` permkv blocks of the
     same block size: its block holds every KV head of every layer, ours one (layer, KV head)."""
-    text = model.config.get_text_config(decoder=True)
-    return max(blocks // (text.num_hidden_layers * text.num_key_value_heads), 1)
+    layout = kv_layout(model.config)
+    return max(blocks // (layout.n_layers * layout.n_kv_heads), 1)
 
 
 @torch.no_grad()

@@ -23,8 +23,8 @@ import torch
 from transformers import DynamicCache
 
 from permkv.compress import CompressionReport, check_ratio
-from permkv.compress.observe import attention_modules
 from permkv.eval import greedy_decode, prefill, stop_ids
+from permkv.models import attention_modules, kv_layout
 
 
 def _presses() -> dict[str, Callable[[float], object]]:
@@ -54,7 +54,7 @@ def make_press(name: str, ratio: float):
 
 def check_model(model) -> None:
     """kvpress 0.5.5 compresses Gemma-3's sliding-window layers too: refuse such models clearly."""
-    if getattr(model.config.get_text_config(decoder=True), "sliding_window", None):
+    if kv_layout(model.config).sliding_window is not None:
         raise ValueError(f"kvpress 0.5.5 cannot run on {type(model).__name__}: it compresses the sliding-window "
                          "layers too and their attention mask no longer fits (tested on Gemma-3-270m)")
 

@@ -40,7 +40,7 @@ def _timed(fn) -> tuple[float, object]:
 def bench_context(model, context: int, ratio: float, chunk: int, steps: int, repeats: int) -> dict:
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
     press = make_press("snapkv", ratio)
-    compression = InferenceKVCacheCompression()
+    compression = InferenceKVCacheCompression(scorer="kvcompress")  # the attention scorer, timed against kvpress SnapKV
     t = {k: [] for k in ("permkv_prefill", "permkv_compress", "permkv_chunked", "plain_prefill", "kvpress_prefill",
                          "decode_full", "decode_compressed")}
     for r in range(repeats):
@@ -99,8 +99,8 @@ def peak_rss(method: str, context: int, ratio: float, chunk: int) -> int:
             f"    if '{method}' == 'plain': m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
             f"    elif '{method}' == 'kvpress_snapkv':\n"
             f"        with make_press('snapkv', {ratio})(m): m(ids, past_key_values=DynamicCache(config=m.config), logits_to_keep=1)\n"
-            f"    elif '{method}' == 'permkv': prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(), 16)\n"
-            f"    else: chunked_prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(), {chunk}, 16)")
+            f"    elif '{method}' == 'permkv': prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(scorer='kvcompress'), 16)\n"
+            f"    else: chunked_prefill_and_compress(m, ids[0].tolist(), {ratio}, InferenceKVCacheCompression(scorer='kvcompress'), {chunk}, 16)")
     return bench_peak_rss(setup, work)
 
 

@@ -145,6 +145,7 @@ class PagedBatch:
         self._whole_cache = self._decode == list(range(len(segments))) and len({id(s.cache) for s in segments}) == 1 \
             and [s.row for s in segments] == list(range(segments[0].cache.num_sequences))
         self.attended: list[int] = []  # layer indices in the order they stored their tokens
+        self.scaling: dict[int, float] = {}  # layer -> the attention scale the model used
 
     @property
     def tokens(self) -> int:
@@ -174,6 +175,8 @@ class PagedBatch:
             raise ValueError(f"a PagedBatch of {self.tokens} tokens needs packed inputs (1, heads, {self.tokens}, "
                              f"head_dim), got {tuple(query.shape)}")
         self.attended.append(layer_idx)
+        if scaling is not None:
+            self.scaling[layer_idx] = float(scaling)
         out = torch.empty_like(query)
         decode = []
         for i, s in enumerate(self.segments):

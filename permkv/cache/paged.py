@@ -18,6 +18,7 @@ import torch
 
 from permkv.cache.pool import BlockPool, CacheFull
 from permkv.cache.tables import CacheStats, HeadTable, PagedLayer
+from permkv.models import kv_layout
 
 NOT_PAST_KEY_VALUES = ("a PagedCache is not a transformers past_key_values: run the model with "
                        "`permkv.cache.forward(model, cache, input_ids)` inside `with permkv.cache.paged_attention(model):`")
@@ -31,15 +32,11 @@ class PagedCache:
     """
 
     def __init__(self, pool: BlockPool, config):
-        text = config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        if pool.head_dim != head_dim:
-            raise ValueError(f"pool.head_dim must equal the model's head_dim {head_dim}, got {pool.head_dim}")
-        window = getattr(text, "sliding_window", None)
-        types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-        self.n_kv_heads = text.num_key_value_heads
-        self.layers = [PagedLayer(i, self.n_kv_heads, window if kind == "sliding_attention" else None)
-                       for i, kind in enumerate(types)]
+        layout = kv_layout(config)
+        if pool.head_dim != layout.head_dim:
+            raise ValueError(f"pool.head_dim must equal the model's head_dim {layout.head_dim}, got {pool.head_dim}")
+        self.n_kv_heads = layout.n_kv_heads
+        self.layers = [PagedLayer(i, layout.n_kv_heads, window) for i, window in enumerate(layout.windows)]
         self.pool = pool
         self.config = config
         self.seen: list[int] = []  # real tokens processed per sequence (positions)

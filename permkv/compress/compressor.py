@@ -14,6 +14,7 @@ are bounded by their window and the cache cannot evict from them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,9 @@ import torch
 from permkv.cache import PagedCache
 from permkv.checks import check_ratio, positive_int
 from permkv.compress.allocators import ALLOCATORS, UniformAllocator
-from permkv.compress.estimate import KVZIP_SCORER, QualityEstimate, QualityTable
-from permkv.compress.scorers import KVCompressScore, get_scorer
+from permkv.compress.estimate import KVZIP_SCORER, MeasuredQuality, QualityEstimate
+from permkv.compress.kvzip import repeat_prompt_ids
+from permkv.compress.scorers import KVCompressScore, get_scorer, rereads
 
 
 @dataclass
@@ -93,6 +95,9 @@ class Compressor:
         most recent tokens, up to an equal share of the budget.
         """
         ratio = check_ratio(ratio)
+        if scores is None and rereads(self.scorer) and ratio > 1:
+            raise ValueError(f"{type(self.scorer).__name__} scores by re-reading the context with the model: pass its "
+                             "scores= (permkv.compress.kvzip_scores / last_chunk_scores), or use prefill_and_compress")
         if scores is None and getattr(self.scorer, "needs_queries", False) and not queries:
             raise ValueError(f"{type(self.scorer).__name__} needs queries: prefill inside `permkv.compress.observing(model)`")
         if cache.num_sequences == 0:
@@ -154,58 +159,80 @@ class Compressor:
         return kept
 
 
+BEST_ALLOCATOR = {KVZIP_SCORER: "global"}  # per scorer, the allocator notebook 02 measured best; else uniform
+
+
 @dataclass
 class InferenceKVCacheCompression:
-    """The one-call API: `InferenceKVCacheCompression().compress_auto(cache, 8, queries)`.
-
-    Defaults are the ones notebook 02 measured best on needles (see its 6-needle table): KV-Compress's
-    L2-sum attention score read from the last 64 queries, the same budget for every head (the global
-    top-k of KV-Compress drained heads and lost needles at 1.01x), 4 sinks and a 32-token protected
-    window.
+    """The one-call API: `prefill_and_compress(model, ids, 8, tokenizer=tok)` (or `compress_auto` on a
+    prefilled cache). The defaults are what notebook 02 measured best on needles in both modes (SmolLM2,
+    4K, n = 30: 0.93 retention at 8x query-aware, 0.83 query-agnostic): KVzip-style re-reading
+    (`scorer="kvzip"`) with one global top-k over all heads, 4 sinks and a 32-token protected window.
+    The cheap attention scorers are one argument away, e.g. `scorer="kvcompress"` or `"snapkv"` (the last
+    `observe` queries score the cache; with their best measured allocator, the same budget per head).
     """
 
-    scorer: str = "kvcompress"  # one of permkv.compress.scorers.SCORERS
-    allocator: str = "uniform"  # one of permkv.compress.allocators.ALLOCATORS
+    scorer: str = KVZIP_SCORER  # one of permkv.compress.scorers.SCORERS
+    allocator: str | None = None  # one of permkv.compress.allocators.ALLOCATORS; None: the scorer's best (BEST_ALLOCATOR)
     min_share: float = 0.2  # adaptive allocators: each head's floor, as a fraction of an equal share
     sinks: int = 4
     window: int = 32
-    observe: int = 64  # queries that score the cache: the last `observe` positions (KV-Compress used 8)
-    quality_table: str | None = None  # notebook 02's measured-quality JSON; None: reports carry no estimate
-    model: str | None = None  # the model's name in that table (permkv.models name, e.g. "smollm2-135m")
-    mode: str = "query_aware"  # how the cache is used: question inside the prefix, or asked after compression
+    observe: int = 64  # attention scorers read the last `observe` queries (KV-Compress used 8); unused by "kvzip"
+    quality: MeasuredQuality | None = None  # QualityTable.load(path).measured(model, mode): reports carry it
+
+    @property
+    def rereads(self) -> bool:
+        """Whether the scorer re-reads the context with the model (needs the model and `reread_ids`)
+        instead of scoring the cache from observed queries (see the package docstring)."""
+        return rereads(get_scorer(self.scorer))
+
+    @property
+    def allocator_in_use(self) -> str:
+        return self.allocator if self.allocator is not None else BEST_ALLOCATOR.get(self.scorer, "uniform")
+
+    def setting(self) -> tuple[str, str, int]:
+        """(scorer, allocator, observe): how notebook 02's quality table keys this compression (observe 0
+        for re-reading, which observes no queries)."""
+        return self.scorer, self.allocator_in_use, 0 if self.rereads else self.observe
+
+    def reread_ids(self, tokenizer=None, reread: Sequence[int] | None = None) -> list[int] | None:
+        """The re-reading prompt of a re-reading scorer: `reread` if given, else KVzip's request built from
+        `tokenizer` (`repeat_prompt_ids`); None for attention scorers, which must not be given one."""
+        if not self.rereads:
+            if reread is not None:
+                raise ValueError(f"reread is the re-reading prompt of scorer {KVZIP_SCORER!r}; scorer is {self.scorer!r}")
+            return None
+        if reread is not None:
+            return list(reread)
+        if tokenizer is None:
+            raise ValueError(f"scorer {self.scorer!r} (the default) re-reads the context: pass tokenizer= (its "
+                             "re-reading prompt is built from it) or reread= ids, or choose an attention scorer, "
+                             "e.g. InferenceKVCacheCompression(scorer='kvcompress')")
+        return repeat_prompt_ids(tokenizer)
 
     def compressor(self) -> Compressor:
         for name in ("sinks", "window", "observe"):
             positive_int(name, getattr(self, name), 1 if name == "observe" else 0)
-        if self.allocator not in ALLOCATORS:
+        if self.allocator_in_use not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {sorted(ALLOCATORS)}, got {self.allocator!r}")
-        return Compressor(get_scorer(self.scorer), ALLOCATORS[self.allocator](self.min_share), self.sinks, self.window,
-                          self.observe)
+        return Compressor(get_scorer(self.scorer), ALLOCATORS[self.allocator_in_use](self.min_share), self.sinks,
+                          self.window, self.observe)
 
-    def table(self) -> QualityTable | None:
-        return None if self.quality_table is None else QualityTable.load(self.quality_table)
-
-    def estimate(self, ratio: float, reread: bool = False) -> QualityEstimate | None:
-        """Retention notebook 02 measured for this model, mode, ratio and setting, or None. `reread`: the
-        tokens were scored by KVzip-style re-reading (02's rows for scorer "kvzip", observe 0), not by
-        this setting's scorer."""
-        table = self.table()
-        if table is None or self.model is None:
-            return None
-        scorer, observe = (KVZIP_SCORER, 0) if reread else (self.scorer, self.observe)
-        return table.estimate(self.model, self.mode, check_ratio(ratio), scorer, self.allocator, observe)
+    def estimate(self, ratio: float) -> QualityEstimate | None:
+        """Retention notebook 02 measured for this setting at `ratio` (from `quality`), or None."""
+        return None if self.quality is None else self.quality.estimate(check_ratio(ratio), *self.setting())
 
     def ratio_for(self, quality_floor: float) -> float | None:
         """The largest measured ratio whose retention CI's lower end is >= `quality_floor`, or None."""
-        table = self.table()
-        if table is None or self.model is None:
-            raise ValueError("ratio_for needs quality_table and model (notebook 02's measurements)")
-        return table.ratio_for(self.model, self.mode, quality_floor, self.scorer, self.allocator, self.observe)
+        if self.quality is None:
+            raise ValueError("ratio_for needs quality= (QualityTable.load(path).measured(model, mode))")
+        return self.quality.ratio_for(quality_floor, *self.setting())
 
     def compress_auto(self, cache: PagedCache, ratio: float | None = None, queries: dict | None = None,
-                      quality_floor: float | None = None) -> CompressionReport:
+                      quality_floor: float | None = None, scores: dict | None = None) -> CompressionReport:
         """Compress `cache` to about seen / ratio tokens; returns the measured report, whose `quality` is
-        the retention measured for this setting (None where nothing was measured).
+        the retention measured for this setting (None where nothing was measured or loaded). Attention
+        scorers read `queries`; a re-reading scorer needs its `scores` (prefill_and_compress computes them).
 
         Give `quality_floor` instead of `ratio` to pick the largest measured ratio that kept at least
         that retention (CI lower end); ValueError if none did.
@@ -215,8 +242,8 @@ class InferenceKVCacheCompression:
         if ratio is None:
             ratio = self.ratio_for(quality_floor)
             if ratio is None:
-                raise ValueError(f"no measured ratio keeps retention >= {quality_floor} for {self.model} {self.mode} "
-                                 f"({self.scorer}, {self.allocator}, observe {self.observe}) in {self.quality_table}")
-        report = self.compressor().compress(cache, ratio, queries)
+                raise ValueError(f"no measured ratio keeps retention >= {quality_floor} for {self.quality.model} "
+                                 f"{self.quality.mode} {self.setting()} in {self.quality.source}")
+        report = self.compressor().compress(cache, ratio, queries, scores)
         report.quality = self.estimate(ratio)
         return report

@@ -9,14 +9,14 @@ after use.
 from __future__ import annotations
 
 from permkv.cache import BlockPool, HeadTable, PagedCache
+from permkv.models import kv_layout
 
 
 def paged_cache_for(model, n_tokens: int, block_size: int = 16) -> PagedCache:
     """An empty PagedCache whose pool holds one sequence of `n_tokens` tokens uncompressed."""
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    blocks = text.num_hidden_layers * text.num_key_value_heads * (-(-n_tokens // block_size) + 1)
-    pool = BlockPool(blocks, block_size=block_size, head_dim=head_dim, dtype=model.dtype, device=model.device)
+    layout = kv_layout(model.config)
+    blocks = layout.n_layers * layout.n_kv_heads * (-(-n_tokens // block_size) + 1)
+    pool = BlockPool(blocks, block_size=block_size, head_dim=layout.head_dim, dtype=model.dtype, device=model.device)
     return PagedCache(pool, model.config)
 
 

@@ -15,8 +15,10 @@ the context is read at once or chunk by chunk into a compressed cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from permkv.cache import PagedCache, forward
 from permkv.checks import positive_int
@@ -27,10 +29,12 @@ from permkv.models import encode_prompt
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly."  # KVzip's re-reading prompt
 
 
-def repeat_prompt_ids(tokenizer, spec) -> list[int]:
-    """KVzip's prompt as it continues a user turn: the request, then (instruct models) the chat template's
-    end of turn and start of the assistant's, so that the model really starts repeating."""
-    empty, asked = encode_prompt(tokenizer, spec, ""), encode_prompt(tokenizer, spec, REPEAT_PROMPT)
+def repeat_prompt_ids(tokenizer, spec=None) -> list[int]:
+    """KVzip's prompt as it continues a user turn: the request, then (instruct models: `spec.chat`, or
+    without a spec the tokenizer has a chat template) the chat template's end of turn and start of the
+    assistant's, so that the model really starts repeating."""
+    chat = spec.chat if spec is not None else getattr(tokenizer, "chat_template", None) is not None
+    empty, asked = encode_prompt(tokenizer, spec, "", chat=chat), encode_prompt(tokenizer, spec, REPEAT_PROMPT, chat=chat)
     head = 0
     while head < min(len(empty), len(asked)) and empty[head] == asked[head]:
         head += 1
@@ -89,17 +93,18 @@ def _reread(model, cache: PagedCache, chunk: Sequence[int], prompt_ids: Sequence
         pos = torch.arange(n, n + len(reread), device=model.device)[None]
         with observing(model, window=len(reread)) as recorder:
             forward(model, fork, torch.tensor([reread], device=model.device), pos)
-        return reread_scores(fork, 0, recorder.queries, len(reread), len(chunk), begin, sinks)
+        return reread_scores(fork, 0, recorder.queries, len(reread), len(chunk), begin, sinks, recorder.scaling)
     finally:
         fork.reset()
 
 
 def reread_scores(cache: PagedCache, row: int, queries: dict[int, torch.Tensor], q_len: int, c: int,
-                  begin: int | None, sinks: int) -> dict[int, torch.Tensor]:
+                  begin: int | None, sinks: int, scaling: dict[int, float] | None = None) -> dict[int, torch.Tensor]:
     """Scores `(kv_heads, c)` per full-attention layer from a re-read that sequence `row` of `cache` just
     took: its last `q_len` cached tokens are the re-read, whose queries are `queries[layer]`
     `(1, q_heads, q_len, head_dim)`; the scored tokens are the `c` from index `begin` of every head (None:
-    the last `c` before the re-read), each query's softmax over the first `sinks`, those and the re-read."""
+    the last `c` before the re-read), each query's softmax over the first `sinks`, those and the re-read.
+    `scaling[layer]`: that layer's attention scale (default head_dim**-0.5)."""
     out = {}
     for i, layer in enumerate(cache.layers):
         if layer.is_sliding:
@@ -111,21 +116,23 @@ def reread_scores(cache: PagedCache, row: int, queries: dict[int, torch.Tensor],
                           first + torch.arange(c, device=keys.device), ends + torch.arange(q_len, device=keys.device)],
                          dim=1) + starts[0, :, None]  # (H, sinks + c + q_len)
         picked = keys[0].gather(1, rows[..., None].expand(-1, -1, keys.shape[-1]))[None]
-        out[i] = _max_attention(picked, queries[i], q_len)[:, sinks : sinks + c].float().cpu()
+        out[i] = _max_attention(picked, queries[i], q_len, scaling=(scaling or {}).get(i))[:, sinks : sinks + c].float().cpu()
     return out
 
 
-def _max_attention(keys: torch.Tensor, queries: torch.Tensor, q_len: int, rows: int = 256) -> torch.Tensor:
-    """keys `(1, H, K, D)` whose last q_len are the queries' own; queries `(1, Hq, q_len, D)`.
-    Returns `(H, K - q_len)`: the most causal softmax attention any query of the group gave each key
-    before the queries' own (only those are scored; the rest of the row normalises).
+def _max_attention(keys: torch.Tensor, queries: torch.Tensor, q_len: int, rows: int = 256,
+                   scaling: float | None = None) -> torch.Tensor:
+    """keys `(1, H, K, D)` whose last q_len are the queries' own; queries `(1, Hq, q_len, D)`; `scaling`:
+    the model's attention scale (None: D**-0.5). Returns `(H, K - q_len)`: the most causal softmax attention
+    any query of the group gave each key before the queries' own (only those are scored; the rest of the
+    row normalises).
 
     Query rows go `rows` at a time: each row's softmax is its own, so the result is bitwise that of
     one `(H, G * q_len, K)` tensor, whose logits would not stay in a CPU's cache (2.7x slower at 4K).
     """
     _, H, K, D = keys.shape
     G = queries.shape[1] // H
-    q = queries[0].reshape(H, G * q_len, D) * D**-0.5  # query head h*G + g -> KV head h, scaled before the
+    q = queries[0].reshape(H, G * q_len, D) * (D**-0.5 if scaling is None else scaling)  # query head h*G + g -> KV head h, scaled before the
     keys_t = keys[0].transpose(1, 2)  # matmul (bit-exact when D is a power of 4)
     i = torch.arange(G * q_len, device=keys.device) % q_len  # index of each row within the re-read
     own = torch.arange(q_len, device=keys.device)
@@ -136,3 +143,29 @@ def _max_attention(keys: torch.Tensor, queries: torch.Tensor, q_len: int, rows: 
         logits[..., K - q_len :].masked_fill_(future, float("-inf"))  # in place, on the re-read's own columns only
         best.append(logits.softmax(-1)[..., : K - q_len].amax(dim=1))
     return torch.stack(best).amax(dim=0)
+
+
+@dataclass
+class RereadScores:
+    """The re-reading scores of the tokens each full-attention head of one sequence holds, carried across
+    compressions of a chunked read: a token keeps the score its own chunk gave it, so reading a context
+    chunk by chunk into a compressed cache ranks tokens as one pass would.
+
+        scores = RereadScores()
+        for chunk in chunks:  # after reading `chunk` into the one-sequence `cache`
+            report = compressor.compress(cache, ratio, scores=scores.add(last_chunk_scores(model, cache, chunk, ids)))
+            scores.keep(report.kept_indices)
+    """
+
+    held: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per KV head `(tokens held,)`
+
+    def add(self, new: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Append a chunk's scores `new[layer]` `(1, kv_heads, chunk)` after each head's held ones; returns
+        every held token's score per layer, `(1, kv_heads, longest)` (padded), for `Compressor.compress(scores=)`."""
+        self.held = {i: [torch.cat([self.held[i][h], s[0, h]]) if self.held else s[0, h] for h in range(s.shape[1])]
+                     for i, s in new.items()}
+        return {i: pad_sequence(r, batch_first=True)[None] for i, r in self.held.items()}
+
+    def keep(self, kept_indices: dict[int, list[torch.Tensor]]) -> None:
+        """After a compression: keep the scores of the tokens each head kept (`CompressionReport.kept_indices`)."""
+        self.held = {i: [r[h][idx] for h, idx in enumerate(kept_indices[i])] for i, r in self.held.items()}

@@ -15,8 +15,9 @@ from typing import Iterator
 
 import torch
 
-from permkv.cache.attention import NAME, RECORDER, PagedBatch
+from permkv.cache.attention import RECORDER, PagedBatch, paged_attention
 from permkv.checks import positive_int
+from permkv.models import attention_modules
 
 
 @dataclass
@@ -26,6 +27,7 @@ class QueryRecorder:
 
     window: int = 64  # kvpress SnapKV's window; measured on needles in notebook 02 (8 missed the answer)
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    scaling: dict[int, float] = field(default_factory=dict)  # layer -> the attention scale the model used
 
     def __post_init__(self):
         positive_int("window", self.window)
@@ -38,17 +40,13 @@ class QueryRecorder:
 
     def record_batch(self, batch: PagedBatch) -> None:
         """The queries a forward's segments kept, stacked `(segments, q_heads, w, head_dim)` per layer
-        (segments of equal length: a rectangular `(batch, T)` input)."""
+        (segments of equal length: a rectangular `(batch, T)` input), and each layer's attention scale."""
         if len({s.count for s in batch.segments}) != 1:
             raise ValueError("observing records inputs whose rows have one length; give a mixed batch's "
                              "segments their own `observe` instead")
         for layer_idx in batch.segments[0].queries:
             self.record(layer_idx, torch.cat([s.queries[layer_idx] for s in batch.segments], dim=0))
-
-
-def attention_modules(model) -> list:
-    """The model's self-attention modules (those with a `layer_idx` and a `q_proj`), in layer order."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+        self.scaling.update(batch.scaling)
 
 
 @contextmanager
@@ -56,11 +54,9 @@ def observing(model, window: int = 64) -> Iterator[QueryRecorder]:
     """Run `model` with paged attention inside the block and record its last `window` queries."""
     recorder = QueryRecorder(window)
     outer = getattr(model, RECORDER, None)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
-    setattr(model, RECORDER, recorder)
-    try:
-        yield recorder
-    finally:
-        setattr(model, RECORDER, outer)
-        model.set_attn_implementation(previous)
+    with paged_attention(model):
+        setattr(model, RECORDER, recorder)
+        try:
+            yield recorder
+        finally:
+            setattr(model, RECORDER, outer)

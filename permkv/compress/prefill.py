@@ -5,9 +5,10 @@
 compressed again after every chunk, so the pool only ever holds about len(prompt) / ratio +
 chunk_tokens tokens per head (a context larger than memory can be read).
 
-Tokens are scored by the compression's scorer from the last observed queries, or, given `reread`
-(KVzip's request to repeat the context, `repeat_prompt_ids`), by KVzip-style re-reading: each chunk
-is re-read on a fork right after it is read, and every token keeps the score its own chunk gave it.
+How tokens are scored is the compression's scorer: by default KVzip-style re-reading (each chunk is
+re-read on a fork right after it is read, and every token keeps the score its own chunk gave it; the
+re-reading prompt is built from `tokenizer`, or given as `reread` ids), or an attention scorer reading
+the last observed queries (`InferenceKVCacheCompression(scorer="kvcompress")`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from permkv.cache import PagedCache, forward
 from permkv.compress.compressor import CompressionReport, InferenceKVCacheCompression, check_ratio
 from permkv.compress.forks import paged_cache_for
-from permkv.compress.kvzip import kvzip_scores, last_chunk_scores
+from permkv.compress.kvzip import RereadScores, kvzip_scores, last_chunk_scores
 from permkv.compress.observe import observing
+from permkv.models import kv_layout
 
 KVZIP_CHUNK = 1024  # context tokens one KVzip re-reading pass takes in one-pass prefill (as kvzip_scores)
 
@@ -34,57 +35,59 @@ def _reread_room(reread: Sequence[int] | None, chunk: int) -> int:
 
 
 @torch.no_grad()
-def prefill_and_compress(model, prefix: list[int], ratio: float, compression: InferenceKVCacheCompression,
+def prefill_and_compress(model, prefix: list[int], ratio: float, compression: InferenceKVCacheCompression | None = None,
                          extra_tokens: int = 64, cache: PagedCache | None = None, reread: Sequence[int] | None = None,
-                         ) -> tuple[PagedCache, torch.Tensor, CompressionReport]:
+                         *, tokenizer=None) -> tuple[PagedCache, torch.Tensor, CompressionReport]:
     """Prefill `prefix` into a PagedCache (recording queries) and compress it to seen / ratio.
 
+    `compression`: default `InferenceKVCacheCompression()` (KVzip-style re-reading, one global top-k),
+    whose re-reading prompt is `reread` or built from `tokenizer` (one of them is needed).
     `cache`: an empty PagedCache to fill (e.g. one of many on a shared pool; CacheFull propagates
     when its pool runs out) instead of a new one sized for the prefix plus `extra_tokens`.
-    `reread`: score by KVzip-style re-reading instead of the compression's scorer (the report's quality
-    is then what notebook 02 measured for re-reading with this allocator: its `permkv_kvzip*` rows).
-    Returns the cache, the last position's logits `(vocab,)` and the report.
+    Returns the cache, the last position's logits `(vocab,)` and the report (its `quality`: the
+    retention `compression.quality` holds for this setting and ratio, or None).
     """
     ratio = check_ratio(ratio)
+    compression = InferenceKVCacheCompression() if compression is None else compression
+    reread = compression.reread_ids(tokenizer, reread) if ratio > 1 else None  # ratio 1 keeps all: no re-read
     if cache is not None and cache.num_sequences:
         raise ValueError("cache must be empty")
     room = _reread_room(reread, min(len(prefix), KVZIP_CHUNK))
     cache = paged_cache_for(model, len(prefix) + extra_tokens + room) if cache is None else cache
     with observing(model, window=compression.observe) as recorder:
         logits = forward(model, cache, torch.tensor([prefix], device=model.device))[0, -1]
-    if reread is None:
-        return cache, logits, compression.compress_auto(cache, ratio, recorder.queries)
-    scores = kvzip_scores(model, cache, prefix, list(reread), KVZIP_CHUNK, compression.sinks)
-    report = compression.compressor().compress(cache, ratio, scores=scores)
-    report.quality = compression.estimate(ratio, reread=True)  # 02's rows for this re-reading (scorer "kvzip")
-    return cache, logits, report
+    scores = None if reread is None else kvzip_scores(model, cache, prefix, reread, KVZIP_CHUNK, compression.sinks)
+    return cache, logits, compression.compress_auto(cache, ratio, recorder.queries, scores=scores)
 
 
 @torch.no_grad()
-def chunked_prefill_and_compress(model, prefix: list[int], ratio: float, compression: InferenceKVCacheCompression,
-                                 chunk_tokens: int, extra_tokens: int = 64, cache: PagedCache | None = None,
-                                 reread: Sequence[int] | None = None,
+def chunked_prefill_and_compress(model, prefix: list[int], ratio: float,
+                                 compression: InferenceKVCacheCompression | None = None, chunk_tokens: int = 512,
+                                 extra_tokens: int = 64, cache: PagedCache | None = None,
+                                 reread: Sequence[int] | None = None, *, tokenizer=None,
                                  ) -> tuple[PagedCache, torch.Tensor, CompressionReport]:
     """`prefill_and_compress` reading `chunk_tokens` at a time, compressing to seen / ratio after
-    every chunk. Each chunk's last queries score everything cached so far (or, with `reread`, each
-    chunk is scored by re-reading it), so a chunk must hold at least the observation window and the
-    protected tokens. Same returns; the report's original bytes are what the whole prefix takes
-    uncompressed.
+    every chunk. Each chunk is scored by re-reading it (the default), or the chunk's last queries score
+    everything cached so far (attention scorers), so a chunk must hold at least the observation window
+    and the protected tokens. Same returns; the report's original bytes are what the whole prefix takes
+    uncompressed (its quality: None for re-reading, which notebook 02 measured in one pass only).
     """
     ratio = check_ratio(ratio)
+    compression = InferenceKVCacheCompression() if compression is None else compression
     need = max(compression.observe, compression.window + compression.sinks)
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < need:
         raise ValueError(f"chunk_tokens must be an int >= the protected tokens and the observation window ({need}), "
                          f"got {chunk_tokens!r}")
+    reread = compression.reread_ids(tokenizer, reread) if ratio > 1 else None  # ratio 1 keeps all: no re-read
     if chunk_tokens >= len(prefix):
         return prefill_and_compress(model, prefix, ratio, compression, extra_tokens, cache, reread)
     if cache is not None and cache.num_sequences:
         raise ValueError("cache must be empty")
-    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None) or 0
+    window = kv_layout(model.config).sliding_window or 0
     held = max(math.ceil(len(prefix) / ratio), window) + chunk_tokens + extra_tokens
     cache = paged_cache_for(model, held + _reread_room(reread, chunk_tokens)) if cache is None else cache
     compressor = compression.compressor()
-    kept: dict[int, list[torch.Tensor]] = {}  # reread: per full-attention layer and head, the scores of what it holds
+    kept = RereadScores()  # re-reading: per full-attention layer and head, the scores of what it holds
     for start in range(0, len(prefix), chunk_tokens):
         chunk = prefix[start : start + chunk_tokens]
         pos = torch.arange(start, start + len(chunk), device=model.device)[None]
@@ -93,11 +96,8 @@ def chunked_prefill_and_compress(model, prefix: list[int], ratio: float, compres
         if reread is None:
             report = compressor.compress(cache, ratio, recorder.queries)
         else:  # the new chunk scored by re-reading it; older tokens keep the scores their chunks gave them
-            new = last_chunk_scores(model, cache, chunk, list(reread), compression.sinks)
-            held = {i: [torch.cat([kept[i][h], s[0, h]]) if kept else s[0, h] for h in range(s.shape[1])]
-                    for i, s in new.items()}
-            report = compressor.compress(cache, ratio, scores={i: pad_sequence(r, batch_first=True)[None]
-                                                               for i, r in held.items()})
-            kept = {i: [r[h][idx] for h, idx in enumerate(report.kept_indices[i])] for i, r in held.items()}
+            scores = kept.add(last_chunk_scores(model, cache, chunk, reread, compression.sinks))
+            report = compressor.compress(cache, ratio, scores=scores)
+            kept.keep(report.kept_indices)
     report.quality = None if reread is not None else compression.estimate(ratio)  # 02 measured re-reading in one pass only
     return cache, logits, report

@@ -1,10 +1,14 @@
 """Token scorers: how much each cached token of each KV head is worth keeping (higher = keep).
 
-Every scorer is a small dataclass with `score(keys, values, queries) -> (batch, kv_heads, seq)`.
-keys, values: `(batch, kv_heads, seq, head_dim)` post-RoPE, oldest first; queries:
-`(batch, q_heads, w, head_dim)`, the last w positions, which are the last w cached tokens (their
-keys were written in the same forward). Grouped-query heads are folded onto their KV head
-(query head h*G + g reads KV head h), so K/V are never repeated.
+Two kinds, told apart by `rereads` (see the package docstring for the contract):
+- cache scorers (`rereads = False`): a small dataclass with `score(keys, values, queries) ->
+  (batch, kv_heads, seq)`. keys, values: `(batch, kv_heads, seq, head_dim)` post-RoPE, oldest first;
+  queries: `(batch, q_heads, w, head_dim)`, the last w positions, which are the last w cached tokens
+  (their keys were written in the same forward); `needs_queries` says whether they are read.
+  Grouped-query heads are folded onto their KV head (query head h*G + g reads KV head h), so K/V are
+  never repeated.
+- `KVzipScore` (`rereads = True`): the model itself re-reads the context (`permkv.compress.kvzip`);
+  it has no `score`, its scores come from `kvzip_scores` / `last_chunk_scores`.
 """
 
 from __future__ import annotations
@@ -130,7 +134,25 @@ class RecencyMix:
         return (1 - self.weight) * scaled + self.weight * recency
 
 
+@dataclass
+class KVzipScore:
+    """KVzip-style re-reading (Kim 2025, arXiv 2505.23416): after a request to repeat the context
+    (`repeat_prompt_ids`), the model re-reads it on a fork of the cache and each cached token scores the
+    most attention any re-reading query gives it. Query-agnostic; about one more prefill of compute.
+    Its scores are attention maxima, comparable across heads, hence one global top-k (notebook 02)."""
+
+    chunk_tokens: int = 1024  # context tokens one re-reading pass takes (one-pass prefill)
+    rereads = True  # scored by running the model (kvzip_scores / last_chunk_scores), not by `score`
+    needs_queries = False
+
+
+def rereads(scorer) -> bool:
+    """Whether `scorer` is scored by re-reading with the model (KVzipScore) rather than from the cache."""
+    return bool(getattr(scorer, "rereads", False))
+
+
 SCORERS = {
+    "kvzip": KVzipScore,  # the default of InferenceKVCacheCompression (KVZIP_SCORER)
     "kvcompress": KVCompressScore,
     "snapkv": SnapKVScore,
     "knorm": KeyNormScore,

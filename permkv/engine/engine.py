@@ -46,13 +46,6 @@ from permkv.engine.scheduler import Item, Scheduler, Work
 from permkv.engine.sequence import Phase, Request, RequestOutput, Result, Sequence
 from permkv.eval import stop_ids
 
-KVZIP = "kvzip"  # the scorer name that means KVzip-style re-reading (needs the repeat prompt)
-
-
-def _default_compression() -> InferenceKVCacheCompression:
-    return InferenceKVCacheCompression(scorer=KVZIP, allocator="global")
-
-
 @dataclass
 class EngineConfig:
     """How the engine runs; a request's own `ratio` says how much its cache is compressed."""
@@ -62,27 +55,27 @@ class EngineConfig:
     reread_chunk: int = 1024  # context tokens per KVzip-style re-read (the chunk notebook 02 measured)
     compress_every: int = 32  # generated tokens between two compressions of a sequence (ratio > 1)
     watermark: float = 0.01  # fraction of the pool kept free at admission for running sequences to grow
-    compression: InferenceKVCacheCompression = field(default_factory=_default_compression)
+    compression: InferenceKVCacheCompression = field(default_factory=InferenceKVCacheCompression)  # KVzip-style
 
     def __post_init__(self):
         for name in ("step_tokens", "chunk_tokens", "reread_chunk", "compress_every"):
             positive_int(name, getattr(self, name))
         if self.chunk_tokens > self.step_tokens:
             raise ValueError(f"chunk_tokens must be <= step_tokens ({self.step_tokens}), got {self.chunk_tokens}")
-        if self.compression.scorer != KVZIP:
-            get_scorer(self.compression.scorer)  # a clear error for an unknown scorer
+        if not self.compression.rereads:  # also a clear error for an unknown scorer
             protected = max(self.compression.observe, self.compression.sinks + self.compression.window)
             if self.chunk_tokens < protected:
                 raise ValueError(f"chunk_tokens must be >= the observation window and the protected tokens "
                                  f"({protected}) of the attention scorer, got {self.chunk_tokens}")
-        if self.compression.allocator not in ALLOCATORS:
+        if self.compression.allocator_in_use not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {sorted(ALLOCATORS)}, got {self.compression.allocator!r}")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
 
     @property
     def kvzip(self) -> bool:
-        return self.compression.scorer == KVZIP
+        """KVzip-style re-reading (`compression.rereads`): the context is re-read after the repeat prompt."""
+        return self.compression.rereads
 
 
 @dataclass
@@ -173,7 +166,7 @@ class Engine:
             raise ValueError(f"step_tokens must hold one re-read ({len(self.reread)} + {self.config.reread_chunk} "
                              f"tokens), got {self.config.step_tokens}")
         scorer = KVCompressScore() if self.config.kvzip else get_scorer(c.scorer)  # kvzip: decode-time part
-        self.compressor = Compressor(scorer, ALLOCATORS[c.allocator](c.min_share), c.sinks, c.window, c.observe)
+        self.compressor = Compressor(scorer, ALLOCATORS[c.allocator_in_use](c.min_share), c.sinks, c.window, c.observe)
         self.runner = ModelRunner(model, self.reread)
         self.probe = PagedCache(pool, model.config)  # holds no sequence: block counts per layer and head
         self.scheduler = Scheduler(pool, self.probe, self.config.step_tokens, self.config.chunk_tokens,

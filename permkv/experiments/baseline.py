@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from permkv.data import MODES, TASKS, build_task
 from permkv.eval import time_prefill_decode
 from permkv.experiments.scoring import evaluate, summarize
-from permkv.models import MODELS
+from permkv.models import model_source
 
 
 def score_grid(
@@ -50,7 +50,7 @@ def timing_grid(model, tokenizer, spec, lengths: Sequence[int], repeats: int = 3
 class BaselineConfig:
     """Parameters of notebook 00 (names match its parameters cell in lower case)."""
 
-    models: tuple[str, ...] = ("smollm2-135m",)  # any of permkv.models.MODELS
+    models: tuple[str, ...] = ("smollm2-135m",)  # bundled names, saved folders or GGUF files (permkv.models.load_model)
     tasks: tuple[str, ...] = TASKS
     lengths: dict = field(default_factory=lambda: {"smollm2-135m": [512], "gemma3-270m": [512]})  # context tokens per model
     n_samples: int = 2  # samples per (model, task, length)
@@ -63,9 +63,8 @@ class BaselineConfig:
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "tasks", tuple(self.tasks))
-        unknown = [m for m in self.models if m not in MODELS]
-        if unknown:
-            raise ValueError(f"models must be among {list(MODELS)}, got {unknown}")
+        for model in self.models:
+            model_source(model)
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"tasks must be among {list(TASKS)}, got {bad}")

@@ -42,7 +42,7 @@ from permkv.compress import (
 from permkv.data import MODES, TASKS, Sample, build_task, encode_sample
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line, greedy_decode, stop_ids
 from permkv.experiments.workers import process_pool
-from permkv.models import load_model
+from permkv.models import load_model, model_source
 
 
 # ----- one prefill per sample, both modes -------------------------------------------------------------
@@ -179,12 +179,12 @@ class PermkvKVzip:
     kind = "permkv"
 
     def setting(self) -> dict:
-        """Quality-table key: scorer "kvzip", no observed queries (`prefill_and_compress(..., reread=...)`)."""
+        """Quality-table key: scorer "kvzip", no observed queries (`InferenceKVCacheCompression.setting()`)."""
         return dict(scorer=KVZIP_SCORER, allocator=self.allocator, observe=0)
 
     def answer(self, model, tokenizer, pre: Prefilled, ratio: float, max_new_tokens: int):
         scores = pre.kvzip(model, pre.repeat_prompt, self.chunk_tokens)
-        compressor = InferenceKVCacheCompression(allocator=self.allocator).compressor()
+        compressor = InferenceKVCacheCompression(KVZIP_SCORER, self.allocator).compressor()
         return answer_on_fork(model, tokenizer, pre, max_new_tokens, lambda fork: compressor.compress(fork, ratio, scores=scores))
 
 
@@ -457,7 +457,7 @@ def claim_metrics(per_sample: Sequence[dict], headline: str, ratios: Sequence[fl
     return metrics
 
 
-# ----- the measured-quality table read by compress_auto ---------------------------------------------
+# ----- the measured-quality table (QualityTable.load) ----------------------------------------------
 def quality_table(per_sample: Sequence[dict]) -> list[dict]:
     """Pooled retention per (model, mode, ratio) of every permkv method, with its compression settings
     (scorer, allocator, observe; KVzip-style re-reading: scorer "kvzip", observe 0), CI, n and tasks:
@@ -475,7 +475,7 @@ def quality_table(per_sample: Sequence[dict]) -> list[dict]:
 
 
 def write_quality_table(per_sample: Sequence[dict], path: str | Path) -> Path:
-    """Write `quality_table(per_sample)` as JSON to `path` (the file `compress_auto` is pointed at)."""
+    """Write `quality_table(per_sample)` as JSON to `path` (the file `QualityTable.load` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(quality_table(per_sample), indent=1, default=float))
@@ -487,7 +487,7 @@ def write_quality_table(per_sample: Sequence[dict], path: str | Path) -> Path:
 class CompressionQualityConfig:
     """Notebook 02's parameters (upper-case names in its `parameters` cell)."""
 
-    model: str = "smollm2-135m"  # permkv.models name
+    model: str = "smollm2-135m"  # a bundled name, a saved folder or a GGUF file (permkv.models.load_model)
     tasks: list = field(default_factory=lambda: ["niah_single"])  # question-answering tasks
     lengths: list = field(default_factory=lambda: [512])  # context tokens
     n_samples: int = 1  # samples per (task, length); every method and ratio answers the same ones
@@ -509,6 +509,8 @@ class CompressionQualityConfig:
     workers: int = 1  # processes answering samples (both modes each), one torch thread each
 
     def __post_init__(self):
+        model_source(self.model)
+        model_source(self.long_model)
         check_methods(self.methods)
         check_methods(self.long_methods)
         if self.headline not in self.methods:

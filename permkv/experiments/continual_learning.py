@@ -39,7 +39,7 @@ from permkv.knowledge.train import (
     pretrain_memory,
     text_batches, token_windows, window_batches,
 )
-from permkv.models import cache_dir, load_model
+from permkv.models import cache_dir, load_model, model_source
 
 
 def answer_line(text: str) -> str:
@@ -140,6 +140,9 @@ class ExperimentConfig:
     world_max: int = 24
     essay_tokens: int = 256
     seed: int = 0
+
+    def __post_init__(self):
+        model_source(self.model)
 
     def to_params(self) -> dict:
         params = {k: v for k, v in asdict(self).items() if k != "memory"}

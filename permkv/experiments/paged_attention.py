@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from permkv.cache import BlockPool, CacheFull, PagedBatch, PagedCache, Segment, paged_attention, run
 from permkv.compress import InferenceKVCacheCompression, chunked_prefill_and_compress
 from permkv.data import Sample, encode_sample, load_hotpot, load_squad
-from permkv.models import model_config
+from permkv.models import model_config, model_source
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def admit_compressed(model, pool: BlockPool, requests: list[Request], ratio: flo
     """
     if not requests or not all(r.prompt_ids for r in requests):
         raise ValueError("requests must be non-empty and carry prompt_ids (request_mix of token ids)")
-    compression = compression or InferenceKVCacheCompression()
+    compression = compression or InferenceKVCacheCompression(scorer="kvcompress")  # bytes, not quality: the cheap scorer
     caches: list[PagedCache] = []
     used_tokens = 0
     bar = tqdm(desc=f"admit {ratio:g}x", disable=not progress)
@@ -184,7 +184,7 @@ def admit_compressed(model, pool: BlockPool, requests: list[Request], ratio: flo
 class PagedAttentionConfig:
     """Parameters of notebook 01 (names match its parameters cell in lower case)."""
 
-    model: str = "smollm2-135m"
+    model: str = "smollm2-135m"  # a bundled name, a saved folder or a GGUF file (permkv.models.load_model)
     n_prompts: int = 20  # prompts per task (SQuAD and HotpotQA)
     output_range: tuple[int, int] = (16, 512)  # output tokens per request, uniform
     pool_gib: float = 1.0  # KV memory for both allocators
@@ -197,6 +197,7 @@ class PagedAttentionConfig:
     seed: int = 0
 
     def __post_init__(self):
+        model_source(self.model)
         object.__setattr__(self, "output_range", tuple(self.output_range))
         object.__setattr__(self, "compress_ratios", tuple(self.compress_ratios))
         if self.n_prompts < 1 or self.demo_prompts < 1:

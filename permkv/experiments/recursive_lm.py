@@ -26,20 +26,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from permkv.checks import positive_int
+from permkv.compress import InferenceKVCacheCompression
 from permkv.data import Sample, load_essays
 from permkv.data.tasks import KEY_WORDS, NEEDLE, NEEDLE_QUESTION
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line
-from permkv.models import MODELS, encode_prompt
+from permkv.models import encode_prompt, model_source
 from permkv.rlm import READ, RecursiveLanguageModel, RLMBudgetExceeded, sentences
 from permkv.serve import SequentialBackend, create_app, running
 
 TASKS = ("niah_single", "niah_multikey")
-SCORINGS = {"kvzip": dict(kvzip=True), "attention": dict(kvzip=False)}  # SequentialBackend settings
+SCORINGS = {"kvzip": "kvzip", "attention": "kvcompress"}  # scoring -> the compression's scorer
 
 
 @dataclass
 class RecursiveLMConfig:
-    model: str = "smollm2-135m"  # one of permkv.models.MODELS
+    model: str = "smollm2-135m"  # a bundled name, a saved folder or a GGUF file (permkv.models.load_model)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # needle tasks (see module docstring)
     doc_tokens: int = 16000  # document length in tokens (essay tokens; needles add ~20 each)
     context_chunk_size: int = 640  # context tokens one call holds in KV: the seed's 4K, scaled to keep 25 calls at 1x
@@ -59,8 +60,7 @@ class RecursiveLMConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        model_source(self.model)
         if not self.scorings or any(s not in SCORINGS for s in self.scorings) or len(set(self.scorings)) < len(self.scorings):
             raise ValueError(f"scorings must be a non-empty list of distinct names from {list(SCORINGS)}, got {self.scorings!r}")
         bad = [t for t in self.tasks if t not in TASKS]
@@ -208,7 +208,8 @@ def run_official(backend, docs: Sequence[Sample], cfg: RecursiveLMConfig) -> lis
 def run_grid(model, tokenizer, spec, cfg: RecursiveLMConfig) -> list[dict]:
     """Every method on the same documents: the RLM at each ratio and scoring, the truncated model, the
     official client."""
-    backends = {name: SequentialBackend(model, tokenizer, spec, chunk_tokens=cfg.chunk_tokens, **SCORINGS[name])
+    backends = {name: SequentialBackend(model, tokenizer, spec, chunk_tokens=cfg.chunk_tokens,
+                                        compression=InferenceKVCacheCompression(SCORINGS[name]))
                 for name in cfg.scorings}
     backend = backends[cfg.scorings[0]]
     rows = []

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from permkv.checks import positive_int
 from permkv.compress import SCORERS, get_scorer
 from permkv.eval import bootstrap_ci, generate
-from permkv.models import encode_prompt
+from permkv.models import encode_prompt, model_source
 from permkv.rvs import RecursiveVerificationSystem, RKVScore, list_prompt, parse_items
 
 # Common concrete nouns (one or two SmolLM2 tokens each), distinct.
@@ -43,7 +43,7 @@ PHRASINGS = (
 
 @dataclass
 class RVSConfig:
-    model: str = "smollm2-135m"  # permkv.models name (an instruct model: the task uses its chat template)
+    model: str = "smollm2-135m"  # a bundled name, saved folder or GGUF file (an instruct model: the task uses its chat template)
     sizes: list[int] = field(default_factory=lambda: [8, 16, 32])  # candidate list lengths (words)
     n_size_probe: int = 4  # instances per size for the full-cache accuracy that picks the sizes
     metric: str = "recall"  # headline score: "recall" (in-order fraction of the list) or "exact" (whole list)
@@ -61,6 +61,7 @@ class RVSConfig:
     seed: int = 0
 
     def __post_init__(self):
+        model_source(self.model)
         if not self.sizes or any(not isinstance(k, int) or not 2 <= k <= len(VOCAB) for k in self.sizes):
             raise ValueError(f"sizes must be ints in [2, {len(VOCAB)}], got {self.sizes!r}")
         for name in ("n_size_probe", "n_samples", "buffer", "window", "subcall_tokens"):

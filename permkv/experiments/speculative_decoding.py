@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from permkv.baselines.hf import hf_generate
 from permkv.data import load_essays, load_squad
 from permkv.eval import bootstrap_ci, bootstrap_ratio_ci
-from permkv.models import encode_prompt
+from permkv.models import encode_prompt, model_source
 from permkv.speculate import (
     Backoff,
     DraftSource,
@@ -416,7 +416,7 @@ def summarize_replays(rows: list[dict]) -> list[dict]:
 class SpeculationConfig:
     """Parameters of notebook 04 (names match its parameters cell in lower case)."""
 
-    model: str = "smollm2-135m"
+    model: str = "smollm2-135m"  # a bundled name, a saved folder or a GGUF file (permkv.models.load_model)
     workloads: tuple[str, ...] = WORKLOADS
     n_prompts: int = 1  # prompts per workload (a verdict needs >= 30)
     max_new_tokens: int = 16
@@ -430,6 +430,7 @@ class SpeculationConfig:
     seed: int = 0
 
     def __post_init__(self):
+        model_source(self.model)
         for name in ("workloads", "methods"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         bad = [w for w in self.workloads if w not in WORKLOADS]

@@ -32,19 +32,16 @@ from tqdm.auto import tqdm
 from permkv.baselines.hf import continuous_batching, sequential_generate
 from permkv.cache import BlockPool, PagedCache, forward, paged_attention
 from permkv.checks import positive_int
-from permkv.compress import InferenceKVCacheCompression, repeat_prompt_ids
+from permkv.compress import InferenceKVCacheCompression
 from permkv.data import build_task, encode_sample
 from permkv.engine import Engine, EngineConfig, Request
 from permkv.eval import TASK_METRIC, bootstrap_ci, first_line
 from permkv.eval.stats import retention_ci
-from permkv.models import get_spec
-
-ALLOCATOR = {"kvzip": "global"}  # the allocator each scorer was measured best with in 02 (others: uniform)
-
+from permkv.models import kv_layout, model_source
 
 @dataclass
 class ThroughputConfig:
-    model: str = "smollm2-135m"
+    model: str = "smollm2-135m"  # a bundled name, a saved folder or a GGUF file (permkv.models.load_model)
     dtype: str = "float32"  # model and KV pool dtype: "float32" (CPU) or "bfloat16" (GPU)
     task: str = "niah_single"  # a task the full cache answers (00: 0.95 at 4K), so retention means something
     n_requests: int = 30  # the anchor: 256 prompts
@@ -67,7 +64,7 @@ class ThroughputConfig:
     seed: int = 0
 
     def __post_init__(self):
-        get_spec(self.model)
+        model_source(self.model)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         lo, hi = self.prompt_range
@@ -84,7 +81,7 @@ class ThroughputConfig:
         if not self.scorers:
             raise ValueError("scorers must name at least one scorer")
         for scorer in self.scorers:
-            EngineConfig(compression=compression_for(scorer))  # a clear error for an unknown scorer
+            EngineConfig(compression=InferenceKVCacheCompression(scorer=scorer))  # a clear error for an unknown scorer
         if not self.cost_batches or not self.cost_tokens or min(self.cost_batches + self.cost_tokens) < 1:
             raise ValueError(f"cost_batches and cost_tokens must be non-empty positive ints, got "
                              f"{self.cost_batches}, {self.cost_tokens}")
@@ -98,10 +95,6 @@ class ThroughputConfig:
         if self.peers:
             out += [("hf_continuous_batching", 1.0, None), ("hf_sequential", 1.0, None)]
         return out
-
-
-def compression_for(scorer: str) -> InferenceKVCacheCompression:
-    return InferenceKVCacheCompression(scorer=scorer, allocator=ALLOCATOR.get(scorer, "uniform"))
 
 
 def system_name(kind: str, ratio: float, scorer: str | None) -> str:
@@ -127,15 +120,10 @@ def make_requests(tokenizer, spec, cfg: ThroughputConfig) -> list[QARequest]:
     return out
 
 
-def _head_dim(model) -> int:
-    text = model.config.get_text_config(decoder=True)
-    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-
-
 def pool_blocks(model, requests: list[QARequest], cfg: ThroughputConfig) -> int:
     """Blocks of a pool holding `pool_requests` average requests (prompt + output) uncompressed."""
     mean = statistics.mean(len(r.prompt_ids) for r in requests) + cfg.output_tokens
-    probe = PagedCache(BlockPool(1, cfg.block_size, _head_dim(model)), model.config)
+    probe = PagedCache(BlockPool(1, cfg.block_size, kv_layout(model.config).head_dim), model.config)
     return math.ceil(cfg.pool_requests * probe.blocks_needed(math.ceil(mean)))
 
 
@@ -148,11 +136,10 @@ def score(tokenizer, tokens: list[int], answers: list[str], stop: set[int], task
 def run_engine(model, tokenizer, spec, requests: list[QARequest], ratio: float, scorer: str | None, blocks: int,
                cfg: ThroughputConfig, progress: bool = False) -> tuple[dict, list[list[int]]]:
     """All requests through a fresh engine on a pool of `blocks` blocks; (row of stats, tokens per request)."""
-    pool = BlockPool(blocks, cfg.block_size, _head_dim(model), dtype=model.dtype, device=model.device)
+    pool = BlockPool(blocks, cfg.block_size, kv_layout(model.config).head_dim, dtype=model.dtype, device=model.device)
     config = EngineConfig(step_tokens=cfg.step_tokens, chunk_tokens=cfg.chunk_tokens, compress_every=cfg.compress_every,
-                          compression=compression_for(scorer or "kvzip"))
-    reread = repeat_prompt_ids(tokenizer, spec) if config.kvzip else None
-    engine = Engine(model, pool, config, stop=set(), reread=reread)
+                          compression=InferenceKVCacheCompression(scorer=scorer or "kvzip"))
+    engine = Engine(model, pool, config, stop=set(), reread=config.compression.reread_ids(tokenizer))
     results = engine.generate([Request(r.prompt_ids, cfg.output_tokens, ratio) for r in requests], progress=progress)
     s = engine.stats
     achieved = [r.achieved_ratio for r in results if r.achieved_ratio]
@@ -263,9 +250,9 @@ def decode_cost(model, requests: list[QARequest], cfg: ThroughputConfig, steps: 
     for n in tqdm(sorted({n for _, n in points}), desc="decode cost", disable=not progress):
         ids = (stream * (n // max(len(stream), 1) + 1))[:n]
         batches = sorted(b for b, m in points if m == n)
-        probe = PagedCache(BlockPool(1, cfg.block_size, _head_dim(model)), model.config)
+        probe = PagedCache(BlockPool(1, cfg.block_size, kv_layout(model.config).head_dim), model.config)
         pool = BlockPool(max(batches) * probe.blocks_needed(n + steps + cfg.block_size) + 1, cfg.block_size,
-                         _head_dim(model), dtype=model.dtype, device=model.device)
+                         kv_layout(model.config).head_dim, dtype=model.dtype, device=model.device)
         with paged_attention(model):
             for batch in batches:
                 cache = PagedCache(pool, model.config)

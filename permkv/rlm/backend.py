@@ -4,7 +4,7 @@ or `Backend.stream(...)` for the tokens as they come.
 `SequentialBackend` answers one request at a time on one model: ratio 1 reads the prompt into a full
 `DynamicCache`; ratio > 1 reads it through chunked prefill with compression into a `PagedCache`
 (`permkv.compress.chunked_prefill_and_compress`), so a call holds about len(prompt) / ratio + one chunk of
-tokens (`kvzip=True`: what it keeps is scored by KVzip-style re-reading of each chunk). Both decode with
+tokens (by default what it keeps is scored by KVzip-style re-reading of each chunk). Both decode with
 `permkv.eval.greedy_decode`, the one decode loop; greedy only. `EngineBackend` serves the same calls
 from the step-driven engine (`permkv.engine`) on one paged pool: concurrent calls join the next step
 and decode together; it also samples (temperature, top_p, seed).
@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -202,8 +202,7 @@ class SequentialBackend:
     name: str = ""  # the model name clients ask for (default: spec.name)
     max_kv_tokens: int | None = None
     chunk_tokens: int = 512
-    compression: InferenceKVCacheCompression | None = None
-    kvzip: bool = False  # score compressed reads by KVzip-style re-reading (query-agnostic, ~2x the reading compute)
+    compression: InferenceKVCacheCompression = field(default_factory=InferenceKVCacheCompression)  # KVzip-style
     verify_cost: VerifyCost | None = None  # speculation's verify cost; None: measured on the first speculative call
     history_tokens: int = 65536  # earlier outputs the speculative drafter also searches (0: none)
 
@@ -212,10 +211,8 @@ class SequentialBackend:
         self.max_kv_tokens = self.max_kv_tokens or self.spec.max_positions
         if self.max_kv_tokens < 1:
             raise ValueError(f"max_kv_tokens must be >= 1, got {self.max_kv_tokens}")
-        # KVzip's scores are attention maxima, comparable across heads: one global top-k (notebook 02's best)
-        self.compression = self.compression or InferenceKVCacheCompression(allocator="global" if self.kvzip else "uniform")
         floor = max(self.compression.observe, self.compression.window + self.compression.sinks)
-        if self.chunk_tokens < floor:
+        if not self.compression.rereads and self.chunk_tokens < floor:
             raise ValueError(f"chunk_tokens must be >= {floor} (the compressor's protected and observed tokens), "
                              f"got {self.chunk_tokens}")
         if self.history_tokens < 0:
@@ -225,7 +222,7 @@ class SequentialBackend:
         self._history = SuffixIndex()
         self._stop = stop_ids(self.model, self.tokenizer)
         self._repeat = repeat_prompt_ids(self.tokenizer, self.spec)
-        self._reread = self._repeat if self.kvzip else None
+        self._reread = self._repeat if self.compression.rereads else None
         self._contexts: dict[int, ContextCache] = {}
         self._next_context = 0
 

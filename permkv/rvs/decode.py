@@ -19,6 +19,7 @@ from permkv.cache import BlockPool, PagedCache
 from permkv.checks import check_ratio, positive_int
 from permkv.compress import Compressor, UniformAllocator, observing
 from permkv.eval import greedy_decode, prefill
+from permkv.models import kv_layout
 from permkv.rvs.scorers import RKVScore
 
 
@@ -69,10 +70,9 @@ class BudgetedDecoder:
 
     def new_cache(self, n_input: int) -> PagedCache:
         """A cache whose pool holds exactly n_input + budget tokens per (layer, KV head)."""
-        text = self.model.config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        layout = kv_layout(self.model.config)
         per_head = -(-(n_input + self.budget) // self.block_size)
-        pool = BlockPool(text.num_hidden_layers * text.num_key_value_heads * per_head, self.block_size, head_dim,
+        pool = BlockPool(layout.n_layers * layout.n_kv_heads * per_head, self.block_size, layout.head_dim,
                          self.model.dtype, self.model.device)
         return PagedCache(pool, self.model.config)
 

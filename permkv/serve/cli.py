@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from permkv.models import DEFAULT_MODEL, MODELS
+from permkv.models import BUNDLED, DEFAULT_MODEL
 
 
 def serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="model to load")
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API ")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model to load: a bundled name ({', '.join(sorted(BUNDLED))}), a local folder saved with "
+                        "save_pretrained (config.json, safetensors, tokenizer) or a .gguf file; clients ask for it "
+                        "by this name (default: %(default)s)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients ask for (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--ratio", type=float, default=1.0,
@@ -40,22 +45,24 @@ def serve(args: argparse.Namespace) -> None:
     from permkv.rlm import EngineBackend, SequentialBackend
     from permkv.serve import create_app
 
-    kvzip = args.scorer == "kvzip"
-    if not kvzip and args.scorer not in SCORERS:
-        raise SystemExit(f"permkv serve: unknown scorer {args.scorer!r}; use 'kvzip' or one of {sorted(SCORERS)}")
-    compression = InferenceKVCacheCompression(scorer=args.scorer, allocator="global" if kvzip else "uniform")
+    if args.scorer not in SCORERS:
+        raise SystemExit(f"permkv serve: unknown scorer {args.scorer!r}; one of {sorted(SCORERS)}")
+    compression = InferenceKVCacheCompression(scorer=args.scorer)  # with its best measured allocator
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, spec = load_model(args.model, device=args.device)
+    try:
+        model, tokenizer, spec = load_model(args.model, device=args.device)
+    except ValueError as err:  # a wrong name or path, an architecture permkv cannot run: say so, no traceback
+        raise SystemExit(f"permkv serve: --model: {err}") from None
+    name = args.served_model_name or spec.name
     if args.engine:
         config = EngineConfig(step_tokens=args.step_tokens, chunk_tokens=args.chunk_tokens, compression=compression)
-        backend = EngineBackend(model, tokenizer, spec, pool_bytes=int(args.pool_gib * 2**30),
+        backend = EngineBackend(model, tokenizer, spec, name=name, pool_bytes=int(args.pool_gib * 2**30),
                                 max_kv_tokens=args.max_kv_tokens, config=config)
     else:
-        backend = SequentialBackend(model, tokenizer, spec, max_kv_tokens=args.max_kv_tokens,
-                                    chunk_tokens=args.chunk_tokens, compression=None if kvzip else compression,
-                                    kvzip=kvzip)
-    print(f"permkv: serving {spec.name} on http://{args.host}:{args.port}/v1 (default ratio {args.ratio:g})", flush=True)
+        backend = SequentialBackend(model, tokenizer, spec, name=name, max_kv_tokens=args.max_kv_tokens,
+                                    chunk_tokens=args.chunk_tokens, compression=compression)
+    print(f"permkv: serving {name} on http://{args.host}:{args.port}/v1 (default ratio {args.ratio:g})", flush=True)
     uvicorn.run(create_app(backend, args.ratio), host=args.host, port=args.port, log_level="info")
 
 
