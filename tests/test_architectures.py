@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from permkv.baselines import kvpress as kvp
-from permkv.cache import BlockPool, PagedCache, paged_attention
+from permkv.cache import BlockPool, PagedCache, forward, paged_attention
 from permkv.compress import InferenceKVCacheCompression, paged_cache_for, prefill_and_compress
 from permkv.engine import Engine, EngineConfig, Request
 from permkv.eval import greedy_decode, prefill
@@ -104,7 +104,7 @@ def test_paged_decode_equals_dynamic_cache(arch):
     want = greedy_decode(model, dense, dense_logits, start=len(ids), max_new_tokens=24, stop=set())
     cache = paged_cache_for(model, len(ids) + 32)
     with torch.no_grad(), paged_attention(model):
-        logits = model(torch.tensor([ids]), past_key_values=cache, logits_to_keep=1).logits[0, -1]
+        logits = forward(model, cache, torch.tensor([ids]))[0, -1]
         got = greedy_decode(model, cache, logits, start=len(ids), max_new_tokens=24, stop=set())
     assert torch.allclose(logits, dense_logits, atol=1e-4), float((logits - dense_logits).abs().max())
     assert got == want
@@ -145,13 +145,15 @@ def test_compression_at_8x_frees_blocks(arch):
 @archs
 def test_engine_batched_answers_equal_each_request_alone(arch):
     """Three requests of different lengths batched by the engine get the tokens each gets alone: over a
-    DynamicCache at 1x, in an engine of its own at 4x (chunked compressed prefill, decode-time compression)."""
+    DynamicCache at 1x, in an engine of its own at 4x (chunked prefill, KVzip-style re-reading, decode-time
+    compression)."""
     model = tiny_model(arch)
     prompts = [prompt(n, seed=n) for n in (70, 100, 150)]
     config = EngineConfig(chunk_tokens=64, compress_every=8)
 
     def engine():
-        return Engine(model, BlockPool(4000, 16, kv_layout(model.config).head_dim), config, stop=set())
+        # KVzip-style re-reading (the default) with a made-up repeat prompt: the mechanism, not the semantics
+        return Engine(model, BlockPool(4000, 16, kv_layout(model.config).head_dim), config, stop=set(), reread=[5, 6, 7])
 
     batched = engine().generate([Request(p, 12, 1.0) for p in prompts], progress=False)
     assert [r.tokens for r in batched] == [dense_greedy(model, p, 12) for p in prompts]
@@ -230,7 +232,7 @@ def test_window_on_every_layer_is_read_as_transformers_reads_it():
     ids = prompt(3 * WINDOW, seed=5)
     cache = paged_cache_for(model, len(ids) + 16)
     with torch.no_grad(), paged_attention(model):
-        logits = model(torch.tensor([ids]), past_key_values=cache, logits_to_keep=1).logits[0, -1]
+        logits = forward(model, cache, torch.tensor([ids]))[0, -1]
         got = greedy_decode(model, cache, logits, start=len(ids), max_new_tokens=12, stop=set())
     assert got == dense_greedy(model, ids, 12)
 

@@ -1,17 +1,16 @@
 """Every causal-LM architecture of the installed transformers, tried as a tiny random-init text model:
 does `permkv.models.check_supported` accept it, and if so does a paged greedy decode equal DynamicCache's?
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/architectures/census.py > reports/architectures/census.json
-
-Composite configs (multimodal, encoder-decoder) are left out: their default vision towers are large to
-build at random, and their text models are listed on their own (e.g. gemma3_text). Prints one JSON row
-per architecture; "no tiny config" means transformers itself cannot build the small config (not permkv).
+`python -m permkv.bench architectures [model_type ...]` (default: all of transformers' causal LMs, a
+few minutes). Composite configs (multimodal, encoder-decoder) are left out: their default vision towers
+are large to build at random, and their text models are listed on their own (e.g. gemma3_text). One row
+per architecture; "no tiny config" means transformers itself cannot build the small config (not
+permkv). JSON in reports/bench/architectures.json; docs/models.md quotes its counts.
 """
 
 from __future__ import annotations
 
-import json
-import sys
+import collections
 import time
 import warnings
 
@@ -20,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
-from permkv.cache import paged_attention
+from permkv.cache import forward, paged_attention
 from permkv.compress import paged_cache_for
 from permkv.eval import greedy_decode, prefill
 from permkv.models import UnsupportedModel, check_supported
@@ -63,7 +62,7 @@ def row(model_type: str) -> dict:
         with torch.no_grad():
             paged = paged_cache_for(model, 80)
             with paged_attention(model):
-                logits = model(torch.tensor([ids]), past_key_values=paged, logits_to_keep=1).logits[0, -1]
+                logits = forward(model, paged, torch.tensor([ids]))[0, -1]
                 got = greedy_decode(model, paged, logits, start=len(ids), max_new_tokens=12, stop=set())
     except Exception as err:  # noqa: BLE001
         return dict(arch=model_type, result="paged decode failed", why=f"{type(err).__name__}: {err}"[:300])
@@ -71,8 +70,16 @@ def row(model_type: str) -> dict:
                 seconds=round(time.perf_counter() - t0, 2))
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> None:
+    from permkv.bench import write_result
+
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
-    for model_type in sys.argv[1:] or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        print(json.dumps(row(model_type)), flush=True)
+    rows = [row(model_type) for model_type in (argv or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)]
+    counts = collections.Counter(r["result"] for r in rows)
+    print(dict(counts))
+    print(f"wrote {write_result('architectures', dict(counts=dict(counts), rows=rows))}")
+
+
+if __name__ == "__main__":
+    main(__import__("sys").argv[1:])
