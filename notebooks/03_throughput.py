@@ -65,6 +65,7 @@ RATIOS = [1, 8]  # x times smaller
 SCORERS = ["kvzip", "kvcompress"]
 ATTENTION_RATIOS = None  # ratios of the attention scorers (None: all of RATIOS)
 REPEATS = 1
+CLOCK = "cpu"  # speeds per second of this process's CPU time (robust on a shared machine); "wall" on a GPU
 PEERS = True  # transformers' continuous batching (same blocks) and sequential generate
 SEQUENTIAL_REPEATS = 1
 BLOCK_SIZE = 16

@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--attention-ratios", type=float, nargs="+", default=[8, 64])
     ap.add_argument("--repeats", type=int, default=d.repeats)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=d.clock, help="speeds per second of CPU time or wall time")
     ap.add_argument("--cost-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--cost-tokens", type=int, nargs="+", default=[128, 512, 1024])
     ap.add_argument("--out-name", default="throughput")
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> None:
     cfg = ThroughputConfig(model=args.model, n_requests=args.requests, prompt_range=args.prompt_range,
                            output_tokens=args.output_tokens, pool_requests=args.pool_requests, ratios=whole(args.ratios),
                            scorers=args.scorers, attention_ratios=whole(args.attention_ratios), repeats=args.repeats,
-                           peers=not args.no_peers, cost_batches=args.cost_batches, cost_tokens=args.cost_tokens)
+                           peers=not args.no_peers, clock=args.clock, cost_batches=args.cost_batches, cost_tokens=args.cost_tokens)
     model, tok, spec = load_model(cfg.model)
     t0 = time.perf_counter()
     requests = make_requests(tok, spec, cfg)

@@ -52,6 +52,8 @@ class ThroughputConfig:
     scorers: list[str] = field(default_factory=lambda: ["kvzip", "kvcompress"])  # how compressed requests are scored
     attention_ratios: list[float] | None = None  # ratios of the scorers other than kvzip (None: all of `ratios`)
     repeats: int = 2  # every system once per repeat, order reversed on odd repeats; medians reported
+    clock: str = "cpu"  # speeds per second of "cpu" (this process's CPU time: one torch thread, robust to other
+    # processes on a shared machine) or "wall" (a GPU, or a machine of one's own)
     peers: bool = True  # also run transformers' continuous batching and sequential generate
     sequential_repeats: int = 1  # sequential generate (slow, a reference) runs in this many repeats only
     block_size: int = 16  # tokens per KV block (ours and transformers')
@@ -70,6 +72,8 @@ class ThroughputConfig:
         lo, hi = self.prompt_range
         if not 128 <= lo <= hi:
             raise ValueError(f"prompt_range must be [low, high] with 128 <= low <= high, got {self.prompt_range}")
+        if self.clock not in ("cpu", "wall"):
+            raise ValueError(f"clock must be 'cpu' or 'wall', got {self.clock!r}")
         for name in ("n_requests", "output_tokens", "repeats", "block_size", "step_tokens", "chunk_tokens",
                      "compress_every", "cost_max_tokens"):
             positive_int(name, getattr(self, name))
@@ -153,8 +157,9 @@ def run_grid(model, tokenizer, spec, requests: list[QARequest], cfg: ThroughputC
              ) -> tuple[list[dict], dict]:
     """Every system (`cfg.systems()`) on the same requests and pool, `repeats` times.
 
-    Returns rows (one per system and repeat, with `output_tps`, `total_tps`, `wall`, ...) and the
-    tokens of each system's first run (for answer quality; greedy, so every repeat gives the same)."""
+    Returns rows (one per system and repeat, with `output_tps`, `total_tps` per `cfg.clock` second,
+    `wall`, `cpu_s`, ...) and the tokens of each system's first run (for answer quality; greedy, so every
+    repeat gives the same)."""
     blocks = pool_blocks(model, requests, cfg)
     prompts = [r.prompt_ids for r in requests]
     n_prompt = sum(map(len, prompts))
@@ -169,6 +174,7 @@ def run_grid(model, tokenizer, spec, requests: list[QARequest], cfg: ThroughputC
         for kind, ratio, scorer in (systems if rep % 2 == 0 else systems[::-1]):
             if kind == "hf_sequential" and rep >= cfg.sequential_repeats:
                 continue
+            cpu = time.process_time()
             if kind == "engine":
                 row, toks = run_engine(model, tokenizer, spec, requests, ratio, scorer, blocks, cfg)
             else:
@@ -177,9 +183,12 @@ def run_grid(model, tokenizer, spec, requests: list[QARequest], cfg: ThroughputC
                 else:
                     peer = sequential_generate(model, prompts, cfg.output_tokens, set())
                 toks = peer.tokens
-                row = dict(system=kind, scorer="none", ratio=1.0, wall=peer.wall, output_tps=peer.output_tps,
-                           total_tps=peer.total_tps, output_tokens=peer.output_tokens,
+                row = dict(system=kind, scorer="none", ratio=1.0, wall=peer.wall, output_tokens=peer.output_tokens,
                            prompt_tokens=n_prompt if not peer.error else 0, error=peer.error)
+            row["cpu_s"] = time.process_time() - cpu
+            seconds = row["cpu_s"] if cfg.clock == "cpu" else row["wall"]
+            row |= dict(seconds=seconds, output_tps=row["output_tokens"] / seconds if not row.get("error") else math.nan,
+                        total_tps=(row["prompt_tokens"] + row["output_tokens"]) / seconds if not row.get("error") else math.nan)
             rows.append(dict(repeat=rep, pool_blocks=blocks, **row))
             tokens.setdefault(row["system"], toks)
             bar.update()
@@ -216,6 +225,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                    output_tps=statistics.median(m["output_tps"] for m in mine),
                    total_tps=statistics.median(m["total_tps"] for m in mine),
                    wall=statistics.median(m["wall"] for m in mine),
+                   cpu_s=statistics.median(m["cpu_s"] for m in mine) if "cpu_s" in mine[0] else math.nan,
+                   seconds=statistics.median(m.get("seconds", m["wall"]) for m in mine),
                    output_gain=rel("output_tps"), total_gain=rel("total_tps"),
                    error=mine[0].get("error"))
         for key in ("mean_batch", "max_batch", "preemptions", "prefill_share", "compressions", "mean_occupancy",
@@ -281,13 +292,13 @@ def fit_cost(rows: list[dict]) -> dict[str, float]:
 def predicted_gain(fit: dict[str, float], row: dict, ref: dict, heads: int, block_size: int) -> float:
     """Throughput gain over `ref` (the ratio-1 engine) the cost model predicts for `row`'s mean batch and
     cache size, with its own measured prefill time: 1 / (p_row + (1 - p_ref) * t_row / t_ref), p_row = the
-    row's prefill (and re-reading) time over ref's wall time, p_ref = ref's prefill share, t = decode seconds per generated
+    row's prefill (and re-reading) time over ref's time, p_ref = ref's prefill share, t = decode seconds per generated
     token = fixed / batch + per_seq + per_token * cached tokens per sequence (from the measured blocks per
     sequence, `heads` (layer, KV head) tables each)."""
     def per_token(r):
         cached = r["blocks_per_sequence"] * block_size / heads
         return fit["fixed_s"] / r["mean_batch"] + fit["per_seq_s"] + fit["per_token_s"] * cached
-    prefill = row["prefill_share"] * row["wall"] / ref["wall"]  # the row's prefill time, in ref's time
+    prefill = row["prefill_share"] * row["seconds"] / ref["seconds"]  # the row's prefill time, in ref's time
     return 1 / (prefill + (1 - ref["prefill_share"]) * per_token(row) / per_token(ref))
 
 
