@@ -1,8 +1,14 @@
-"""Shared fixtures: the real models, loaded once per test session."""
+"""Shared fixtures: the real models, loaded once per test session (once per worker under `-n 2`)."""
+
+import os
 
 import pytest
+import torch
 
 from permkv.models import load_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +24,14 @@ def gemma():
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that need Gemma-3 or the quick notebook runs are slow (`make test-fast` leaves them out)."""
+    """Tests that need Gemma-3 or the quick notebook runs are slow (`make test-fast` leaves them out).
+    The notebook runs are one xdist group, scheduled first: they are the longest piece of `make test`."""
+    notebooks = []
     for item in items:
-        if {"gemma", "quick_store"} & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if {"gemma", "quick_store"} & names:
             item.add_marker(pytest.mark.slow)
+        if "quick_store" in names:
+            item.add_marker(pytest.mark.xdist_group("notebooks"))
+            notebooks.append(item)
+    items[:] = notebooks + [item for item in items if item not in notebooks]

@@ -68,7 +68,7 @@ def quick_store(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     reproduce.DURATIONS = tmp / "durations.json"
     try:
-        status = reproduce.main(["--profile", "quick", "--force"])
+        status = reproduce.main(["--profile", "quick", "--force", "--jobs", "2"])
     finally:
         if old[0] is None:
             del os.environ["MLFLOW_TRACKING_URI"]

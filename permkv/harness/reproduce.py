@@ -37,7 +37,8 @@ from permkv.harness import claims, tracking
 PROFILES = ("quick", "cpu", "gpu", "full")
 NOTEBOOKS = tracking.ROOT / "notebooks"
 PARAMS = tracking.ROOT / "params"
-DURATIONS = tracking.ROOT / "reports" / "durations.json"  # measured seconds per profile and notebook
+# measured seconds per profile and notebook ($PERMKV_DURATIONS elsewhere: the parallel runs' children inherit it)
+DURATIONS = Path(os.environ.get("PERMKV_DURATIONS", tracking.ROOT / "reports" / "durations.json"))
 
 
 class ParameterError(ValueError):
@@ -194,7 +195,7 @@ def _run_parallel(books: list[Path], profile: str, jobs: int, out_dir: Path) -> 
     with its share of the cores; a child's Papermill output goes to reports/<profile>/logs/NAME.log."""
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
-    env = dict(os.environ, PERMKV_ROOT=str(tracking.ROOT),
+    env = dict(os.environ, PERMKV_ROOT=str(tracking.ROOT), PERMKV_DURATIONS=str(DURATIONS),
                OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)), OMP_WAIT_POLICY="PASSIVE")
     waiting, running, results = list(books), {}, []
     while waiting or running:
