@@ -192,7 +192,7 @@ def test_config_errors():
 
 @pytest.mark.slow
 def test_headline_at_1_01x_and_1_1x_keeps_the_needles_the_full_cache_finds(smol):
-    """Issue 11's 6 needles (niah_single, 1,024 tokens, seed 1), query-aware: evicting 1% or 10% of the
+    """6 seeded needles (niah_single, 1,024 tokens, seed 1), query-aware: evicting 1% or 10% of the
     tokens with the headline keeps every needle the full cache finds (KV-Compress's global top-k with 8
     observed queries lost 4 of 6 at 1.01x)."""
     model, tok, spec = smol

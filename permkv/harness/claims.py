@@ -34,14 +34,14 @@ class Claim:
 
 
 CLAIMS: list[Claim] = [
-    # --- foundation (issue 2): full-cache reference numbers
+    # --- foundation: full-cache reference numbers
     Claim("baseline.needle", "Both small models find a 7-digit needle at full cache", "ANCHORS.md s8 (checked by the CEO)",
           "6/6 at 3.5K tokens", "7-digit needle in Paul Graham essays, full cache", "00_baseline",
           "claim.niah_single_full_cache", 0.9),
-    Claim("baseline.gemma_ppl", "Gemma-3-270m with the rebuilt tokenizer reads essays sensibly", "issue 2",
+    Claim("baseline.gemma_ppl", "Gemma-3-270m with the rebuilt tokenizer reads essays sensibly", "project foundation",
           "essay perplexity near 22 (<= 30 counts; a broken tokenizer gives hundreds)", "held-out Paul Graham essays, full cache", "00_baseline",
           "claim.gemma_perplexity", 30.0, higher_is_better=False),
-    # --- paged KV cache (issue 3)
+    # --- paged KV cache
     Claim("paged.waste", "PagedAttention wastes almost no KV memory", "vLLM, Kwon et al. SOSP 2023",
           "<4% waste (vs 60-80% reserved)", "block size 16, waste only in each sequence's last block", "01_paged_attention",
           "claim.paged_waste_pct", 4.0, higher_is_better=False),
@@ -51,7 +51,7 @@ CLAIMS: list[Claim] = [
     Claim("paged.concurrent_1x", "Concurrent requests at 1x compression", "seed table (Cloudflare blog)",
           "10", "not stated; depends on pool size and request lengths", "01_paged_attention",
           "claim.concurrent_requests_1x", None),
-    # --- per-head compression (issue 4)
+    # --- per-head compression
     Claim("compress.8x_aware", "8x KV compression keeps 95%+ task quality (query-aware)", "KV-Compress (Rehg 2024), Cloudflare blog",
           ">=95% retention", "LongBench, Llama-3.1-8B / Mistral-7B, question inside the protected window",
           "02_compression_quality", "claim.retention_8x_query_aware", 0.95),
@@ -64,18 +64,18 @@ CLAIMS: list[Claim] = [
     Claim("compress.64x_agnostic", "64x KV compression keeps 90%+ task quality (query-agnostic)", "seed (not the anchor's setting)",
           ">=90% retention", "the anchor never measured it", "02_compression_quality",
           "claim.retention_64x_query_agnostic", 0.90),
-    Claim("compress.beats_kvpress_8x", "permkv's per-head compression beats kvpress at 8x (query-aware)", "issue 4 (project goal)",
+    Claim("compress.beats_kvpress_8x", "permkv's per-head compression beats kvpress at 8x (query-aware)", "project goal",
           "higher score than the best kvpress press", "same samples; paired bootstrap 95% CI lower end of the score difference",
           "02_compression_quality", "claim.beats_kvpress_8x_query_aware", 1e-9),
-    Claim("compress.beats_kvpress_64x", "permkv's per-head compression beats kvpress at 64x (query-aware)", "issue 4 (project goal)",
+    Claim("compress.beats_kvpress_64x", "permkv's per-head compression beats kvpress at 64x (query-aware)", "project goal",
           "higher score than the best kvpress press", "same samples; paired bootstrap 95% CI lower end of the score difference",
           "02_compression_quality", "claim.beats_kvpress_64x_query_aware", 1e-9),
     Claim("compress.beats_kvpress_8x_agnostic", "permkv's per-head compression beats kvpress at 8x (query-agnostic)",
-          "issue 11 (project goal)", "higher score than the best kvpress press", "same samples; paired bootstrap 95% CI "
+          "project goal", "higher score than the best kvpress press", "same samples; paired bootstrap 95% CI "
           "lower end of the score difference against the best press of the run (KVzipPress: see the next row)",
           "02_compression_quality", "claim.beats_kvpress_8x_query_agnostic", 1e-9),
     Claim("compress.best_beats_kvpress_8x_agnostic", "permkv's best method beats kvpress at 8x (query-agnostic)",
-          "issue 11 (project goal)", "higher score than the best kvpress press", "same samples; the permkv method "
+          "project goal", "higher score than the best kvpress press", "same samples; the permkv method "
           "with the highest retention (e.g. permkv_kvzip_global; chosen on the same samples) against the best press of the run; paired "
           "bootstrap 95% CI lower end. kvpress's KVzipPress is not in the cpu profile (its own prefill and re-reading); measured "
           "apart on the same samples it ties (README)", "02_compression_quality", "claim.best_beats_kvpress_8x_query_agnostic", 1e-9),
@@ -83,7 +83,7 @@ CLAIMS: list[Claim] = [
           "seed; KVzip (Kim et al. 2025) for the method", ">=95% retention", "KVzip: query-agnostic, re-reading the "
           "context; here permkv's best method at 8x", "02_compression_quality", "claim.best_retention_8x_query_agnostic", 0.95),
     Claim("compress.not_below_random_8x", "permkv's headline never loses to random eviction (8x, query-aware)",
-          "issue 11", "score difference >= 0", "same samples; paired bootstrap 95% CI lower end of headline - random "
+          "project goal", "score difference >= 0", "same samples; paired bootstrap 95% CI lower end of headline - random "
           "(>= 0: not worse)", "02_compression_quality", "claim.vs_random_8x_query_aware", 0.0),
     Claim("compress.8x_aware_gemma", "8x KV compression keeps 95%+ task quality (query-aware, Gemma-3-270m)",
           "KV-Compress (Rehg 2024), Cloudflare blog", ">=95% retention", "as above; here a second model: Gemma-3-270m's "
@@ -149,13 +149,13 @@ CLAIMS: list[Claim] = [
           "claim.rvs_tokens_reasoned_ratio_8x", 7.6),
     Claim("rvs.quality_8x", "... with the accuracy of the uncompressed trace", "seed; R-KV (arXiv 2505.24133) for the method",
           "implied: no loss (R-KV: lossless at 34% KV on MATH-500, 8B model)",
-          "accuracy at 8x / full-cache accuracy, same instances, longest kept list size (issue 15: within 5 points)",
+          "accuracy at 8x / full-cache accuracy, same instances, longest kept list size (target: within 5 points)",
           "06_recursive_verification", "claim.rvs_quality_retention_8x", 0.95),
     Claim("rvs.verification", "Verification improves accuracy", "Chain-of-Verification (arXiv 2309.11495); seed's RVS",
           "CoVe: Wikidata precision 0.17 -> 0.36 (Llama-65B)",
           "same drafts with and without factored verification + revision; paired bootstrap 95% CI lower end of the "
           "accuracy difference, best (size, ratio)", "06_recursive_verification", "claim.rvs_verification_gain_ci_low", 1e-9),
-    # --- continual learning (issue 6)
+    # --- continual learning
     Claim("continual.forgetting", "Sparse memory finetuning forgets 11% vs 71-89% for LoRA / full finetuning",
           "Lin et al. 2025, arXiv 2510.15103", "11% (vs 71% LoRA, 89% full)",
           "NaturalQuestions F1 drop after learning TriviaQA facts, 1.3B model with a 1M-slot memory, equal acquisition",
