@@ -76,7 +76,7 @@ CLAIMS: list[Claim] = [
           "02_compression_quality", "claim.beats_kvpress_8x_query_agnostic", 1e-9),
     Claim("compress.best_beats_kvpress_8x_agnostic", "permkv's best method beats kvpress at 8x (query-agnostic)",
           "project goal", "higher score than the best kvpress press", "same samples; the permkv method "
-          "with the highest retention (e.g. permkv_kvzip_global; chosen on the same samples) against the best press of the run; paired "
+          "with the highest retention (e.g. kvzip/global; chosen on the same samples) against the best press of the run; paired "
           "bootstrap 95% CI lower end. kvpress's KVzipPress is not in the cpu profile (its own prefill and re-reading); measured "
           "apart on the same samples it ties (README)", "02_compression_quality", "claim.best_beats_kvpress_8x_query_agnostic", 1e-9),
     Claim("compress.best_8x_agnostic", "8x KV compression keeps 95%+ task quality (query-agnostic, permkv's best method)",
