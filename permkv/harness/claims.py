@@ -5,7 +5,8 @@ A notebook that measures a claim logs an MLflow metric named `Claim.metric` in e
 the gpu, then full, then cpu, then quick profile; a failed newest run shows as failed) and writes reports/claims.md and the table in README.md.
 A metric logged with `.min` / `.max` beside it (a mean over seeds) shows that range in the ledger.
 A claim is "reproduced" only when the measured value meets its target; "measured" rows carry no
-target (a number whose meaning depends on our setting, reported for reference).
+target (a number whose meaning depends on our setting, reported for reference). A quality or speed claim
+measured on fewer than `MIN_N` samples gives no verdict (`min_samples`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Claim:
     higher_is_better: bool = True
     fmt: str = "{:.3g}"
     samples: str | None = None  # the parameter giving n, where not the notebook's (`SAMPLES`)
-    min_n: int | None = None  # fewer samples than this give no verdict (speed claims: 30 prompts per workload)
+    min_n: int | None = None  # fewer samples than this give no verdict; None: `MIN_N` for a quality or speed claim
 
 
 CLAIMS: list[Claim] = [
@@ -114,30 +115,29 @@ CLAIMS: list[Claim] = [
     Claim("speculate.seed", "Prompt-lookup speculation gives a 40-70% speedup", "seed (no primary source found)",
           "1.4-1.7x", "Llama models, unspecified; here permkv's suffix-tree drafter (a lookup over prompt and output), "
           "pooled over code edit, quote and SQuAD, prefill included", "04_speculative_decoding",
-          "claim.speculative_speedup_grounded", 1.4, min_n=30),
+          "claim.speculative_speedup_grounded", 1.4),
     Claim("speculate.pld", "Prompt lookup gives ~2.4x on input-grounded tasks", "apoorvumang/prompt-lookup-decoding",
           "~2.4x", "Mistral-7B, A100, summarisation and context QA", "04_speculative_decoding",
-          "claim.speculative_speedup_grounded", 2.4, min_n=30),
+          "claim.speculative_speedup_grounded", 2.4),
     Claim("speculate.2x", "Speculation doubles greedy speed on input-grounded work", "project target; SuffixDecoding "
           "(arXiv 2411.04975) for the method", ">=2.0x", "SuffixDecoding: 1.4-3.9x over n-gram lookup, agentic and code "
-          "workloads, Llama-3.1-70B on 8xH100", "04_speculative_decoding", "claim.speculative_speedup_grounded", 2.0,
-          min_n=30),
+          "workloads, Llama-3.1-70B on 8xH100", "04_speculative_decoding", "claim.speculative_speedup_grounded", 2.0),
     Claim("speculate.beats_hf", "permkv's speculation beats HF's built-in prompt lookup on input-grounded work",
           "project target", "faster on the same prompts", "paired bootstrap 95% CI lower end of per-prompt speedup "
           "(suffix trees) minus HF's (k=10, n=3), pooled grounded prompts", "04_speculative_decoding",
-          "claim.speculative_minus_hf_grounded_ci_low", 1e-9, min_n=30),
+          "claim.speculative_minus_hf_grounded_ci_low", 1e-9),
     Claim("speculate.open_ended", "Speculation need not slow open-ended text (one integration lost ~10%)",
           "ANCHORS.md s4 [S]; project target", ">=0.98x of greedy", "one integration, unspecified; here the suffix "
           "drafter's fallback to plain decoding", "04_speculative_decoding", "claim.speculative_speedup_open_ended",
-          0.98, min_n=30),
+          0.98),
     Claim("speculate.lossless", "Speculation is lossless: the output is greedy's", "prompt lookup / SuffixDecoding (by "
           "construction)", "identical tokens", "every prompt and method of the run, token for token",
-          "04_speculative_decoding", "all_identical", 1.0),
+          "04_speculative_decoding", "all_identical", 1.0, min_n=0),  # exact: one differing prompt refutes it
     # --- recursive long context (RLM / RVS)
     Claim("rlm.calls", "8x compression cuts RLM calls on 100K tokens from 25 to 4 (the count; quality: next rows)", "seed arithmetic; RLM (Zhang & Khattab 2025)",
           "25 -> 4 calls", "arithmetic (100K / 4K vs 100K / 32K); here document-reading calls of permkv's scripted RLM "
           "at 8x, same 25:1 document-to-budget proportion (SmolLM2, cpu profile: 8K-token documents, 320-token KV budget per call)",
-          "05_recursive_lm", "claim.rlm_read_calls_8x", 4.0, higher_is_better=False),
+          "05_recursive_lm", "claim.rlm_read_calls_8x", 4.0, higher_is_better=False, min_n=0),  # a count, not a quality
     Claim("rlm.calls_1x", "RLM calls on 100K tokens without compression", "seed arithmetic", "25 calls",
           "100K / 4K; here document-reading calls at 1x, same proportion", "05_recursive_lm", "claim.rlm_read_calls_1x", None),
     Claim("rlm.quality", "... at equal quality: the 8x-compressed RLM keeps 96% of its quality", "seed (no primary source)", "96% quality",
@@ -173,23 +173,37 @@ CLAIMS: list[Claim] = [
 ]
 
 
+# Fewest samples behind a verdict on a quality or speed claim (speed: prompts per workload).
+MIN_N = 30
+# The notebooks whose claims are quality or speed measured on samples (MIN_N applies unless a claim's min_n says).
+QUALITY_OR_SPEED = ("00_baseline", "02_compression_quality", "03_throughput", "04_speculative_decoding",
+                    "05_recursive_lm", "06_recursive_verification")
+
 # The parameter that says how many samples stand behind each notebook's values (shown beside them).
 SAMPLES = {"00_baseline": "n_samples", "01_paged_attention": "n_prompts", "02_compression_quality": "n_samples",
            "03_throughput": "n_requests", "04_speculative_decoding": "n_prompts", "05_recursive_lm": "n_docs",
            "06_recursive_verification": "n_samples", "07_continual_learning_forgetting": "n_facts"}
 
 
+def min_samples(claim: Claim) -> int:
+    """The fewest samples behind a verdict: `claim.min_n` where set, else `MIN_N` for a quality or speed
+    claim (`QUALITY_OR_SPEED` notebooks), else 0."""
+    if claim.min_n is not None:
+        return claim.min_n
+    return MIN_N if claim.experiment in QUALITY_OR_SPEED else 0
+
+
 def verdict(claim: Claim, value: float | None, profile: str = "cpu", n: int | None = None) -> str:
-    """reproduced / not reproduced / measured; a quick (smoke) run, or fewer than `claim.min_n` samples,
-    gives no verdict."""
+    """reproduced / not reproduced / measured; a quick (smoke) run, or a target claim measured on fewer than
+    `min_samples(claim)` samples (`n`, where known), gives no verdict."""
     if value is None:
         return "not yet measured"
     if profile == "quick":
         return "smoke run only"
-    if claim.min_n is not None and n is not None and n < claim.min_n:
-        return f"no verdict (n < {claim.min_n})"
     if claim.target is None:
         return "measured"
+    if n is not None and n < min_samples(claim):
+        return f"no verdict (n < {min_samples(claim)})"
     ok = value >= claim.target if claim.higher_is_better else value <= claim.target
     return "reproduced" if ok else "not reproduced"
 
@@ -214,10 +228,18 @@ def ledger_rows() -> list[dict[str, str]]:
             if lo is not None and hi is not None:  # a mean over seeds: show their range
                 where += f"; seeds' range {c.fmt.format(lo)} to {c.fmt.format(hi)}"
             measured = "-" if value is None else f"{c.fmt.format(value)} ({where})"
-            result = verdict(c, value, profile, int(float(n)) if c.min_n is not None and n is not None else None)
+            result = verdict(c, value, profile, _count(n))
         rows.append(dict(claim=c.claim, source=c.source, claimed=c.claimed, conditions=c.conditions,
                          measured=measured, verdict=result, experiment=c.experiment))
     return rows
+
+
+def _count(param: str | None) -> int | None:
+    """A sample-count parameter as MLflow stores it ("30"), or None where absent or not a number."""
+    try:
+        return int(float(param)) if param is not None else None
+    except ValueError:
+        return None
 
 
 def render(rows: list[dict[str, str]]) -> str:
