@@ -250,3 +250,14 @@ def test_gemma3_sliding_window_layers(gemma):
     assert [r.tokens for r in e.generate([Request(ids, 12) for ids in prompts], progress=False)] == want
     results = e.generate([Request(ids, 20, 2) for ids in prompts], progress=False)
     assert all(len(r.tokens) > 0 for r in results) and e.pool.num_free == e.pool.num_blocks
+
+
+def test_closing_the_backend_gives_the_model_its_attention_back(smol):
+    model = smol[0]
+    before = model.config._attn_implementation
+    from permkv.rlm import EngineBackend
+
+    with EngineBackend(*smol, pool_bytes=16 * 2**20) as b:
+        b.generate(b.tokenizer("What is the capital of France?").input_ids, 2)
+        assert b.loop.alive
+    assert not b.loop.alive and model.config._attn_implementation == before

@@ -240,3 +240,17 @@ def test_crop_rejects_bad_lengths(smol):
     model, _, spec = smol
     with pytest.raises(ValueError, match="max_length must be >= 0"):
         paged_cache(model, spec, blocks=10).crop(-1)
+
+
+@torch.no_grad()
+def test_greedy_decode_switches_the_paged_attention_on_for_its_loop(smol):
+    """What README's example does: decode a PagedCache outside any `paged_attention` block."""
+    from permkv.eval import greedy_decode, prefill
+
+    model, tok, spec = smol
+    ids = tok(PROMPTS[0]).input_ids
+    expected, _ = dynamic_reference(model, ids, 6)
+    cache, logits = prefill(model, ids, paged_cache(model, spec))
+    before = model.config._attn_implementation
+    assert greedy_decode(model, cache, logits, start=len(ids), max_new_tokens=6, stop=set()) == expected
+    assert model.config._attn_implementation == before

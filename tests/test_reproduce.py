@@ -193,7 +193,9 @@ def test_throughput_quick_metrics(quick_store):
     (run,) = client.search_runs([exp.experiment_id])
     m = run.data.metrics
     assert m["throughput.total_gain_1x"] == 1.0 and m["claim.throughput_gain_8x"] > 0
-    assert m["throughput.max_batch_kvzip_8x"] >= m["throughput.max_batch_1x"] >= 1
+    # compressed per chunk, more sequences fit at once; KVzip-style reading first holds the whole prompt
+    assert m["throughput.max_batch_kvcompress_8x"] >= m["throughput.max_batch_1x"] >= 1
+    assert m["throughput.max_batch_kvzip_8x"] >= 1
     assert 0 < m["throughput.prefill_share_1x"] < 1
     assert m["throughput.engine_1x_vs_hf_sequential"] > 0
     assert {"claim.engine_concurrency_gain_8x", "claim.throughput_retention_8x", "throughput.total_gain_kvcompress_8x",

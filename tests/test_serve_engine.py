@@ -20,7 +20,8 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What i
 
 @pytest.fixture(scope="module")
 def backend(smol):
-    return EngineBackend(*smol, pool_bytes=256 * 2**20, config=EngineConfig(step_tokens=1100, chunk_tokens=64))
+    with EngineBackend(*smol, pool_bytes=256 * 2**20, config=EngineConfig(step_tokens=1100, chunk_tokens=64)) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,4 @@ def test_one_compressed_context_serves_many_questions_read_once(backend, server,
     assert httpx.get(f"{server}/contexts/ctx-999").status_code == 404
     assert httpx.post(server + "/contexts", json={"text": "x " * 5000, "ratio": 4}).status_code == 400  # never fits
     assert idle(backend) and backend.engine.pool.num_free == backend.engine.pool.num_blocks
+

@@ -47,6 +47,13 @@ def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     rows = {r["claim"]: r for r in claims.ledger_rows() if r["experiment"] == "04_speculative_decoding"}
     assert rows["Prompt lookup gives ~2.4x on input-grounded tasks"]["verdict"] == "no verdict (n < 30)"
     assert rows["Speculation is lossless: the output is greedy's"]["verdict"] == "reproduced"  # no minimum n
+    with tracking.run("03_throughput", {"n_requests": 30}, profile="cpu"):  # fast, but the answers are gone
+        tracking.log_metrics({"claim.throughput_gain_8x": 4.0, "claim.throughput_retention_8x": 0.0,
+                              "claim.throughput_gain_64x": 6.0, "claim.throughput_retention_64x": 0.95})
+    rows = {r["claim"]: r for r in claims.ledger_rows() if r["experiment"] == "03_throughput"}
+    assert rows["3.44x throughput at 8x compression"]["verdict"] == "not reproduced (answers lost)"
+    assert "keeps 0.00 of the full cache's score" in rows["3.44x throughput at 8x compression"]["measured"]
+    assert rows["5.18x throughput at 64x compression"]["verdict"] == "reproduced"
 
 
 def test_quality_and_speed_claims_need_30_samples(tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def run(model, tokenizer, spec, n: int = 200, concurrency: int = 16, max_tokens:
 
     backend = EngineBackend(model, tokenizer, spec, pool_bytes=pool_blocks * BlockPool(1, 16, spec.head_dim,
                             dtype=model.dtype).bytes_per_block)
-    with running(create_app(backend)) as url:
+    with backend, running(create_app(backend)) as url:
         sync = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
         alone = {q: sync.chat.completions.create(model=spec.name, messages=[{"role": "user", "content": q}],
                                                   max_tokens=max_tokens).choices[0].message.content for q in QUESTIONS}

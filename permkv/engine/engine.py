@@ -45,6 +45,7 @@ from permkv.engine.runner import ModelRunner, sample
 from permkv.engine.scheduler import Item, Scheduler, Work
 from permkv.engine.sequence import Phase, Request, RequestOutput, Result, Sequence
 from permkv.eval import stop_ids
+from permkv.models import kv_layout
 
 @dataclass
 class EngineConfig:
@@ -172,7 +173,7 @@ class Engine:
         self.scheduler = Scheduler(pool, self.probe, self.config.step_tokens, self.config.chunk_tokens,
                                    self.config.watermark, self._admit_blocks, self._new_cache, self._reread_len)
         self.contexts: OrderedDict[int, ContextCache] = OrderedDict()  # by id, least recently used first
-        self.max_positions = model.config.get_text_config(decoder=True).max_position_embeddings
+        self.max_positions = kv_layout(model.config).max_positions
         self.sequences: dict[int, Sequence] = {}
         self._next_id = 0
         self.stats = EngineStats(capacity_blocks=pool.num_blocks)
@@ -182,10 +183,14 @@ class Engine:
         """Raise ValueError for a request that could never run here (nothing changes)."""
         if not isinstance(request, Request):
             raise ValueError(f"request must be a permkv.engine.Request, got {type(request).__name__}")
+        if request.context is not None and request.context not in self.contexts:
+            raise ValueError(f"context {request.context} does not exist (never built, or released)")
         n = len(request.prompt_ids)
-        if n + request.max_new_tokens > self.max_positions:
-            raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) must fit "
-                             f"the model's context of {self.max_positions} tokens")
+        base = 0 if request.context is None else self.contexts[request.context].seen
+        if base + n + request.max_new_tokens > self.max_positions:
+            raise ValueError(f"prompt ({n} tokens" + (f" after a context of {base}" if base else "") +
+                             f") + max_new_tokens ({request.max_new_tokens}) must fit the model's context of "
+                             f"{self.max_positions} tokens")
         if request.ratio > 1:
             if self.config.kvzip and not self.reread:
                 raise ValueError("ratio > 1 with KVzip-style scores needs the repeat prompt: "
@@ -195,8 +200,6 @@ class Engine:
                 raise ValueError(f"ratio must be <= the prompt's length ({n})" + ("" if self.config.kvzip else
                                  f" and chunk_tokens ({self.config.chunk_tokens})") +
                                  f": every head keeps at least one token, got {request.ratio:g}")
-        if request.context is not None and request.context not in self.contexts:
-            raise ValueError(f"context {request.context} does not exist (never built, or released)")
         probe = Sequence(-1, request, 0.0)
         needed = self.probe.blocks_needed(max(self._peak_tokens(probe), self._decode_peak(probe)))
         if needed > self.pool.num_blocks:

@@ -5,6 +5,7 @@
     for out in stream:                          # RequestOutputs as the steps make them
         print(out.new_tokens)
     loop.abort(stream)                          # e.g. the client went away: its blocks go back
+    loop.close()                                # the model gets its own attention back
 
 Only the loop's thread touches the engine: `submit` and `abort` hand their work over through a
 queue, so a request arriving mid-step waits for that step to end, never for the batch.
@@ -103,13 +104,24 @@ class EngineLoop:
         stream.aborted = True
         self._inbox.put(("abort", stream, None))
 
+    def close(self) -> None:
+        """Stop the loop (requests in flight are aborted) and give the model back its own attention."""
+        if self.alive:
+            self._inbox.put(("close", None, None))
+            self._thread.join()
+
     def _run(self) -> None:
-        with paged_attention(self.engine.model):  # the engine owns the model: switch once, not per step
+        with paged_attention(self.engine.model):  # the engine owns the model while the loop runs
             self._serve()
 
     def _serve(self) -> None:
         while True:
-            self._take(block=not self.engine.has_unfinished())
+            if not self._take(block=not self.engine.has_unfinished()):
+                for rid, stream in list(self._streams.items()):
+                    self.engine.abort(rid)
+                    stream.put(_CLOSED)
+                self._streams.clear()
+                return
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -129,14 +141,16 @@ class EngineLoop:
                 if out.finished:
                     del self._streams[out.id]
 
-    def _take(self, block: bool) -> None:
-        """Apply queued submissions and aborts (waiting for one when `block`)."""
+    def _take(self, block: bool) -> bool:
+        """Apply queued submissions and aborts (waiting for one when `block`); False once asked to close."""
         while True:
             try:
                 kind, stream, fn = self._inbox.get(block=block)
             except queue.Empty:
-                return
+                return True
             block = False
+            if kind == "close":
+                return False
             if kind == "call":
                 try:
                     stream.set_result(fn(self.engine))

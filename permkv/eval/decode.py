@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
 
-from permkv.cache import forward
+from permkv.cache import PagedCache, forward, paged_attention
 
 
 def stop_ids(model, tokenizer=None) -> set[int]:
@@ -45,7 +46,13 @@ def greedy_decode(
     `after_step(cache, position)` runs after each token is written to the cache (decode-time
     compression hooks in here); `position` is the next free position. `on_token(token)` sees each
     new token as soon as it is chosen (streaming; an exception it raises stops the loop).
+    A PagedCache is decoded with the paged attention switched on for the loop (a no-op inside one).
     """
+    with paged_attention(model) if isinstance(cache, PagedCache) else nullcontext():
+        return _greedy_decode(model, cache, logits, start, max_new_tokens, stop, suffix, after_step, on_token)
+
+
+def _greedy_decode(model, cache, logits, start, max_new_tokens, stop, suffix, after_step, on_token) -> list[int]:
     device = model.device
     pos = start
     if suffix:
@@ -74,12 +81,13 @@ def greedy_decode(
 
 @torch.no_grad()
 def prefill(model, ids: Sequence[int], cache=None):
-    """Run `ids` through the model into `cache` (a new DynamicCache by default).
+    """Run `ids` through the model into `cache` (a new DynamicCache by default; a PagedCache too).
     Returns (cache, last position's logits `(vocab,)`)."""
     if not ids:
         raise ValueError("ids must hold at least one token")
     cache = DynamicCache(config=model.config) if cache is None else cache
-    logits = forward(model, cache, torch.tensor([list(ids)], device=model.device))[0, -1]
+    with paged_attention(model) if isinstance(cache, PagedCache) else nullcontext():
+        logits = forward(model, cache, torch.tensor([list(ids)], device=model.device))[0, -1]
     return cache, logits
 
 

@@ -32,6 +32,8 @@ class Claim:
     fmt: str = "{:.3g}"
     samples: str | None = None  # the parameter giving n, where not the notebook's (`SAMPLES`)
     min_n: int | None = None  # fewer samples than this give no verdict; None: `MIN_N` for a quality or speed claim
+    kept: str | None = None  # metric of the quality kept on the same requests (a speed claim holds only with it)
+    min_kept: float = 0.9  # the share of the full cache's score a speed gain must keep to count
 
 
 CLAIMS: list[Claim] = [
@@ -103,14 +105,18 @@ CLAIMS: list[Claim] = [
           "not stated", "01_paged_attention", "claim.concurrent_gain_64x", 64.0),
     Claim("throughput.8x", "3.44x throughput at 8x compression", "KV-Compress / Cloudflare blog",
           "3.44x", "total throughput vs vanilla vLLM, Llama-3.1-8B, one L4, 256 prompts 500-6000 in / 500 out",
-          "03_throughput", "claim.throughput_gain_8x", 3.44),
+          "03_throughput", "claim.throughput_gain_8x", 3.44, min_n=30, kept="claim.throughput_retention_8x"),
     Claim("throughput.64x", "5.18x throughput at 64x compression", "KV-Compress / Cloudflare blog",
-          "5.18x", "as above", "03_throughput", "claim.throughput_gain_64x", 5.18),
+          "5.18x", "as above", "03_throughput", "claim.throughput_gain_64x", 5.18, min_n=30,
+          kept="claim.throughput_retention_64x"),
     Claim("throughput.concurrent_8x", "Concurrent requests grow 10 -> 80 at 8x (measured by the engine)", "seed table",
           "8x more requests", "not stated; here: permkv.engine on one pool, pool blocks a decoding sequence holds "
           "(outputs compressed too) at 1x over those at the ratio", "03_throughput", "claim.engine_concurrency_gain_8x", 8.0),
     Claim("throughput.concurrent_64x", "Concurrent requests grow 10 -> 640 at 64x (measured by the engine)", "seed table",
           "64x more requests", "as above", "03_throughput", "claim.engine_concurrency_gain_64x", 64.0),
+    Claim("throughput.engine_vs_hf", "permkv's engine (1x) against transformers' continuous batching", "project goal",
+          "-", "same requests, greedy, one run side by side; output tokens per second, median of repeats",
+          "03_throughput", "throughput.engine_1x_vs_hf_continuous_batching", None),
     # --- speculative decoding: the suffix drafter (notebook 04's headline), n >= 30 prompts per workload
     Claim("speculate.seed", "Prompt-lookup speculation gives a 40-70% speedup", "seed (no primary source found)",
           "1.4-1.7x", "Llama models, unspecified; here permkv's suffix-tree drafter (a lookup over prompt and output), "
@@ -193,9 +199,11 @@ def min_samples(claim: Claim) -> int:
     return MIN_N if claim.experiment in QUALITY_OR_SPEED else 0
 
 
-def verdict(claim: Claim, value: float | None, profile: str = "cpu", n: int | None = None) -> str:
+def verdict(claim: Claim, value: float | None, profile: str = "cpu", n: int | None = None,
+            kept: float | None = None) -> str:
     """reproduced / not reproduced / measured; a quick (smoke) run, or a target claim measured on fewer than
-    `min_samples(claim)` samples (`n`, where known), gives no verdict."""
+    `min_samples(claim)` samples (`n`, where known), gives no verdict. A speed claim whose answers are lost
+    (`kept` below `claim.min_kept`) is not reproduced."""
     if value is None:
         return "not yet measured"
     if profile == "quick":
@@ -204,6 +212,8 @@ def verdict(claim: Claim, value: float | None, profile: str = "cpu", n: int | No
         return "measured"
     if n is not None and n < min_samples(claim):
         return f"no verdict (n < {min_samples(claim)})"
+    if claim.kept is not None and (kept is None or not kept >= claim.min_kept):  # NaN: not measured
+        return "not reproduced (answers lost)" if kept is not None else "not reproduced (quality not measured)"
     ok = value >= claim.target if claim.higher_is_better else value <= claim.target
     return "reproduced" if ok else "not reproduced"
 
@@ -227,8 +237,12 @@ def ledger_rows() -> list[dict[str, str]]:
             lo, hi = (run.data.metrics.get(f"{c.metric}.{end}") if run is not None else None for end in ("min", "max"))
             if lo is not None and hi is not None:  # a mean over seeds: show their range
                 where += f"; seeds' range {c.fmt.format(lo)} to {c.fmt.format(hi)}"
+            kept = run.data.metrics.get(c.kept) if run is not None and c.kept else None
+            kept = None if kept is None or kept != kept else kept  # NaN: the quality was not measured
+            if kept is not None:
+                where += f"; keeps {kept:.2f} of the full cache's score"
             measured = "-" if value is None else f"{c.fmt.format(value)} ({where})"
-            result = verdict(c, value, profile, _count(n))
+            result = verdict(c, value, profile, _count(n), kept)
         rows.append(dict(claim=c.claim, source=c.source, claimed=c.claimed, conditions=c.conditions,
                          measured=measured, verdict=result, experiment=c.experiment))
     return rows

@@ -418,6 +418,16 @@ class EngineBackend:
         self.engine = Engine(model, pool, self.config, stop=stop_ids(model, tokenizer), reread=reread)
         self.loop = EngineLoop(self.engine)
 
+    def close(self) -> None:
+        """Stop the engine's loop; the model gets its own attention implementation back."""
+        self.loop.close()
+
+    def __enter__(self) -> EngineBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def check(self, n_prompt: int, max_new_tokens: int, ratio: float, sampling: Sampling = GREEDY,
               speculate: bool = False, context: int | None = None) -> None:
         seen = 0
