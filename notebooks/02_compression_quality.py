@@ -25,13 +25,15 @@
 # = mean score / full-cache mean score on the same samples; the full-cache score is shown beside it,
 # since a retention means little where the full cache already fails (ANCHORS.md s8).
 #
-# The headline is the `HEADLINE` parameter. `permkv` (the library's default, quick profile) is
-# KV-Compress's L2-sum attention score read from the last 64 queries with the same budget for every
-# head; `permkv_kvzip_global` (cpu profile) scores each token by the attention it gets while the model
-# re-reads the context after "repeat the previous context" (KVzip-style, query-agnostic) and keeps one
-# global top-k: the best method of issue 11's runs in both modes. KV-Compress's own setting (one global
-# top-k over all heads, 8 queries; `permkv_adaptive`, the headline before issue 11) lost needles that
-# random eviction keeps: the heatmap below shows the heads it drained.
+# Methods are named by what they are (`permkv.experiments.compression_methods`): `<scorer>/<allocator>/w<N>`
+# for permkv's compressor with a scorer that reads the last N queries, `<scorer>/<allocator>` for one that
+# reads none, `kvpress/<press>` for a kvpress press. The headline is the `HEADLINE` parameter.
+# `kvcompress/uniform/w64` (quick profile) is KV-Compress's L2-sum attention score read from the last 64
+# queries with the same budget for every head; `kvzip/global` (cpu profile, the library's default) scores
+# each token by the attention it gets while the model re-reads the context after "repeat the previous
+# context" (KVzip-style, query-agnostic) and keeps one global top-k: the best measured method in both modes.
+# KV-Compress's own setting (one global top-k over all heads from 8 queries, `kvcompress/global/w8`) loses
+# needles that random eviction keeps: the heatmap below shows the heads it drains.
 
 # %%
 import matplotlib.pyplot as plt
@@ -44,7 +46,7 @@ from permkv.experiments.compression_quality import (
     best_permkv,
     best_press,
     claim_metrics,
-    paired_difference,
+    method_difference,
     quality_grid,
     write_quality_table,
 )
@@ -52,28 +54,30 @@ from permkv.harness import tracking
 from permkv.harness.config import from_params
 from permkv.models import load_model
 
+DEFAULTS = CompressionQualityConfig()  # the parameters' defaults; params/<profile>/02_compression_quality.yaml overrides them
+
 # %% tags=["parameters"]
 PROFILE = "quick"
-MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
-TASKS = ["niah_single"]  # question-answering tasks of permkv.data.TASKS
-LENGTHS = [512]  # context tokens
-N_SAMPLES = 1  # samples per (task, length); every method and ratio answers the same ones
-RATIOS = [8, 64]  # x times smaller: tokens seen / tokens kept
-METHODS = ["permkv", "permkv_adaptive", "kvpress_snapkv", "permkv_random"]  # of compression_quality.METHODS
-MODES = ["query_aware", "query_agnostic"]
-HEADLINE = "permkv"  # the method the claim metrics measure
-MAX_NEW_TOKENS = 32
-HEATMAP_METHOD = "permkv_adaptive"  # whose kept tokens per (layer, KV head) the heatmap shows
-CLAIM_TOKENS = 0  # claim metrics pool samples of at least this many context tokens
-LONG_MODEL = "gemma3-270m"  # a second model at long context (permkv methods only: kvpress cannot run Gemma-3)
-LONG_TASKS = ["niah_single"]
-LONG_LENGTHS = [640]  # past Gemma-3's 512-token sliding window
-LONG_N = 1
-LONG_RATIOS = [8]
-LONG_METHODS = ["permkv"]
-LONG_MODES = ["query_aware"]
-SEED = 0
-WORKERS = 1  # processes answering samples (both modes each), one torch thread each (2 on this 2-core CPU)
+MODEL = DEFAULTS.model  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
+TASKS = DEFAULTS.tasks  # question-answering tasks of permkv.data.TASKS
+LENGTHS = DEFAULTS.lengths  # context tokens
+N_SAMPLES = DEFAULTS.n_samples  # samples per (task, length); every method and ratio answers the same ones
+RATIOS = DEFAULTS.ratios  # x times smaller: tokens seen / tokens kept
+METHODS = DEFAULTS.methods  # names of permkv.experiments.compression_methods.METHODS
+MODES = DEFAULTS.modes  # query_aware, query_agnostic
+HEADLINE = DEFAULTS.headline  # the method the claim metrics measure
+MAX_NEW_TOKENS = DEFAULTS.max_new_tokens
+HEATMAP_METHOD = DEFAULTS.heatmap_method  # whose kept tokens per (layer, KV head) the heatmap shows
+CLAIM_TOKENS = DEFAULTS.claim_tokens  # claim metrics pool samples of at least this many context tokens
+LONG_MODEL = DEFAULTS.long_model  # a second model at long context (permkv methods only: kvpress cannot run Gemma-3)
+LONG_TASKS = DEFAULTS.long_tasks
+LONG_LENGTHS = DEFAULTS.long_lengths  # past Gemma-3's 512-token sliding window
+LONG_N = DEFAULTS.long_n
+LONG_RATIOS = DEFAULTS.long_ratios
+LONG_METHODS = DEFAULTS.long_methods
+LONG_MODES = DEFAULTS.long_modes
+SEED = DEFAULTS.seed
+WORKERS = DEFAULTS.workers  # processes answering samples (both modes each), one torch thread each
 
 # %%
 cfg = from_params(CompressionQualityConfig, globals())
@@ -108,8 +112,8 @@ plt.show()
 
 # %% [markdown]
 # ## Which heads a global top-k drains
-# Fraction of its tokens each (layer, KV head) kept under `HEATMAP_METHOD` (the global allocator of
-# KV-Compress, before the fix) and under the headline, mean over samples, query-aware mode. Rows
+# Fraction of its tokens each (layer, KV head) kept under `HEATMAP_METHOD` (KV-Compress's own global
+# top-k in the quick profile) and under the headline, mean over samples, query-aware mode. Rows
 # that go dark are heads emptied down to their protected tokens.
 
 # %%
@@ -171,7 +175,7 @@ long_table[["model", "task", "context_tokens", "mode", "method", "ratio", "score
 # %%
 long_enough = [s for s in per_sample if s["context_tokens"] >= cfg.claim_tokens]
 metrics = claim_metrics(long_enough, cfg.headline, cfg.ratios, cfg.modes)
-versus = [paired_difference(long_enough, ours, best, ratio, mode) for mode in cfg.modes for ratio in cfg.ratios
+versus = [method_difference(long_enough, ours, best, ratio, mode) for mode in cfg.modes for ratio in cfg.ratios
           if (best := best_press(long_enough, ratio, mode))
           for ours in dict.fromkeys([cfg.headline, best_permkv(long_enough, ratio, mode)])]
 for row in table.itertuples():

@@ -161,7 +161,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## The format-slot test (issue 16)
+# ## The format-slot test
 # Hypothesis: sparse finetuning forgets because TF-IDF picks slots read by the QA scaffolding ("Q", ":",
 # "?", newline, "A"): the answer of every training question is predicted at the ":" after "A", so the
 # gradient is largest on the slots that token reads, and writing a fact there reaches every question,

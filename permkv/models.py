@@ -127,7 +127,7 @@ def attention_modules(model) -> list:
 
 
 # Architectures whose attention passes transformers' own checks but not the paged attention's (found by
-# scripts/architectures/census.py on tiny random-init models), with the reason.
+# `python -m permkv.bench architectures` on tiny random-init models), with the reason.
 REFUSED = {
     "jetmoe": "its mixture of attention experts repeats the keys and values after the cache update, so the "
               "paged attention never sees the cache's tensors",

@@ -46,7 +46,7 @@ def test_default_keeps_at_least_the_needles_of_streaming_and_snapkv(smol):
     found: Counter = Counter()
     with torch.no_grad():
         for sample in build_task("niah_single", tok, spec, 6, 1024, seed=1):
-            for row in cq.answer_sample(model, tok, sample, spec, MODES, [f"kvpress_{p}" for p in PRESSES], RATIOS, NEW):
+            for row in cq.answer_sample(model, tok, sample, spec, MODES, [f"kvpress/{p}" for p in PRESSES], RATIOS, NEW):
                 found[row["mode"], row["method"], row["ratio"]] += row["score"] > 0
             for mode in MODES:
                 prefix, suffix = encode_sample(tok, spec, sample, mode)
@@ -57,5 +57,5 @@ def test_default_keeps_at_least_the_needles_of_streaming_and_snapkv(smol):
         assert found[mode, "full", 1.0] == 6, found
         for ratio in RATIOS:
             for press in PRESSES:
-                assert found[mode, "default", ratio] >= found[mode, f"kvpress_{press}", ratio], (mode, ratio, press, found)
-        assert found[mode, "default", 8] > max(found[mode, f"kvpress_{p}", 8] for p in PRESSES), (mode, found)
+                assert found[mode, "default", ratio] >= found[mode, f"kvpress/{press}", ratio], (mode, ratio, press, found)
+        assert found[mode, "default", 8] > max(found[mode, f"kvpress/{p}", 8] for p in PRESSES), (mode, found)

@@ -3,7 +3,19 @@ import math
 import pytest
 import torch
 
-from permkv.eval import bootstrap_ci, contains, contains_all, exact_match, first_line, normalize, perplexity, retention, token_f1
+from permkv.eval import (
+    bootstrap_ci,
+    contains,
+    contains_all,
+    exact_match,
+    first_line,
+    normalize,
+    paired_difference,
+    perplexity,
+    retention,
+    retention_ci,
+    token_f1,
+)
 
 
 def test_metrics_on_hand_made_cases():
@@ -24,6 +36,20 @@ def test_bootstrap_and_retention():
     assert retention([0.5, 0.5], [1.0, 1.0]) == 0.5
     with pytest.raises(ValueError, match="paired"):
         retention([1.0], [1.0, 1.0])
+    kept, low, high = retention_ci([1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0])
+    assert kept == 1.0 and low <= kept <= high
+    assert math.isnan(retention_ci([0.0, 0.0], [0.0, 0.0])[1])  # the full cache never scores: no CI
+
+
+def test_paired_difference():
+    d = paired_difference([1, 1, 0, 1, 0, 1], [0, 1, 0, 0, 0, 1])
+    assert d["n"] == 6 and d["diff"] == pytest.approx(2 / 6)
+    assert 0 <= d["ci_low"] <= d["diff"] <= d["ci_high"]
+    assert (d["ci_low"], d["ci_high"]) == bootstrap_ci([1, 0, 0, 1, 0, 0])  # the bootstrap of the differences
+    empty = paired_difference([], [])
+    assert empty["n"] == 0 and math.isnan(empty["diff"]) and math.isnan(empty["ci_low"])
+    with pytest.raises(ValueError, match="paired"):
+        paired_difference([1.0], [1.0, 0.0])
 
 
 def test_perplexity_matches_manual_computation(smol):

@@ -153,7 +153,7 @@ def test_sparse_step_changes_only_the_top_t_value_rows(smol):
 
 
 def test_skipping_format_tokens_never_writes_slots_only_they_read(smol):
-    """The format-slot test of issue 16: with the QA scaffolding skipped, no chosen slot is read only
+    """The format-slot test: with the QA scaffolding skipped, no chosen slot is read only
     by "Q", ":", "?", newline or "A"; without it the scaffolding does read chosen slots."""
     model, tok, _ = smol
     memory = insert_memory(model, _filled_memory(), layer=4)

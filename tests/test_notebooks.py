@@ -1,4 +1,4 @@
-"""The committed notebooks open in JupyterLab without turning modified (issue 12, point 7)."""
+"""The committed notebooks open in JupyterLab without turning modified."""
 
 from pathlib import Path
 

@@ -56,6 +56,27 @@ def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     assert rows["5.18x throughput at 64x compression"]["verdict"] == "reproduced"
 
 
+def test_quality_and_speed_claims_need_30_samples(tmp_path, monkeypatch):
+    """A quality (02) or speed (03, 04) claim measured on fewer than 30 samples gives no verdict; 30 give one;
+    claims that are not measured on samples (paged memory waste) need none."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking.run("02_compression_quality", {"n_samples": 29}, profile="cpu"):
+        tracking.log_metrics({"claim.retention_8x_query_aware": 0.99})
+    row = next(r for r in claims.ledger_rows() if r["claim"].startswith("8x KV compression keeps 95%+ task quality (query-aware)"))
+    assert row["verdict"] == "no verdict (n < 30)" and row["measured"] == "0.99 (cpu, n_samples=29)"
+    with tracking.run("02_compression_quality", {"n_samples": 30}, profile="cpu"):
+        tracking.log_metrics({"claim.retention_8x_query_aware": 0.99})
+    row = next(r for r in claims.ledger_rows() if r["claim"].startswith("8x KV compression keeps 95%+ task quality (query-aware)"))
+    assert row["verdict"] == "reproduced"
+    by_id = {c.id: c for c in claims.CLAIMS}
+    for cid in ("compress.8x_aware", "compress.best_8x_aware_gemma", "throughput.8x", "speculate.pld", "rvs.quality_8x"):
+        assert claims.min_samples(by_id[cid]) == 30, cid
+        assert claims.verdict(by_id[cid], 100.0, "cpu", n=3) == "no verdict (n < 30)", cid
+        assert claims.verdict(by_id[cid], 100.0, "cpu", n=None) != "no verdict (n < 30)", cid  # n unknown
+    assert claims.min_samples(by_id["paged.waste"]) == 0 and claims.verdict(by_id["paged.waste"], 1.0, "cpu", n=3) == "reproduced"
+    assert claims.verdict(by_id["paged.concurrent_1x"], 10.0, "cpu", n=3) == "measured"  # no target, no verdict to withhold
+
+
 def test_failed_rerun_hides_older_numbers(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     with tracking.run("00_baseline", {}, profile="cpu"):

@@ -15,14 +15,13 @@ Our `ratio` is "x times smaller"; kvpress's `compression_ratio` is the fraction 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
-from permkv.compress import CompressionReport, check_ratio
+from permkv.compress import CompressionReport, LayerInputs, capture_inputs, check_ratio
 from permkv.eval import greedy_decode, prefill, stop_ids
 from permkv.models import attention_modules, kv_layout
 
@@ -57,39 +56,6 @@ def check_model(model) -> None:
     if kv_layout(model.config).sliding_window is not None:
         raise ValueError(f"kvpress 0.5.5 cannot run on {type(model).__name__}: it compresses the sliding-window "
                          "layers too and their attention mask no longer fits (tested on Gemma-3-270m)")
-
-
-@dataclass
-class LayerInputs:
-    """What a press reads at one attention layer: its input hidden states `(1, seq, hidden)` and the
-    forward's keyword arguments (`position_embeddings` = RoPE cos, sin `(1, seq, head_dim)`)."""
-
-    hidden_states: torch.Tensor
-    kwargs: dict
-
-    def followed_by(self, later: "LayerInputs") -> "LayerInputs":
-        """These inputs and a later forward pass's of the same layer, joined along the sequence (a prefix
-        read in two chunks)."""
-        cos_sin = zip(self.kwargs["position_embeddings"], later.kwargs["position_embeddings"])
-        return LayerInputs(torch.cat([self.hidden_states, later.hidden_states], dim=1),
-                           dict(position_embeddings=tuple(torch.cat(pair, dim=1) for pair in cos_sin)))
-
-
-@contextmanager
-def capture_inputs(model) -> Iterator[dict[int, LayerInputs]]:
-    """Save every attention layer's inputs of the forward passes inside the block (the last pass wins)."""
-    saved: dict[int, LayerInputs] = {}
-
-    def hook(module, args, kwargs):
-        hidden = kwargs["hidden_states"].detach()
-        saved[module.layer_idx] = LayerInputs(hidden, dict(position_embeddings=kwargs["position_embeddings"]))
-
-    hooks = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)]
-    try:
-        yield saved
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @torch.no_grad()

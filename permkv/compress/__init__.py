@@ -7,6 +7,9 @@
 The default, `InferenceKVCacheCompression()`, is what notebook 02 measured best in both modes (SmolLM2,
 needles at 4K, n = 30): KVzip-style re-reading with one global top-k over all heads.
 
+To compare compressions on one prompt without reading it again, `prefill_shared(model, prefix, suffix, ...)`
+reads it once (`Prefilled`) and `Prefilled.answer(model, tok, n, compress)` answers on a copy-on-write fork.
+
 The scorer contract (what every caller, the engine included, branches on):
 - `compression.rereads` False, an attention or key scorer (`kvcompress`, `snapkv`, `streaming`, ...):
   `Compressor.compress(cache, ratio, queries)` scores each head's cached tokens from the last
@@ -36,7 +39,7 @@ from permkv.compress.context import ContextCache, ContextReport
 from permkv.compress.estimate import KVZIP_SCORER, MeasuredQuality, QualityEstimate, QualityTable
 from permkv.compress.forks import fork_sequence, paged_cache_for
 from permkv.compress.kvzip import REPEAT_PROMPT, RereadScores, kvzip_scores, last_chunk_scores, repeat_prompt_ids
-from permkv.compress.observe import QueryRecorder, observing
+from permkv.compress.observe import LayerInputs, QueryRecorder, capture_inputs, observing
 from permkv.compress.prefill import chunked_prefill_and_compress, prefill_and_compress
 from permkv.compress.scorers import (
     SCORERS,
@@ -51,13 +54,14 @@ from permkv.compress.scorers import (
     get_scorer,
     rereads,
 )
+from permkv.compress.shared_prefix import Prefilled, prefill_shared
 
 __all__ = [
     "ALLOCATORS", "BEST_ALLOCATOR", "REPEAT_PROMPT", "SCORERS", "CompressionReport", "Compressor", "ContextCache",
     "ContextReport", "GlobalAdaptiveAllocator", "InferenceKVCacheCompression", "KVCompressScore", "KVZIP_SCORER",
-    "KVzipScore", "KeyNormScore", "LayerAdaptiveAllocator", "MeasuredQuality", "Pooled", "QualityEstimate",
-    "QualityTable", "QueryRecorder", "RandomScore", "RecencyMix", "RecentScore", "RereadScores", "SnapKVScore",
-    "UniformAllocator", "check_ratio", "chunked_prefill_and_compress", "fork_sequence", "get_scorer", "kvzip_scores",
-    "last_chunk_scores", "observing", "paged_cache_for", "prefill_and_compress", "repeat_prompt_ids", "report_of",
-    "rereads",
+    "KVzipScore", "KeyNormScore", "LayerAdaptiveAllocator", "LayerInputs", "MeasuredQuality", "Pooled", "Prefilled",
+    "QualityEstimate", "QualityTable", "QueryRecorder", "RandomScore", "RecencyMix", "RecentScore", "RereadScores",
+    "SnapKVScore", "UniformAllocator", "capture_inputs", "check_ratio", "chunked_prefill_and_compress",
+    "fork_sequence", "get_scorer", "kvzip_scores", "last_chunk_scores", "observing", "paged_cache_for",
+    "prefill_and_compress", "prefill_shared", "repeat_prompt_ids", "report_of", "rereads",
 ]

@@ -5,6 +5,9 @@ already rotated, to the attention function only: `observing(model)` runs the mod
 paged attention and gives every forward's segments an observation window (`Segment.observe`), and
 the recorder keeps the last `window` queries of each layer. The recorder is attached to the model
 for the duration of the block; blocks nest (an inner block records alone until it ends).
+
+`capture_inputs(model)` saves every attention layer's inputs (hidden states, RoPE) of the forward passes
+inside its block: what a post hoc compressor (a kvpress press) reads.
 """
 
 from __future__ import annotations
@@ -60,3 +63,36 @@ def observing(model, window: int = 64) -> Iterator[QueryRecorder]:
             yield recorder
         finally:
             setattr(model, RECORDER, outer)
+
+
+@dataclass
+class LayerInputs:
+    """What a press reads at one attention layer: its input hidden states `(1, seq, hidden)` and the
+    forward's keyword arguments (`position_embeddings` = RoPE cos, sin `(1, seq, head_dim)`)."""
+
+    hidden_states: torch.Tensor
+    kwargs: dict
+
+    def followed_by(self, later: "LayerInputs") -> "LayerInputs":
+        """These inputs and a later forward pass's of the same layer, joined along the sequence (a prefix
+        read in two chunks)."""
+        cos_sin = zip(self.kwargs["position_embeddings"], later.kwargs["position_embeddings"])
+        return LayerInputs(torch.cat([self.hidden_states, later.hidden_states], dim=1),
+                           dict(position_embeddings=tuple(torch.cat(pair, dim=1) for pair in cos_sin)))
+
+
+@contextmanager
+def capture_inputs(model) -> Iterator[dict[int, LayerInputs]]:
+    """Save every attention layer's inputs of the forward passes inside the block (the last pass wins)."""
+    saved: dict[int, LayerInputs] = {}
+
+    def hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"].detach()
+        saved[module.layer_idx] = LayerInputs(hidden, dict(position_embeddings=kwargs["position_embeddings"]))
+
+    hooks = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        yield saved
+    finally:
+        for h in hooks:
+            h.remove()

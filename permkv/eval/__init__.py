@@ -13,11 +13,11 @@ from permkv.eval.metrics import (
     normalize,
     token_f1,
 )
-from permkv.eval.stats import bootstrap_ci, bootstrap_ratio_ci, retention
+from permkv.eval.stats import bootstrap_ci, bootstrap_ratio_ci, paired_difference, retention, retention_ci
 from permkv.eval.timing import sync, time_prefill_decode
 
 __all__ = [
     "TASK_METRIC", "bootstrap_ci", "bootstrap_ratio_ci", "contains", "contains_all", "exact_match", "first_line",
-    "generate", "greedy_decode", "normalize", "perplexity", "prefill", "retention", "stop_ids", "sync",
-    "time_prefill_decode", "token_f1",
+    "generate", "greedy_decode", "normalize", "paired_difference", "perplexity", "prefill", "retention",
+    "retention_ci", "stop_ids", "sync", "time_prefill_decode", "token_f1",
 ]

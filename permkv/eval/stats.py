@@ -1,10 +1,11 @@
-"""Bootstrap confidence intervals (of a mean, of a ratio of sums) and quality retention."""
+"""Bootstrap confidence intervals (of a mean, of a ratio of sums, of a paired difference) and quality retention."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+
 
 def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean."""
@@ -56,3 +57,16 @@ def retention_ci(scores: Sequence[float], baseline: Sequence[float], n: int = 10
         return kept, float("nan"), float("nan")
     alpha = (1 - level) / 2
     return kept, float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], n: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Mean of `a[i] - b[i]` (two methods' scores on the same samples) with its percentile bootstrap CI
+    (`bootstrap_ci` of the differences): `a` beats `b` when ci_low > 0. NaN and n = 0 without samples."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference needs paired samples, got {len(a)} and {len(b)}")
+    if not len(a):
+        return dict(diff=float("nan"), ci_low=float("nan"), ci_high=float("nan"), n=0)
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    low, high = bootstrap_ci(diff, n, seed, level)
+    return dict(diff=float(diff.mean()), ci_low=low, ci_high=high, n=int(diff.size))

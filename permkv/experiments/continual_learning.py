@@ -289,7 +289,7 @@ def run_method(start: Start, method: str, lr: float, t: int | None = None, progr
 class Sweep:
     """The runs every seed gets: sparse finetuning at each (t, lr), full finetuning and LoRA at each lr.
     `skip_format` runs each sparse (t, lr) a second time with the QA scaffolding's reads left out of
-    the slot counts (arm "sparse_skip_format", issue 16's format-slot test)."""
+    the slot counts (arm "sparse_skip_format", the format-slot test)."""
 
     sparse_ts: list[int]
     sparse_lrs: list[float]

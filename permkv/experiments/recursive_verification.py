@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from permkv.checks import positive_int
 from permkv.compress import SCORERS, get_scorer
-from permkv.eval import bootstrap_ci, generate
+from permkv.eval import bootstrap_ci, generate, paired_difference
 from permkv.models import encode_prompt, model_source
 from permkv.rvs import RecursiveVerificationSystem, RKVScore, list_prompt, parse_items
 
@@ -215,11 +215,7 @@ def _paired(rows, size, a: tuple[str, float], b: tuple[str, float], metric: str)
         return {r["sample"]: r[metric] for r in rows if r["size"] == size and r["method"] == method and r["ratio"] == ratio}
     x, y = by_sample(*a), by_sample(*b)
     common = sorted(set(x) & set(y))
-    if not common:
-        return dict(diff=float("nan"), ci_low=float("nan"), ci_high=float("nan"), n=0)
-    d = [x[s] - y[s] for s in common]
-    lo, hi = bootstrap_ci(d)
-    return dict(diff=float(np.mean(d)), ci_low=lo, ci_high=hi, n=len(d))
+    return paired_difference([x[s] for s in common], [y[s] for s in common])
 
 
 def paired_table(rows: Sequence[dict], metric: str = "recall") -> list[dict]:
