@@ -231,8 +231,8 @@ def test_compression_quality_quick_metrics(quick_store):
     for mode in ("query_aware", "query_agnostic"):
         assert f"full_score_8x_{mode}" in m and f"n_8x_{mode}" in m
         assert f"diff_vs_kvpress_8x_{mode}" in m and f"diff_vs_random_8x_{mode}" in m
-        assert 0 <= m[f"score.niah_single.512.{mode}.permkv.8x"] <= 1
-    assert "long.achieved_ratio.gemma3-270m.niah_single.640.query_aware.permkv.8x" in m
+        assert 0 <= m[f"score.niah_single.512.{mode}.kvcompress/uniform/w64.8x"] <= 1
+    assert "long.achieved_ratio.gemma3-270m.niah_single.640.query_aware.kvcompress/uniform/w64.8x" in m
     assert {"scores.png", "budgets.png", "bytes.png", "rows.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
