@@ -99,7 +99,7 @@ def test_publish_saves_logs_and_drops_undefined_metrics(tmp_path, monkeypatch, c
                               figures={"f.png": fig}, tables={"rows": pd.DataFrame({"x": [1, 2]}), "raw": [{"y": 1}]},
                               curves={"score_vs_ratio": ([2, 8, 64], [0.9, float("nan"), 0.1])})
     assert folder == tmp_path / "reports" / "quick" / "99_test"
-    assert {p.name for p in folder.iterdir()} == {"f.png", "rows.csv", "rows.json", "raw.json"}
+    assert {p.name for p in folder.iterdir()} == {"f.png", "rows.csv", "rows.json", "raw.json", "run.json"}
     run = tracking.latest_run("99_test")
     assert run.data.metrics == {"a": 1.0, "score_vs_ratio": 0.1} and run.data.params == {"n": "3"}
     client = MlflowClient(uri)
@@ -129,3 +129,19 @@ def test_from_params_maps_upper_case_names_and_names_what_is_missing():
     assert from_params(Cfg, {"N_SAMPLES": 3, "PROFILE": "quick"}) == Cfg(3)
     with pytest.raises(ValueError, match=r"Cfg needs the parameters \['N_SAMPLES'\]"):
         from_params(Cfg, {"MODE": "x"})
+
+
+def test_the_ledger_reads_the_committed_run_records_without_a_store(tmp_path, monkeypatch):
+    """A fresh clone has no MLflow store: the ledger comes from reports/<profile>/<notebook>/run.json."""
+    monkeypatch.setattr(tracking, "ROOT", tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    folder = tracking.out_dir("cpu", "00_baseline")
+    tracking.write_record(folder, "00_baseline", "cpu", {"n_samples": 30}, {"claim.niah_single_full_cache": 0.95})
+    tracking.write_record(tracking.out_dir("quick", "00_baseline"), "00_baseline", "quick", {"n_samples": 2},
+                          {"claim.niah_single_full_cache": 0.5})
+    row = next(r for r in claims.ledger_rows() if r["experiment"] == "00_baseline")
+    assert row["measured"] == "0.95 (cpu, n_samples=30)" and row["verdict"] == "reproduced"
+    tracking.mark_failed("00_baseline", "cpu", "a cell raised")  # a failed rerun hides the older numbers
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    row = next(r for r in claims.ledger_rows() if r["experiment"] == "00_baseline")
+    assert row["verdict"] == "failed: rerun the notebook"

@@ -2,7 +2,9 @@
 
 A notebook that measures a claim logs an MLflow metric named `Claim.metric` in experiment
 `Claim.experiment`. `python -m permkv.harness.claims` reads the newest run of each experiment (preferring
-the gpu, then full, then cpu, then quick profile; a failed newest run shows as failed) and writes reports/claims.md and the table in README.md.
+the gpu, then full, then cpu, then quick profile; a failed newest run shows as failed) from the MLflow
+store, or where the store has none (a fresh clone) from the committed `reports/<profile>/<notebook>/run.json`
+that `tracking.publish` writes beside the figures, and writes reports/claims.md and the table in README.md.
 A metric logged with `.min` / `.max` beside it (a mean over seeds) shows that range in the ledger.
 A claim is "reproduced" only when the measured value meets its target; "measured" rows carry no
 target (a number whose meaning depends on our setting, reported for reference). A quality or speed claim
@@ -220,24 +222,25 @@ def verdict(claim: Claim, value: float | None, profile: str = "cpu", n: int | No
 
 def ledger_rows() -> list[dict[str, str]]:
     """One row per claim with the measured value of the newest run (and its profile)."""
-    runs: dict[str, object] = {}
+    runs: dict[str, tracking.Record | None] = {}
     rows = []
     for c in CLAIMS:
         if c.experiment not in runs:
-            runs[c.experiment] = tracking.latest_run(c.experiment, finished_only=False)
+            runs[c.experiment] = tracking.newest_record(c.experiment)
         run = runs[c.experiment]
-        profile = run.data.tags.get("profile", "?") if run is not None else "?"
-        if run is not None and run.info.status == "FAILED":  # never show older numbers as current
+        profile = run.profile if run is not None else "?"
+        if run is not None and run.status == "FAILED":  # never show older numbers as current
             measured, result = f"- (run failed, {profile})", "failed: rerun the notebook"
         else:
-            value = run.data.metrics.get(c.metric) if run is not None else None
+            metrics = run.metrics if run is not None else {}
+            value = metrics.get(c.metric)
             samples = c.samples or SAMPLES.get(c.experiment, "")
-            n = run.data.params.get(samples) if run is not None else None
+            n = run.params.get(samples) if run is not None else None
             where = profile if n is None else f"{profile}, {samples}={n}"
-            lo, hi = (run.data.metrics.get(f"{c.metric}.{end}") if run is not None else None for end in ("min", "max"))
+            lo, hi = (metrics.get(f"{c.metric}.{end}") for end in ("min", "max"))
             if lo is not None and hi is not None:  # a mean over seeds: show their range
                 where += f"; seeds' range {c.fmt.format(lo)} to {c.fmt.format(hi)}"
-            kept = run.data.metrics.get(c.kept) if run is not None and c.kept else None
+            kept = metrics.get(c.kept) if c.kept else None
             kept = None if kept is None or kept != kept else kept  # NaN: the quality was not measured
             if kept is not None:
                 where += f"; keeps {kept:.2f} of the full cache's score"

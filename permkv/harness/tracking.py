@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 ROOT = Path(os.environ.get("PERMKV_ROOT", Path(__file__).resolve().parents[2]))
@@ -147,6 +147,42 @@ def latest_run(experiment: str, prefer: tuple[str, ...] | None = ("gpu", "full",
     return min(runs, key=rank)
 
 
+@dataclass(frozen=True)
+class Record:
+    """What the ledger reads of a notebook's run: its profile, status, parameters and metrics."""
+
+    experiment: str
+    profile: str
+    status: str  # FINISHED or FAILED
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def write_record(folder: Path, experiment: str, profile: str, params: dict, metrics: Mapping[str, float]) -> None:
+    """`run.json` beside a run's figures and tables: the ledger's source where no MLflow store has the run
+    (a fresh clone: the store is not committed, the reports are)."""
+    record = dict(experiment=experiment, profile=profile, status="FINISHED",
+                  params={k: str(v)[:500] for k, v in flatten(params).items()},
+                  metrics={k: float(v) for k, v in metrics.items()})
+    (folder / "run.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def newest_record(experiment: str, prefer: tuple[str, ...] = ("gpu", "full", "cpu")) -> Record | None:
+    """The run the ledger shows for `experiment`: the newest in the MLflow store (a FAILED one too, so
+    that a failed rerun hides older numbers), else the committed `reports/<profile>/<experiment>/run.json`
+    of the most preferred profile (quick last). None if neither has one."""
+    run = latest_run(experiment, prefer, finished_only=False)
+    if run is not None:
+        return Record(experiment, run.data.tags.get("profile", "?"), run.info.status, dict(run.data.params),
+                      dict(run.data.metrics))
+    for profile in (*prefer, "quick"):
+        path = ROOT / "reports" / profile / experiment / "run.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            return Record(experiment, r["profile"], r["status"], r["params"], r["metrics"])
+    return None
+
+
 def mark_failed(experiment: str, profile: str, why: str) -> None:
     """Record a failed notebook as a FAILED run of its profile (so the ledger does not show older numbers
     as current)."""
@@ -154,6 +190,9 @@ def mark_failed(experiment: str, profile: str, why: str) -> None:
     set_experiment(experiment)
     mlflow.start_run(tags={"profile": profile, "permkv.error": why[:5000]})
     mlflow.end_run(status="FAILED")
+    path = out_dir(profile, experiment) / "run.json"
+    path.write_text(json.dumps(dict(experiment=experiment, profile=profile, status="FAILED", params={},
+                                    metrics={}, error=why[:2000]), indent=1) + "\n")
 
 
 def out_dir(profile: str, experiment: str) -> Path:
@@ -175,8 +214,10 @@ def publish(experiment: str, config, profile: str, metrics: Mapping[str, float],
     metrics and `curves` ({name: (steps, values)}, see `log_curve`), to one MLflow run; DataFrames are
     also logged as MLflow tables. Returns the output folder."""
     folder = out_dir(profile, experiment)
-    with run(experiment, asdict(config) if is_dataclass(config) else dict(config), profile) as active:
+    params = asdict(config) if is_dataclass(config) else dict(config)
+    with run(experiment, params, profile) as active:
         log_metrics(defined(metrics))
+        write_record(folder, experiment, profile, params, defined(metrics))
         for name, (steps, values) in curves.items():
             log_curve(name, steps, values)
         for name, fig in figures.items():
