@@ -26,11 +26,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "from permkv.models import load_model; [load_model(n) for n in ('smollm2-135m', 'gemma3-270m')]"
 	touch $@
 
-test: setup ## Every test: unit tests on the real models and the quick notebooks through Papermill
-	$(PY) -m pytest -q
+test: setup ## Every test: unit tests and each notebook's quick profile through Papermill, on 2 workers
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup ## Unit tests without the notebooks and without Gemma-3 (pytest -m "not slow"), a few minutes
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 reproduce: setup ## Run every notebook (PROFILE=quick|cpu|gpu|full, default cpu; JOBS=2 at a time; FORCE=1 reruns up-to-date ones), then write reports/claims.md
 	$(PY) -m permkv.harness.reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(FORCE),--force)
