@@ -40,7 +40,8 @@
 #
 # `truncated` and `full` read their prefix once and fork it too (a prefix cache: the cheapest pipeline of
 # each). Compression saves KV, not positions: the corpus must fit the model's window (SmolLM2: 8K),
-# so the seed's 64K corpus is out of reach here; the `gpu` profile runs Gemma-3-270m at 32K.
+# so the seed's 64K corpus is out of reach here; the `full` and `gpu` profiles (not run yet) take
+# Gemma-3-270m (32K positions) to 16K and 32K-token corpora.
 #
 # What this measures and what it does not: the answer quality of a scripted pipeline at one KV budget
 # per module, and the prompt tokens the model computes; not an agent that chooses what to read.
@@ -61,10 +62,10 @@ PROFILE = "quick"
 MODEL = "smollm2-135m"  # a bundled name, a saved Hugging Face folder or a .gguf file (permkv.models.load_model)
 TASK = "niah_single"
 N_QUESTIONS = 1
-CORPUS_TOKENS = 400
+CORPUS_TOKENS = 300
 RATIO = 4.0
 N_NEEDLES = 4
-MAX_NEW_TOKENS = 8
+MAX_NEW_TOKENS = 4
 ARMS = ["truncated", "recompressed", "shared", "full"]
 CHUNK_TOKENS = 0
 THREADS = 1

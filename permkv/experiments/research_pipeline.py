@@ -7,8 +7,9 @@ corpus is truncated between modules; with 8x compression each module holds the 6
 8K of KV. Scaled to the model: the corpus is `corpus_tokens` long and each module's budget for it is
 `corpus_tokens / ratio` KV tokens per head.
 
-Per question (a corpus of essay filler with several 7-digit needles, one asked; or HotpotQA's gold
-paragraphs among distractors), three scripted modules:
+Per question (a corpus of essay filler with a 7-digit needle; or several needles, one asked: SmolLM2 then
+confuses their keys even on the full corpus; or HotpotQA's gold paragraphs among distractors), three
+scripted modules:
   1. plan: restate the question (what exact fact to find);
   2. search: answer from the corpus, given the question and the plan (its notes);
   3. answer: the final short answer, given the question, the notes and the corpus.
