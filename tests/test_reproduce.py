@@ -198,8 +198,10 @@ def test_throughput_quick_metrics(quick_store):
     assert m["throughput.max_batch_kvzip_8x"] >= 1
     assert 0 < m["throughput.prefill_share_1x"] < 1
     assert m["throughput.engine_1x_vs_hf_sequential"] > 0
-    assert {"claim.engine_concurrency_gain_8x", "claim.throughput_retention_8x", "throughput.total_gain_kvcompress_8x",
-            "cost.per_seq_s", "quality.score_1x"} <= set(m)
+    assert {"claim.engine_concurrency_gain_8x", "throughput.total_gain_kvcompress_8x", "cost.per_seq_s",
+            "quality.score_1x"} <= set(m)
+    # retention is undefined (not logged) when the full cache finds none of the smoke run's 3 needles
+    assert "claim.throughput_retention_8x" in m or m["quality.score_1x"] == 0
     assert m["claim.engine_concurrency_gain_8x"] > 1  # compressed sequences hold fewer blocks
 
 
