@@ -287,6 +287,7 @@ def test_sweep_runs_and_arms():
     assert arm({"method": "full"}) == "full" and arm(_rec(0, "sparse", 1, 0, 0, skip=True)) == "sparse_skip_format"
 
 
+@pytest.mark.slow
 def test_runs_in_worker_processes_match_one_process():
     cfg = ExperimentConfig(memory=SMALL, pretrain_steps=2, background_batches=2, n_facts=4, steps=2, eval_every=2,
                            n_squad=2, world_max=2, essay_tokens=64)

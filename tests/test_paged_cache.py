@@ -254,3 +254,14 @@ def test_greedy_decode_switches_the_paged_attention_on_for_its_loop(smol):
     before = model.config._attn_implementation
     assert greedy_decode(model, cache, logits, start=len(ids), max_new_tokens=6, stop=set()) == expected
     assert model.config._attn_implementation == before
+
+
+@torch.no_grad()
+def test_a_transformers_cache_decodes_the_same_inside_the_paged_attention(smol):
+    """A server's engine holds the model in the paged attention; another caller's DynamicCache still decodes
+    exactly (the past is attended with the causal offset, not as if the new tokens were all)."""
+    model, tok, spec = smol
+    ids = tok(PROMPTS[1]).input_ids
+    expected, _ = dynamic_reference(model, ids, 6)
+    with paged_attention(model):
+        assert dynamic_reference(model, ids, 6)[0] == expected

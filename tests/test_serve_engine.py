@@ -102,7 +102,8 @@ def test_bad_roles_and_requests_are_400(client):
         ask(client, "hi", extra_body={"speculative": True})
 
 
-def test_health_and_prometheus_metrics(backend, server):
+def test_health_and_prometheus_metrics(backend, server, client):
+    ask(client, QUESTIONS[0], max_tokens=2)
     base = server.removesuffix("/v1")
     assert httpx.get(base + "/health").json() == {"status": "ok"}
     text = httpx.get(base + "/metrics").text

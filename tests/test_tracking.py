@@ -26,6 +26,7 @@ def test_run_is_read_back_through_the_client(tmp_path, monkeypatch):
 
 def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "ROOT", tmp_path)  # no committed run records either
     with tracking.run("00_baseline", {"n_samples": 30}, profile="cpu"):
         tracking.log_metrics({"claim.niah_single_full_cache": 0.5})
     rows = {r["claim"]: r for r in claims.ledger_rows()}

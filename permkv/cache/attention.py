@@ -49,21 +49,22 @@ def dense_attention(
     window: int | None,
     scaling: float | None,
 ) -> torch.Tensor:
-    """Causal attention over the given tokens only.
+    """Causal attention of the last T of L tokens over all L (L = T without a past).
 
-    query `(batch, q_heads, T, head_dim)`, key/value `(batch, kv_heads, T, head_dim)`, valid
-    `(batch, T)` bool (False = padding) or None. Returns `(batch, q_heads, T, head_dim)`.
+    query `(batch, q_heads, T, head_dim)`, key/value `(batch, kv_heads, L, head_dim)`, valid
+    `(batch, L)` bool (False = padding) or None. Returns `(batch, q_heads, T, head_dim)`.
     A padding query attends to itself only, so no row is empty (empty rows give NaN).
     """
-    T = query.shape[2]
-    if (valid is None or bool(valid.all())) and (window is None or T <= window):
+    T, L = query.shape[2], key.shape[2]
+    if T == L and (valid is None or bool(valid.all())) and (window is None or T <= window):
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    i = torch.arange(T, device=query.device)
-    mask = (i[None, :] <= i[:, None])[None]  # (1, T, T): query row, key column
+    rows = torch.arange(L - T, L, device=query.device)[:, None]  # each query's position among the L
+    cols = torch.arange(L, device=query.device)[None, :]
+    mask = (cols <= rows)[None]  # (1, T, L): query row, key column
     if window is not None:
-        mask = mask & (i[None, :] > i[:, None] - window)[None]
+        mask = mask & (cols > rows - window)[None]
     if valid is not None:
-        mask = (mask & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=query.device)[None]
+        mask = (mask & valid[:, None, :]) | (cols == rows)[None]
     return masked_attention(query, key, value, mask[:, None], scaling)
 
 
@@ -269,9 +270,9 @@ def paged_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: returns `(batch, T, q_heads, head_dim)` and no weights."""
-    if paged is None:  # no cache (use_cache=False, e.g. training): plain causal attention
-        T = query.shape[2]
-        valid = None if attention_mask is None else attention_mask[:, -T:].bool()
+    if paged is None:  # no cache, or a transformers Cache (another caller of a model the engine serves)
+        L = key.shape[2]
+        valid = None if attention_mask is None else attention_mask[:, -L:].bool()
         window = sliding_window or getattr(module, "sliding_window", None)
         out = dense_attention(query, key, value, valid, window, scaling)
     else:
