@@ -80,6 +80,7 @@ def test_quality_and_speed_claims_need_30_samples(tmp_path, monkeypatch):
 
 def test_failed_rerun_hides_older_numbers(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "ROOT", tmp_path)  # the failed run's record goes there
     with tracking.run("00_baseline", {}, profile="cpu"):
         tracking.log_metrics({"claim.niah_single_full_cache": 0.95})
     tracking.mark_failed("00_baseline", "cpu", "RuntimeError: boom")
