@@ -152,6 +152,7 @@ def test_sparse_step_changes_only_the_top_t_value_rows(smol):
         SparseMemoryTrainer(model, memory, background, t=SMALL.n_slots + 1, lr=1.0)
 
 
+@pytest.mark.slow
 def test_skipping_format_tokens_never_writes_slots_only_they_read(smol):
     """The format-slot test: with the QA scaffolding skipped, no chosen slot is read only
     by "Q", ":", "?", newline or "A"; without it the scaffolding does read chosen slots."""

@@ -68,6 +68,7 @@ def _masks(model) -> list[list[tuple[int, int]]]:
             for m in model.modules() if hasattr(m, "q_proj")]
 
 
+@pytest.mark.slow
 def test_kvzip_scored_once_masks_as_the_press_at_each_ratio(smol, prefix):
     """One KVzipPress prefill and re-reading serve every ratio: the same cache, logits and masked keys
     as running the press at that ratio."""

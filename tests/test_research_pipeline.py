@@ -93,6 +93,7 @@ def test_claim_metrics_pair_the_same_questions():
     assert "claim.pipeline_prefill_saving" not in zero
 
 
+@pytest.mark.slow
 def test_one_compressed_read_serves_every_module_with_the_answers_of_a_read_per_module(smol):
     model, tok, spec = smol
     cfg = PipelineConfig(n_questions=1, corpus_tokens=300, ratio=4, max_new_tokens=6, arms=["recompressed", "shared"])

@@ -278,6 +278,7 @@ def test_speculative_calls_equal_greedy_and_report_a_measured_speedup(backend, s
     assert all(c.greedy_decode_s is not None for c in result.calls)
 
 
+@pytest.mark.slow
 def test_backend_speculates_losslessly_and_drafts_from_earlier_outputs(smol):
     """`generate(..., speculate=True)`: greedy's tokens; a second request for the same text drafts from the
     first one's output (the backend's history) and needs fewer forward passes."""

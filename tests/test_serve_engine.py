@@ -116,6 +116,7 @@ def test_health_and_prometheus_metrics(backend, server, client):
     assert values['permkv_requests_total{outcome="ok"}'] >= 1
 
 
+@pytest.mark.slow
 def test_rlm_level_runs_as_one_engine_batch(backend, smol):
     context = " ".join(f"Sentence {i} is here to fill the page with plain words." for i in range(60))
     context += " One of the special magic numbers for amber-delta is: 4829173."
@@ -130,6 +131,7 @@ def test_rlm_level_runs_as_one_engine_batch(backend, smol):
     assert max(backend.engine.stats.batch_sizes) > 1
 
 
+@pytest.mark.slow
 def test_one_compressed_context_serves_many_questions_read_once(backend, server, client, smol):
     """POST /v1/contexts reads a document once (compressed 4x); questions with `context_id` cost only their
     own tokens (the engine's computed-token counter), and answer as the same request on the sequential

@@ -250,6 +250,7 @@ def open_prompts(smol):
     return [(i, greedy_generate_ids(model, i, 96, tok.eos_token_id).tokens) for i in ids]
 
 
+@pytest.mark.slow
 def test_fallback_costs_open_ended_text_almost_nothing(smol, open_prompts):
     """Counted, not timed (robust on a shared CPU): replayed on real open-ended outputs, the suffix
     drafter's passes cost, by the CPU-shaped verify cost, at most 8% more than plain decoding's, and
