@@ -26,12 +26,12 @@ def gemma():
 def pytest_collection_modifyitems(items):
     """Tests that need Gemma-3 or the quick notebook runs are slow (`make test-fast` leaves them out).
     The notebook runs are one xdist group, scheduled first: they are the longest piece of `make test`."""
-    notebooks = []
+    notebooks, rest = [], []
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if {"gemma", "quick_store"} & names:
             item.add_marker(pytest.mark.slow)
         if "quick_store" in names:
             item.add_marker(pytest.mark.xdist_group("notebooks"))
-            notebooks.append(item)
-    items[:] = notebooks + [item for item in items if item not in notebooks]
+        (notebooks if "quick_store" in names else rest).append(item)
+    items[:] = notebooks + rest

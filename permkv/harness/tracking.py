@@ -158,12 +158,15 @@ class Record:
     metrics: dict[str, float]
 
 
-def write_record(folder: Path, experiment: str, profile: str, params: dict, metrics: Mapping[str, float]) -> None:
+def write_record(folder: Path, experiment: str, profile: str, params: dict, metrics: Mapping[str, float],
+                 error: str | None = None) -> None:
     """`run.json` beside a run's figures and tables: the ledger's source where no MLflow store has the run
-    (a fresh clone: the store is not committed, the reports are)."""
-    record = dict(experiment=experiment, profile=profile, status="FINISHED",
+    (a fresh clone: the store is not committed, the reports are). With `error`, a FAILED run."""
+    record = dict(experiment=experiment, profile=profile, status="FINISHED" if error is None else "FAILED",
                   params={k: str(v)[:500] for k, v in flatten(params).items()},
                   metrics={k: float(v) for k, v in metrics.items()})
+    if error is not None:
+        record["error"] = error[:2000]
     (folder / "run.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
@@ -190,9 +193,7 @@ def mark_failed(experiment: str, profile: str, why: str) -> None:
     set_experiment(experiment)
     mlflow.start_run(tags={"profile": profile, "permkv.error": why[:5000]})
     mlflow.end_run(status="FAILED")
-    path = out_dir(profile, experiment) / "run.json"
-    path.write_text(json.dumps(dict(experiment=experiment, profile=profile, status="FAILED", params={},
-                                    metrics={}, error=why[:2000]), indent=1) + "\n")
+    write_record(out_dir(profile, experiment), experiment, profile, {}, {}, error=why)
 
 
 def out_dir(profile: str, experiment: str) -> Path:

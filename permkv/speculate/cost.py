@@ -93,7 +93,7 @@ class VerifyCost:
         cache = DynamicCache(config=model.config)
         model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
         times: dict[int, list[float]] = {n: [] for n in sizes}
-        for rep in range(repeats + 1):  # the first round warms the kernels up and is not kept
+        for rep in range(repeats + 1):  # the first pass warms the kernels up and is not kept
             for n in sizes:
                 t0 = time.perf_counter()
                 model(input_ids=ids[:, context : context + n], past_key_values=cache, use_cache=True, logits_to_keep=n)
