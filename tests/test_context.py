@@ -1,5 +1,6 @@
 """Compress once, ask many: forks of one compressed context answer exactly as the same compressed cache
-built for each question alone, in the engine and on their own; every block comes back at the end."""
+built for each question alone, in the engine and on their own; every block comes back at the end. On the
+`tiny` random-init model (4 layers x 2 KV heads: 8 block tables): exact token equality needs no trained weights."""
 
 from dataclasses import replace
 
@@ -17,8 +18,8 @@ QUESTIONS = ["Which number is hidden in the text?", "Repeat the special magic nu
 
 
 @pytest.fixture(scope="module")
-def setup(smol):
-    model, tok, spec = smol
+def setup(tiny):
+    model, tok, spec = tiny
     (sample,) = build_task("niah_single", tok, spec, 1, 600, seed=3)
     context, questions = encode_sample(tok, spec, sample, "query_agnostic")  # the question comes after compression
     questions = [questions]
@@ -38,11 +39,9 @@ def answer_alone(model, context, question, ratio, stop, reread, new=NEW):
         return greedy_decode(model, cache, logits, start=len(context) + len(question), max_new_tokens=new, stop=stop)
 
 
-@pytest.mark.slow
 def test_forks_answer_as_the_compressed_cache_alone_and_give_every_block_back(setup):
-    model, tok, spec, context, questions, answers, stop, reread = setup
+    model, _, _, context, questions, _, stop, reread = setup
     want = [answer_alone(model, context, q, 4, stop, reread) for q in questions]
-    assert any(answers[0] in tok.decode(w) for w in want)  # the needle survives 4x, so the test means something
     ctx = ContextCache.build(model, context, 4, reread)
     held = ctx.cache.pool.num_free
     got = []
@@ -61,11 +60,10 @@ def test_forks_answer_as_the_compressed_cache_alone_and_give_every_block_back(se
         ctx.fork()
 
 
-@pytest.mark.slow
 def test_engine_context_is_read_once_and_serves_concurrent_questions(setup):
     model, tok, spec, context, questions, answers, stop, reread = setup
     want = [answer_alone(model, context, q, 4, stop, reread) for q in questions]
-    e = Engine(model, BlockPool(8000, 16, spec.head_dim), EngineConfig(step_tokens=1100, chunk_tokens=256), stop, reread)
+    e = Engine(model, BlockPool(800, 16, spec.head_dim), EngineConfig(step_tokens=1100, chunk_tokens=256), stop, reread)
     cid = e.add_context(context, 4)  # re-reading holds the context twice for a moment
     while e.has_unfinished():
         e.step()
@@ -82,8 +80,8 @@ def test_engine_context_is_read_once_and_serves_concurrent_questions(setup):
 
 def test_contexts_are_released_when_the_pool_needs_blocks_and_refused_while_used(setup):
     model, tok, spec, context, questions, _, stop, reread = setup
-    e = Engine(model, BlockPool(1300, 16, spec.head_dim), EngineConfig(step_tokens=1100, chunk_tokens=256), stop, reread)
-    first = e.add_context(context[:100])  # 630 blocks
+    e = Engine(model, BlockPool(116, 16, spec.head_dim), EngineConfig(step_tokens=1100, chunk_tokens=256), stop, reread)
+    first = e.add_context(context[:100])  # 56 blocks
     while e.has_unfinished():
         e.step()
     rid = e.add_request(Request(questions[0], 4, context=first))
@@ -91,7 +89,7 @@ def test_contexts_are_released_when_the_pool_needs_blocks_and_refused_while_used
         e.release_context(first)
     while e.has_unfinished():
         e.step()
-    second = e.add_context(context[100:300])  # 1170 blocks: not beside the first, so the idle first goes
+    second = e.add_context(context[100:300])  # 104 blocks: not beside the first, so the idle first goes
     while e.has_unfinished():
         e.step()
     assert first not in e.contexts and second in e.contexts and rid not in e.sequences

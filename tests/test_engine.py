@@ -1,6 +1,7 @@
-"""The step-driven engine on the real SmolLM2: the same tokens as each request alone, the step API
-(ids, streams of new tokens, abort), admission by free blocks, preemption without loss, compression
-(KVzip-style and attention-scored) equal to the compress package's own path, sampling, errors."""
+"""The step-driven engine: the same tokens as each request alone, the step API (ids, streams of new tokens,
+abort), admission by free blocks, preemption without loss, compression (KVzip-style and attention-scored)
+equal to the compress package's own path, sampling, errors. None of it depends on trained weights, so it runs
+on the `tiny` random-init Llama (the real models: Gemma-3 below, tests/test_throughput.py)."""
 
 import math
 
@@ -30,8 +31,9 @@ ATTENTION = InferenceKVCacheCompression(scorer="kvcompress", allocator="uniform"
 
 
 @pytest.fixture(scope="module")
-def setup(smol):
-    model, tok, spec = smol
+def setup(tiny):
+    """(model, spec, prompt ids, stop ids, KVzip's repeat prompt) of the tiny model."""
+    model, tok, spec = tiny
     return model, spec, [encode_prompt(tok, spec, t) for t in TEXTS], stop_ids(model, tok), repeat_prompt_ids(tok, spec)
 
 
@@ -223,11 +225,11 @@ def test_bad_input_is_a_clear_error(setup):
         Request(prompts[0], temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         Request(prompts[0], top_p=0)
-    e = engine(setup, 200)
+    e = engine(setup, 40)
     with pytest.raises(ValueError, match="context"):
         e.add_request(Request([1] * model.config.max_position_embeddings, 8))
     with pytest.raises(ValueError, match="whole pool"):
-        e.add_request(Request(prompts[0], 8))  # 90 tables x 6 blocks > 200 blocks
+        e.add_request(Request(prompts[0], 8))  # 8 tables x 6 blocks > 40 blocks
     with pytest.raises(ValueError, match="repeat prompt"):
         Engine(model, BlockPool(3000, 16, spec.head_dim), CONFIG, stop).add_request(Request(prompts[0], 8, 2))
     with pytest.raises(ValueError, match="chunk_tokens"):

@@ -38,9 +38,9 @@ def kept_indices(original: torch.Tensor, kept: torch.Tensor) -> list[set[int]]:
 @pytest.mark.parametrize("press", ["snapkv", "streaming", "knorm", "expected_attention", "tova", "pyramidkv"])
 def test_post_hoc_keeps_the_same_tokens_as_in_prefill(smol, prefix, press):
     model, _, _ = smol
-    want, _ = prefill_with_press(model, prefix, make_press(press, 4))
+    want, _ = prefill_with_press(model, prefix[:256], make_press(press, 4))
     with capture_inputs(model) as inputs:
-        full, _ = prefill(model, prefix)
+        full, _ = prefill(model, prefix[:256])
     got = compress_post_hoc(model, make_press(press, 4), inputs, [(layer.keys, layer.values) for layer in full.layers])
     for w, g in zip(want.layers, got.layers):
         assert torch.equal(w.keys, g.keys) and torch.equal(w.values, g.values), press

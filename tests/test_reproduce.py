@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -60,9 +61,10 @@ def test_every_profile_has_valid_parameters():
 
 
 @pytest.fixture(scope="module")
-def quick_store(tmp_path_factory):
+def quick_store(tmp_path_factory, migrated_store):
     """Run every notebook's quick profile once, into a throwaway MLflow store (and durations file)."""
     tmp = tmp_path_factory.mktemp("mlflow")
+    shutil.copy(migrated_store, tmp / "mlflow.db")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI"), reproduce.DURATIONS
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -111,7 +113,7 @@ def test_paged_attention_quick_metrics(quick_store):
     assert 0 <= m["demo_paged_waste_pct"] < 100
 
 
-def _tiny_notebooks(tmp_path, monkeypatch, names: list[str]) -> MlflowClient:
+def _tiny_notebooks(tmp_path, monkeypatch, uri: str, names: list[str]) -> MlflowClient:
     """Real notebooks that publish one metric X (FAIL: true makes them raise), in a temporary project."""
     import nbformat
 
@@ -127,7 +129,6 @@ def _tiny_notebooks(tmp_path, monkeypatch, names: list[str]) -> MlflowClient:
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
         (tmp_path / "params" / "quick" / f"{name}.yaml").write_text("X: 2\n")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PERMKV_ROOT", str(tmp_path))  # the kernel writes its reports under tmp_path
     monkeypatch.setattr(tracking, "ROOT", tmp_path)
@@ -138,10 +139,10 @@ def _tiny_notebooks(tmp_path, monkeypatch, names: list[str]) -> MlflowClient:
 
 
 @pytest.mark.slow
-def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkeypatch, capsys):
+def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkeypatch, store, capsys):
     """A second run skips a finished notebook; a changed parameter file or --force reruns it; a failing
     notebook becomes a FAILED run (so the ledger cannot show older numbers as current)."""
-    client = _tiny_notebooks(tmp_path, monkeypatch, ["98_tiny"])
+    client = _tiny_notebooks(tmp_path, monkeypatch, store(), ["98_tiny"])
     params = tmp_path / "params" / "quick" / "98_tiny.yaml"
 
     def runs():
@@ -164,11 +165,11 @@ def test_resume_skips_up_to_date_notebooks_and_records_failures(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_jobs_run_notebooks_side_by_side(tmp_path, monkeypatch, capsys):
+def test_jobs_run_notebooks_side_by_side(tmp_path, monkeypatch, store, capsys):
     """--jobs 2: every notebook runs in its own process (one torch thread each on 2 cores), logs its
     MLflow run and its duration; a failing one fails the whole command and is recorded as failed."""
     names = ["97_tiny", "98_tiny", "99_tiny"]
-    client = _tiny_notebooks(tmp_path, monkeypatch, names)
+    client = _tiny_notebooks(tmp_path, monkeypatch, store(), names)
     (tmp_path / "params" / "quick" / "99_tiny.yaml").write_text("FAIL: true\n")
     assert reproduce.main(["--profile", "quick", "--jobs", "2"]) == 1
     out = capsys.readouterr().out

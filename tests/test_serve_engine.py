@@ -1,6 +1,7 @@
 """`permkv serve` over the step-driven engine, driven by the official openai client: concurrent requests
 decode together and give the answers of one at a time; streaming; a client that hangs up frees its
-blocks; seeded sampling; /health and /metrics; an RLM level's sub-calls batch the same way."""
+blocks; seeded sampling; /health and /metrics; an RLM level's sub-calls batch the same way. On the `tiny`
+random-init model: none of it depends on trained weights (the answers are gibberish, compared exactly)."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,13 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What i
              "Which animal barks?"]
 
 
+MODEL = "tiny-llama"
+
+
 @pytest.fixture(scope="module")
-def backend(smol):
-    with EngineBackend(*smol, pool_bytes=256 * 2**20, config=EngineConfig(step_tokens=1100, chunk_tokens=64)) as b:
+def backend(tiny):
+    with EngineBackend(*tiny, pool_bytes=4 * 2**20,  # ~4K tokens of the tiny model's KV
+                        config=EngineConfig(step_tokens=1100, chunk_tokens=64)) as b:
         yield b
 
 
@@ -43,12 +48,12 @@ def idle(backend, timeout=30):
 
 
 def ask(client, q, **kw):
-    out = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": q}], **kw)
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], **kw)
     return out.choices[0].message.content
 
 
-def test_concurrent_requests_batch_and_match_sequential(backend, client, smol):
-    model, tok, spec = smol
+def test_concurrent_requests_batch_and_match_sequential(backend, client, tiny):
+    model, tok, spec = tiny
     sequential = SequentialBackend(model, tok, spec)
     expected = [tok.decode(sequential.generate(encode_prompt(tok, spec, q), 12).tokens, skip_special_tokens=True)
                 for q in QUESTIONS]
@@ -63,7 +68,7 @@ def test_concurrent_requests_batch_and_match_sequential(backend, client, smol):
 
 def test_streaming_gives_the_same_text_and_usage(client):
     want = ask(client, QUESTIONS[0], max_tokens=12)
-    chunks = list(client.chat.completions.create(model="smollm2-135m", max_tokens=12, stream=True,
+    chunks = list(client.chat.completions.create(model=MODEL, max_tokens=12, stream=True,
                                                   messages=[{"role": "user", "content": QUESTIONS[0]}],
                                                   stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -73,7 +78,7 @@ def test_streaming_gives_the_same_text_and_usage(client):
 
 def test_a_client_that_hangs_up_mid_stream_frees_its_blocks(backend, client):
     aborted = backend.engine.stats.aborted
-    stream = client.chat.completions.create(model="smollm2-135m", max_tokens=200, stream=True,
+    stream = client.chat.completions.create(model=MODEL, max_tokens=200, stream=True,
                                             messages=[{"role": "user", "content": "Tell a long story about a lighthouse."}])
     got = 0
     for chunk in stream:
@@ -97,7 +102,7 @@ def test_sampling_is_seeded(client):
 
 def test_bad_roles_and_requests_are_400(client):
     with pytest.raises(openai.BadRequestError, match="role must be one of"):
-        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "wizard", "content": "hi"}])
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="speculate"):
         ask(client, "hi", extra_body={"speculative": True})
 
@@ -116,33 +121,31 @@ def test_health_and_prometheus_metrics(backend, server, client):
     assert values['permkv_requests_total{outcome="ok"}'] >= 1
 
 
-@pytest.mark.slow
-def test_rlm_level_runs_as_one_engine_batch(backend, smol):
+def test_rlm_level_runs_as_one_engine_batch(backend, tiny):
     context = " ".join(f"Sentence {i} is here to fill the page with plain words." for i in range(60))
     context += " One of the special magic numbers for amber-delta is: 4829173."
     query = "What is the special magic number for amber-delta mentioned in the provided text?"
     backend.engine.stats.batch_sizes.clear()
     batched = RecursiveLanguageModel(backend, context_chunk_size=200, max_new_tokens=24,
                                      concurrency=8).completion(query, context)
-    alone = RecursiveLanguageModel(SequentialBackend(*smol), context_chunk_size=200,
+    alone = RecursiveLanguageModel(SequentialBackend(*tiny), context_chunk_size=200,
                                    max_new_tokens=24).completion(query, context)
     assert batched.read_calls == alone.read_calls >= 4
     assert [c.answer for c in batched.calls] == [c.answer for c in alone.calls]
     assert max(backend.engine.stats.batch_sizes) > 1
 
 
-@pytest.mark.slow
-def test_one_compressed_context_serves_many_questions_read_once(backend, server, client, smol):
+def test_one_compressed_context_serves_many_questions_read_once(backend, server, client, tiny):
     """POST /v1/contexts reads a document once (compressed 4x); questions with `context_id` cost only their
     own tokens (the engine's computed-token counter), and answer as the same request on the sequential
     backend's context."""
-    model, tok, spec = smol
+    model, tok, spec = tiny
     doc = " ".join(f"Line {i} of the report says nothing new." for i in range(40)) + " The vault code is 4829173."
     questions = ["What is the vault code?", "Which code opens the vault?", "Repeat the vault code."]
     ctx = httpx.post(server + "/contexts", json={"text": doc, "ratio": 4}, timeout=600).json()
     assert ctx["achieved_ratio"] == pytest.approx(4, rel=0.05) and ctx["tokens"] > 300
     before = backend.engine.stats.computed_tokens
-    outs = [client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": q}],
+    outs = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
                                            max_tokens=16, extra_body={"context_id": ctx["id"]}) for q in questions]
     own = sum(o.usage.prompt_tokens - o.usage.prompt_tokens_details.cached_tokens + o.usage.completion_tokens for o in outs)
     assert backend.engine.stats.computed_tokens - before <= own  # nothing of the context was read again
@@ -151,14 +154,14 @@ def test_one_compressed_context_serves_many_questions_read_once(backend, server,
     with running(create_app(sequential)) as url:
         ref = httpx.post(url + "/contexts", json={"text": doc, "ratio": 4}, timeout=600).json()
         alone = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-        want = [alone.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": q}],
+        want = [alone.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
                                               max_tokens=16, extra_body={"context_id": ref["id"]}).choices[0].message.content
                 for q in questions]
     assert [o.choices[0].message.content for o in outs] == want
     assert httpx.get(f"{server}/contexts/{ctx['id']}").json()["tokens"] == ctx["tokens"]
     assert httpx.delete(f"{server}/contexts/{ctx['id']}").json()["deleted"]
     with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}],
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"context_id": ctx["id"]})
     assert httpx.get(f"{server}/contexts/ctx-999").status_code == 404
     assert httpx.post(server + "/contexts", json={"text": "x " * 5000, "ratio": 4}).status_code == 400  # never fits

@@ -7,8 +7,8 @@ from mlflow.tracking import MlflowClient
 from permkv.harness import claims, tracking
 
 
-def test_run_is_read_back_through_the_client(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_run_is_read_back_through_the_client(tmp_path, monkeypatch, store):
+    uri = store()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     fig, ax = plt.subplots()
     ax.plot([1, 2], [3, 4])
@@ -24,8 +24,8 @@ def test_run_is_read_back_through_the_client(tmp_path, monkeypatch):
     assert tracking.latest_run("test_exp").info.run_id == run.info.run_id
 
 
-def test_claims_ledger_verdicts(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_claims_ledger_verdicts(tmp_path, monkeypatch, store):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store())
     monkeypatch.setattr(tracking, "ROOT", tmp_path)  # no committed run records either
     with tracking.run("00_baseline", {"n_samples": 30}, profile="cpu"):
         tracking.log_metrics({"claim.niah_single_full_cache": 0.5})
@@ -57,10 +57,10 @@ def test_claims_ledger_verdicts(tmp_path, monkeypatch):
     assert rows["5.18x throughput at 64x compression"]["verdict"] == "reproduced"
 
 
-def test_quality_and_speed_claims_need_30_samples(tmp_path, monkeypatch):
+def test_quality_and_speed_claims_need_30_samples(tmp_path, monkeypatch, store):
     """A quality (02) or speed (03, 04) claim measured on fewer than 30 samples gives no verdict; 30 give one;
     claims that are not measured on samples (paged memory waste) need none."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store())
     with tracking.run("02_compression_quality", {"n_samples": 29}, profile="cpu"):
         tracking.log_metrics({"claim.retention_8x_query_aware": 0.99})
     row = next(r for r in claims.ledger_rows() if r["claim"].startswith("8x KV compression keeps 95%+ task quality (query-aware)"))
@@ -78,8 +78,8 @@ def test_quality_and_speed_claims_need_30_samples(tmp_path, monkeypatch):
     assert claims.verdict(by_id["paged.concurrent_1x"], 10.0, "cpu", n=3) == "measured"  # no target, no verdict to withhold
 
 
-def test_failed_rerun_hides_older_numbers(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_failed_rerun_hides_older_numbers(tmp_path, monkeypatch, store):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store())
     monkeypatch.setattr(tracking, "ROOT", tmp_path)  # the failed run's record goes there
     with tracking.run("00_baseline", {}, profile="cpu"):
         tracking.log_metrics({"claim.niah_single_full_cache": 0.95})
@@ -89,10 +89,10 @@ def test_failed_rerun_hides_older_numbers(tmp_path, monkeypatch):
     assert tracking.latest_run("00_baseline").data.metrics["claim.niah_single_full_cache"] == 0.95  # finished only
 
 
-def test_publish_saves_logs_and_drops_undefined_metrics(tmp_path, monkeypatch, capsys):
+def test_publish_saves_logs_and_drops_undefined_metrics(tmp_path, monkeypatch, store, capsys):
     import pandas as pd
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(tracking, "ROOT", tmp_path)
     fig, ax = plt.subplots()
@@ -133,10 +133,10 @@ def test_from_params_maps_upper_case_names_and_names_what_is_missing():
         from_params(Cfg, {"MODE": "x"})
 
 
-def test_the_ledger_reads_the_committed_run_records_without_a_store(tmp_path, monkeypatch):
+def test_the_ledger_reads_the_committed_run_records_without_a_store(tmp_path, monkeypatch, store):
     """A fresh clone has no MLflow store: the ledger comes from reports/<profile>/<notebook>/run.json."""
     monkeypatch.setattr(tracking, "ROOT", tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store("empty.db"))
     folder = tracking.out_dir("cpu", "00_baseline")
     tracking.write_record(folder, "00_baseline", "cpu", {"n_samples": 30}, {"claim.niah_single_full_cache": 0.95})
     tracking.write_record(tracking.out_dir("quick", "00_baseline"), "00_baseline", "quick", {"n_samples": 2},
@@ -144,6 +144,6 @@ def test_the_ledger_reads_the_committed_run_records_without_a_store(tmp_path, mo
     row = next(r for r in claims.ledger_rows() if r["experiment"] == "00_baseline")
     assert row["measured"] == "0.95 (cpu, n_samples=30)" and row["verdict"] == "reproduced"
     tracking.mark_failed("00_baseline", "cpu", "a cell raised")  # a failed rerun hides the older numbers
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store("other.db"))
     row = next(r for r in claims.ledger_rows() if r["experiment"] == "00_baseline")
     assert row["verdict"] == "failed: rerun the notebook"
