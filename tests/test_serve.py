@@ -1,4 +1,6 @@
-"""`permkv serve`: the real uvicorn server on a loopback port, driven by the official openai client."""
+"""`permkv serve`: the real uvicorn server on a loopback port, driven by the official openai client. In process
+it serves the `tiny` random-init model (the protocol does not depend on trained weights); `python -m permkv
+serve` loads SmolLM2."""
 
 import json
 import subprocess
@@ -15,10 +17,13 @@ from permkv.models import encode_prompt
 from permkv.serve import SequentialBackend, check_request, create_app, free_port, running
 
 
+MODEL = "tiny-llama"
+
+
 @pytest.fixture(scope="module")
-def server(smol):
-    """(base_url, backend): SmolLM2 served with a 2K-token KV budget per request, default ratio 1."""
-    model, tok, spec = smol
+def server(tiny):
+    """(base_url, backend): the tiny model served with a 2K-token KV budget per request, default ratio 1."""
+    model, tok, spec = tiny
     backend = SequentialBackend(model, tok, spec, max_kv_tokens=2048, chunk_tokens=128)
     with running(create_app(backend, ratio=1.0)) as url:
         yield url, backend
@@ -39,13 +44,13 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def test_models_lists_the_served_model(client):
-    assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+    assert [m.id for m in client.models.list().data] == [MODEL]
 
 
-def test_chat_completion_is_the_full_cache_greedy_answer(client, smol):
-    model, tok, spec = smol
+def test_chat_completion_is_the_full_cache_greedy_answer(client, tiny):
+    model, tok, spec = tiny
     question = "What is the capital of France? Answer in one word."
-    out = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": question}],
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
                                          max_tokens=8)
     expected = generate(model, tok, encode_prompt(tok, spec, question), 8)
     assert out.choices[0].message.content == expected
@@ -56,8 +61,8 @@ def test_chat_completion_is_the_full_cache_greedy_answer(client, smol):
 def test_per_request_ratio_compresses_the_cache(client):
     text = "The quick brown fox jumps over the lazy dog. " * 40
     messages = [{"role": "user", "content": f"{text}\nWhat animal jumps? One word."}]
-    full = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=4)
-    small = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=4,
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    small = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
                                            extra_body={"kv_cache_compression_ratio": 4})
     assert full.model_extra["permkv"]["ratio"] == 1 and small.model_extra["permkv"]["ratio"] == 4
     assert small.model_extra["permkv"]["kv_bytes"] < full.model_extra["permkv"]["kv_bytes"] / 3
@@ -65,7 +70,7 @@ def test_per_request_ratio_compresses_the_cache(client):
 
 
 def test_text_completion(client):
-    out = client.completions.create(model="smollm2-135m", prompt="One, two, three,", max_tokens=4)
+    out = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=4)
     assert out.choices[0].text and out.usage.completion_tokens <= 4
 
 
@@ -76,16 +81,16 @@ def test_unknown_model_is_404(client):
 
 def test_ratio_below_one_is_400(client):
     with pytest.raises(openai.BadRequestError, match="ratio must be a finite number >= 1"):
-        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}],
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"kv_cache_compression_ratio": 0.5})
 
 
 def test_context_too_long_even_compressed_is_400(client):
     long = "word " * 3000  # ~3K tokens into a 2K-token budget
     with pytest.raises(openai.BadRequestError, match="KV budget of 2048 tokens"):
-        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": long}], max_tokens=4)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long}], max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="exceeds the model's 8192 positions"):
-        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": long * 3}],
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long * 3}],
                                        max_tokens=4, extra_body={"kv_cache_compression_ratio": 16})
 
 
@@ -93,10 +98,10 @@ def test_malformed_json_and_missing_fields_are_400(server, client):
     url = server[0] + "/chat/completions"
     status, body = _post(url, b"{not json")
     assert status == 400 and body["error"]["code"] == "invalid_json"
-    status, body = _post(url, json.dumps({"model": "smollm2-135m"}).encode())
+    status, body = _post(url, json.dumps({"model": MODEL}).encode())
     assert status == 400 and "messages" in body["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
-        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], n=2)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
     # the server is still up
     assert client.models.list().data
 
@@ -140,28 +145,28 @@ def test_cli_refuses_an_unknown_scorer_before_loading_a_model():
 
 def test_streaming_sends_the_same_text_as_one_response(client):
     messages = [{"role": "user", "content": "Name three colours."}]
-    want = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=10).choices[0].message.content
-    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=10, stream=True))
+    want = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10).choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True))
     assert len(chunks) > 3 and "".join(c.choices[0].delta.content or "" for c in chunks) == want
-    parts = [c.choices[0].text for c in client.completions.create(model="smollm2-135m", prompt="One, two, three,",
+    parts = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt="One, two, three,",
                                                                     max_tokens=4, stream=True)]
-    assert "".join(parts) == client.completions.create(model="smollm2-135m", prompt="One, two, three,", max_tokens=4).choices[0].text
+    assert "".join(parts) == client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=4).choices[0].text
 
 
 def test_a_stop_string_ends_the_answer(client):
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]
-    full = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24).choices[0].message.content
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24).choices[0].message.content
     stop = full[len(full) // 2 : len(full) // 2 + 3]  # a piece from the middle of the answer
     want = full[: full.index(stop)]
-    cut = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, stop=[stop])
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, stop=[stop])
     assert cut.choices[0].message.content == want and cut.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, stop=stop, stream=True)
+    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == want
 
 
 def test_unknown_roles_and_sampling_on_the_sequential_backend_are_400(client):
     with pytest.raises(openai.BadRequestError, match=r"messages\[1\].role must be one of"):
-        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"},
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"},
                                                                        {"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="temperature > 0 needs the engine backend"):
-        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], temperature=0.7)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0.7)
