@@ -1,7 +1,7 @@
 """The default compression is the best measured method: `InferenceKVCacheCompression()` and
 `prefill_and_compress` without a compression re-read the context KVzip-style with one global top-k, the
-re-reading prompt built from the tokenizer; on needles it keeps at least as many as kvpress's StreamingLLM
-and SnapKV on the same samples at 2x and 8x, in both modes."""
+re-reading prompt built from the tokenizer; on needles at 8x it keeps every one the full cache finds, more
+than kvpress's StreamingLLM and SnapKV on the same samples, in both modes."""
 
 from collections import Counter
 
@@ -14,7 +14,8 @@ from permkv.data import MODES, build_task, encode_sample
 from permkv.eval import greedy_decode, stop_ids
 from permkv.experiments import compression_quality as cq
 
-RATIOS = (2, 8)
+N_NEEDLES = 4
+RATIO = 8
 PRESSES = ("streaming", "snapkv")
 NEW = 32  # 02's max_new_tokens
 
@@ -38,24 +39,20 @@ def default_answer(model, tok, prefix: list[int], suffix: list[int], ratio: floa
 
 
 @pytest.mark.slow
-def test_default_keeps_at_least_the_needles_of_streaming_and_snapkv(smol):
-    """6 seeded needles at 1,024 tokens (niah_single, seed 1), both modes: at 2x and 8x the default finds at
-    least as many as kvpress StreamingLLM and SnapKV on the same samples (02's protocol: presses post hoc on
-    one prefill), and more than either at 8x."""
+def test_default_keeps_the_needles_streaming_and_snapkv_lose(smol):
+    """4 seeded needles at 1,024 tokens (niah_single, seed 1), both modes, 8x: the default finds every needle
+    the full cache finds, and more than kvpress StreamingLLM or SnapKV on the same samples (02's protocol:
+    presses post hoc on one prefill)."""
     model, tok, spec = smol
     found: Counter = Counter()
     with torch.no_grad():
-        for sample in build_task("niah_single", tok, spec, 6, 1024, seed=1):
-            for row in cq.answer_sample(model, tok, sample, spec, MODES, [f"kvpress/{p}" for p in PRESSES], RATIOS, NEW):
-                found[row["mode"], row["method"], row["ratio"]] += row["score"] > 0
+        for sample in build_task("niah_single", tok, spec, N_NEEDLES, 1024, seed=1):
+            for row in cq.answer_sample(model, tok, sample, spec, MODES, [f"kvpress/{p}" for p in PRESSES], [RATIO], NEW):
+                found[row["mode"], row["method"]] += row["score"] > 0
             for mode in MODES:
                 prefix, suffix = encode_sample(tok, spec, sample, mode)
-                for ratio in RATIOS:
-                    found[mode, "default", ratio] += cq.score_text(sample, default_answer(model, tok, prefix, suffix, ratio)) > 0
+                found[mode, "default"] += cq.score_text(sample, default_answer(model, tok, prefix, suffix, RATIO)) > 0
     print(sorted(found.items()))
     for mode in MODES:
-        assert found[mode, "full", 1.0] == 6, found
-        for ratio in RATIOS:
-            for press in PRESSES:
-                assert found[mode, "default", ratio] >= found[mode, f"kvpress/{press}", ratio], (mode, ratio, press, found)
-        assert found[mode, "default", 8] > max(found[mode, f"kvpress/{p}", 8] for p in PRESSES), (mode, found)
+        assert found[mode, "full"] == found[mode, "default"] == N_NEEDLES, found
+        assert found[mode, "default"] > max(found[mode, f"kvpress/{p}"] for p in PRESSES), (mode, found)
