@@ -25,8 +25,8 @@
 # Each question has its own corpus (Paul Graham essays with a 7-digit needle; `TASK` can also hide
 # several needles, one asked, or HotpotQA's gold paragraphs among distractors). Three scripted modules
 # answer it, and every one reads the corpus (its prompt is the corpus, then its own text):
-# 1. **plan**: restate the question (which exact fact to find);
-# 2. **search**: find it in the corpus, given the question and the plan (its notes);
+# 1. **plan**: name the key terms of the question (what to look for);
+# 2. **search**: quote the corpus's sentence that answers the question, given the plan (its notes);
 # 3. **answer**: the final short answer, from the question, the notes and the corpus.
 #
 # The arms hold the same KV for the corpus in every module:

@@ -10,8 +10,8 @@ corpus is truncated between modules; with 8x compression each module holds the 6
 Per question (a corpus of essay filler with a 7-digit needle; or several needles, one asked: SmolLM2 then
 confuses their keys even on the full corpus; or HotpotQA's gold paragraphs among distractors), three
 scripted modules:
-  1. plan: restate the question (what exact fact to find);
-  2. search: answer from the corpus, given the question and the plan (its notes);
+  1. plan: name the key terms of the question (what to look for);
+  2. search: quote the corpus's sentence that answers the question, given the plan (its notes);
   3. answer: the final short answer, given the question, the notes and the corpus.
 Every module's prompt is the corpus (a prefix common to all three) followed by its own text.
 
@@ -61,12 +61,12 @@ MODULES = ("plan", "search", "answer")
 
 INTRO = "Read the documents below. Questions about them follow.\n\n"
 AFTER = "\n\n"  # ends the corpus part of the prompt (the prefix every module shares)
-PROMPTS = {
-    "plan": "Question: {question}\nRewrite the question in one short sentence: which exact fact must be found in "
-            "the documents?\nRewritten question:",
-    "search": "Question: {question}\nWhat to find: {plan}\nFind it in the documents above and quote the sentence "
-              "that answers it.\nNotes:",
-    "answer": "Question: {question}\nNotes from the search: {notes}\nUsing the documents and the notes, answer the "
+PROMPTS = {  # the question comes last in each module, so that a module answers it rather than copy the last one
+    "plan": "Question: {question}\nWhich words of the question name what to look for in the documents? List "
+            "them, separated by commas.\nKey terms:",
+    "search": "Key terms: {plan}\nQuestion: {question}\nQuote the sentence of the documents above that answers "
+              "the question.\nQuote:",
+    "answer": "Notes from the search: {notes}\nQuestion: {question}\nUsing the documents and the notes, answer the "
               "question in one short sentence.\nAnswer:",
 }
 
@@ -79,7 +79,7 @@ class PipelineConfig:
     corpus_tokens: int = 6000  # corpus length in tokens (the task builder's target)
     ratio: float = 8.0  # corpus tokens / KV budget per module: the budget is corpus_tokens / ratio
     n_needles: int = 4  # needles per corpus in niah_multikey (one is asked; SmolLM2 confuses their keys)
-    max_new_tokens: int = 32  # tokens each module may write (the needle sentence is 15-25)
+    max_new_tokens: int = 48  # tokens each module may write (SmolLM2's needle sentence is 25-35: digits are tokens)
     arms: list[str] = field(default_factory=lambda: list(ARMS))  # see ARMS
     chunk_tokens: int = 0  # read the corpus this many tokens at a time (compressing after each); 0: one pass
     threads: int = 1  # torch CPU threads (the machine is shared); 0: leave torch's default
