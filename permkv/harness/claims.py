@@ -182,7 +182,7 @@ CLAIMS: list[Claim] = [
     Claim("pipeline.full_context", "8x compression keeps full context across modules (vs truncating between them)",
           "seed (Deep Research Agent example; no primary source)", "64K per module in 8K of KV instead of 8K truncated",
           "not stated; here a scripted 3-module pipeline (plan, search, answer) whose every module reads the corpus, "
-          "SmolLM2 (cpu profile: 4K-token corpora, 500-token KV budget per module): one 8x-compressed context forked "
+          "SmolLM2 (cpu profile: 2K-token corpora, 250-token KV budget per module): one 8x-compressed context forked "
           "by the modules against the corpus cut to the budget; paired bootstrap 95% CI lower end of the final-answer "
           "accuracy difference", "08_research_pipeline", "claim.pipeline_shared_vs_truncated.low", 1e-9, min_n=30),
     Claim("pipeline.shared_retention", "... and keeps the full corpus's answers", "seed (implied by \"full context\")",
