@@ -43,22 +43,24 @@ def tiny(smol):
 
 
 @pytest.fixture(scope="session")
-def migrated_store(tmp_path_factory):
-    """An empty MLflow sqlite store with its schema migrations run (several seconds, paid once per worker)."""
+def fresh_store(tmp_path_factory):
+    """`fresh_store(folder, name)`: the URI of a new, empty MLflow sqlite store `folder / name`, a copy of one
+    whose schema migrations ran once per worker (a migration takes several seconds)."""
     from mlflow.tracking import MlflowClient
 
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    migrated = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{migrated}").search_experiments()
+
+    def make(folder, name: str = "mlflow.db") -> str:
+        shutil.copy(migrated, folder / name)
+        return f"sqlite:///{folder / name}"
+    return make
 
 
 @pytest.fixture
-def store(tmp_path, migrated_store):
-    """`store(name)`: the URI of a fresh, empty MLflow sqlite store `tmp_path / name` (a copy of the migrated one)."""
-    def make(name: str = "mlflow.db") -> str:
-        shutil.copy(migrated_store, tmp_path / name)
-        return f"sqlite:///{tmp_path / name}"
-    return make
+def store(tmp_path, fresh_store):
+    """`store(name)`: the URI of a new, empty MLflow sqlite store `tmp_path / name`."""
+    return lambda name="mlflow.db": fresh_store(tmp_path, name)
 
 
 def pytest_collection_modifyitems(items):

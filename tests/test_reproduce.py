@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -61,11 +60,10 @@ def test_every_profile_has_valid_parameters():
 
 
 @pytest.fixture(scope="module")
-def quick_store(tmp_path_factory, migrated_store):
+def quick_store(tmp_path_factory, fresh_store):
     """Run every notebook's quick profile once, into a throwaway MLflow store (and durations file)."""
     tmp = tmp_path_factory.mktemp("mlflow")
-    shutil.copy(migrated_store, tmp / "mlflow.db")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp)
     old = os.environ.get("MLFLOW_TRACKING_URI"), reproduce.DURATIONS
     os.environ["MLFLOW_TRACKING_URI"] = uri
     reproduce.DURATIONS = tmp / "durations.json"
